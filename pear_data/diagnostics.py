@@ -1,0 +1,145 @@
+"""Weight diagnostics of design.md section 3.5, accumulated chunk by chunk.
+
+Everything is a running sum or a fixed histogram, so the accumulator uses
+bounded memory on any input size, merges across shards and is deterministic.
+Quantiles come from a histogram of ln W with bins of width 0.001 (0.1%
+relative resolution); min and max are exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .weights import GRANULARITIES, CompletionIndex, Granularity, WeightObserver
+
+LOG_W_RANGE = (-40.0, 40.0)
+BIN_WIDTH = 1e-3
+NUM_BINS = int(round((LOG_W_RANGE[1] - LOG_W_RANGE[0]) / BIN_WIDTH))
+POSITION_BINS = 20
+
+# design 3.5: when to warn that the weights degenerate
+LOWER_BOUND_SHARE_LIMIT = 0.5
+ESS_FRACTION_LIMIT = 0.05
+
+
+@dataclass
+class WeightStats:
+    """Running statistics of W over completion tokens for one granularity."""
+
+    count: int = 0
+    sum_w: float = 0.0
+    sum_w2: float = 0.0
+    min_w: float = math.inf
+    max_w: float = -math.inf
+    at_lower: int = 0
+    at_upper: int = 0
+    bounds_known: bool = True
+    histogram: np.ndarray = field(default_factory=lambda: np.zeros(NUM_BINS, dtype=np.int64))
+    position_sum: np.ndarray = field(default_factory=lambda: np.zeros(POSITION_BINS, dtype=np.float64))
+    position_count: np.ndarray = field(default_factory=lambda: np.zeros(POSITION_BINS, dtype=np.int64))
+
+    def update(self, w: np.ndarray, at_bound: np.ndarray | None, relative_position: np.ndarray | None) -> None:
+        if len(w) == 0:
+            return
+        self.count += len(w)
+        self.sum_w += float(w.sum())
+        self.sum_w2 += float(np.dot(w, w))
+        self.min_w = min(self.min_w, float(w.min()))
+        self.max_w = max(self.max_w, float(w.max()))
+        if at_bound is None:
+            self.bounds_known = False
+        else:
+            self.at_lower += int(np.count_nonzero(at_bound == 1))
+            self.at_upper += int(np.count_nonzero(at_bound == 2))
+        with np.errstate(divide="ignore"):
+            log_w = np.log(w)
+        bins = np.clip((log_w - LOG_W_RANGE[0]) / BIN_WIDTH, 0, NUM_BINS - 1).astype(np.int64)
+        self.histogram += np.bincount(bins, minlength=NUM_BINS)
+        if relative_position is not None:
+            pos_bins = np.minimum((relative_position * POSITION_BINS).astype(np.int64), POSITION_BINS - 1)
+            self.position_sum += np.bincount(pos_bins, weights=w, minlength=POSITION_BINS)
+            self.position_count += np.bincount(pos_bins, minlength=POSITION_BINS)
+
+    def quantile(self, q: float) -> float:
+        if self.count == 0:
+            return math.nan
+        cumulative = np.cumsum(self.histogram)
+        b = int(np.searchsorted(cumulative, q * self.count, side="left"))
+        value = math.exp(LOG_W_RANGE[0] + (b + 0.5) * BIN_WIDTH)
+        return min(max(value, self.min_w), self.max_w)
+
+    def summary(self) -> dict:
+        if self.count == 0:
+            return {"tokens": 0}
+        ess = self.sum_w**2 / (self.count * self.sum_w2) if self.sum_w2 > 0 else 0.0
+        out = {
+            "tokens": self.count,
+            "mean": self.sum_w / self.count,
+            "ess_fraction": ess,
+            "min": self.min_w,
+            "p01": self.quantile(0.01),
+            "p50": self.quantile(0.50),
+            "p99": self.quantile(0.99),
+            "max": self.max_w,
+        }
+        if self.bounds_known:
+            out["share_at_bound"] = (self.at_lower + self.at_upper) / self.count
+            out["share_at_lower_bound"] = self.at_lower / self.count
+        return {k: _round(v) for k, v in out.items()}
+
+
+def _round(value):
+    # 12 significant digits: stable JSON across platforms' last-bit summation differences
+    return float(f"{value:.12g}") if isinstance(value, float) else value
+
+
+class Diagnostics(WeightObserver):
+    """Accumulates design 3.5 diagnostics; pass it as `observer=` to `weights.weigh`."""
+
+    def __init__(self, *, positions: bool = False) -> None:
+        self.stats: dict[str, WeightStats] = {g: WeightStats() for g in GRANULARITIES}
+        self.sum_log_ratio = 0.0
+        self.log_ratio_count = 0
+        self.positions = positions
+
+    def observe(self, granularity: Granularity, w: np.ndarray, at_bound: np.ndarray | None, index: CompletionIndex) -> None:
+        relative = relative_positions(index) if self.positions else None
+        self.stats[granularity].update(w, at_bound, relative)
+
+    def observe_log_ratio(self, d: np.ndarray) -> None:
+        self.sum_log_ratio += float(d.sum())
+        self.log_ratio_count += len(d)
+
+    def summary(self) -> dict:
+        out: dict = {g: self.stats[g].summary() for g in GRANULARITIES if self.stats[g].count}
+        if self.log_ratio_count:
+            out["mean_log_ratio"] = _round(self.sum_log_ratio / self.log_ratio_count)
+            out["completion_tokens"] = self.log_ratio_count
+        return out
+
+
+def relative_positions(index: CompletionIndex) -> np.ndarray:
+    """(k - 1) / T for every completion token, float64 [Nc], in [0, 1)."""
+    row_start = np.repeat(index.offsets[:-1], index.lengths)
+    return (np.arange(index.num_tokens) - row_start) / np.repeat(index.lengths, index.lengths)
+
+
+def degeneracy_warnings(summary: dict) -> list[str]:
+    """design 3.5: warn, naming the remedy, when weights collapse."""
+    remedy = "try --center, a shorter --horizon, or --granularity block/sequence"
+    warnings = []
+    for g in GRANULARITIES:
+        s = summary.get(g)
+        if not s or not s.get("tokens"):
+            continue
+        lower = s.get("share_at_lower_bound")
+        if lower is not None and lower > LOWER_BOUND_SHARE_LIMIT:
+            warnings.append(
+                f"{g} weights: {lower:.0%} of completion tokens sit at the lower weight bound; {remedy}"
+            )
+        if s["ess_fraction"] < ESS_FRACTION_LIMIT:
+            warnings.append(f"{g} weights: ESS fraction {s['ess_fraction']:.3f} < {ESS_FRACTION_LIMIT}; {remedy}")
+    return warnings

@@ -1,0 +1,155 @@
+"""Row validation for scored data (design.md 3.1, 3.3) and Arrow <-> engine conversion.
+
+A scored row is valid when its four list columns are non-null and of equal
+length, completion_mask holds only 0/1 with position 0 equal to 0 and at
+least one 1, and every log-prob on a completion position is a number <= 0
+(-inf only where a finite --log-ratio-clip bound can absorb it). Positions
+outside the completion are not checked: they never enter a ratio.
+
+Checks are vectorized over the batch's flat arrays; each bad row gets one
+reason that names the column and the position, e.g.
+"behavior_logprobs[17] is NaN".
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .weights import RowWeights, TokenRows, WeightConfig
+
+SCORED_COLUMNS = ("input_ids", "completion_mask", "target_logprobs", "behavior_logprobs")
+LOGPROB_COLUMNS = ("target_logprobs", "behavior_logprobs")
+
+
+def missing_columns(schema: pa.Schema) -> list[str]:
+    """Required scored columns absent from a schema (a usage error for the whole input)."""
+    return [name for name in SCORED_COLUMNS if name not in schema.names]
+
+
+def _flat(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets int64 [R+1], values ndarray [N]) of a list column without nulls."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    values = pc.list_flatten(column)
+    if values.null_count:
+        values = values.fill_null(math.nan) if pa.types.is_floating(values.type) else values.fill_null(-1)
+    return offsets, values.to_numpy(zero_copy_only=False)
+
+
+def _first_per_row(bad: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For flat boolean `bad`: rows having any True, and the first bad position within each."""
+    flat = np.flatnonzero(bad)
+    rows = np.searchsorted(offsets, flat, side="right") - 1
+    rows, first = np.unique(rows, return_index=True)
+    return rows, flat[first] - offsets[rows]
+
+
+def validate(batch: pa.RecordBatch | pa.Table, config: WeightConfig) -> list[str | None]:
+    """One entry per row: None when valid, else the reject reason."""
+    num_rows = batch.num_rows
+    reasons: list[str | None] = [None] * num_rows
+
+    def flag(rows, message) -> None:
+        for row, text in zip(rows, message):
+            if reasons[row] is None:
+                reasons[row] = text
+
+    lengths = {}
+    for name in SCORED_COLUMNS:
+        column = batch.column(name)
+        if not pa.types.is_list(column.type) and not pa.types.is_large_list(column.type):
+            raise TypeError(f"column {name!r} must be a list column, got {column.type}")
+        nulls = np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))
+        flag(nulls, [f"{name} is null"] * len(nulls))
+        lengths[name] = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
+    for name in SCORED_COLUMNS[1:]:
+        differ = np.flatnonzero(lengths[name] != lengths["input_ids"])
+        flag(differ, [
+            f"lengths differ: input_ids has {lengths['input_ids'][r]} tokens, {name} has {lengths[name][r]}" for r in differ
+        ])
+
+    # Token-level checks on the rows that passed the row-level ones.
+    ok = np.array([r is None for r in reasons], dtype=bool)
+    if not ok.any():
+        return reasons
+    keep = np.flatnonzero(ok)
+    sub = batch.take(pa.array(keep)) if len(keep) < num_rows else batch
+    offsets, mask = _flat(sub.column("completion_mask"))
+
+    rows, pos = _first_per_row((mask != 0) & (mask != 1), offsets)
+    flag(keep[rows], [f"completion_mask[{p}] = {mask[offsets[r] + p]} (must be 0 or 1)" for r, p in zip(rows, pos)])
+    nonempty = np.flatnonzero(offsets[:-1] < offsets[1:])
+    first_is_one = nonempty[mask[offsets[nonempty]] == 1]
+    flag(keep[first_is_one], ["completion_mask[0] = 1 (position 0 has no context and cannot be a completion token)"] * len(first_is_one))
+    completion = mask == 1
+    counts = np.add.reduceat(completion.astype(np.int64), offsets[:-1]) if len(mask) else np.zeros(len(keep), np.int64)
+    counts[offsets[:-1] == offsets[1:]] = 0  # reduceat quirk on empty rows
+    empty = np.flatnonzero(counts == 0)
+    flag(keep[empty], ["empty completion: completion_mask has no 1"] * len(empty))
+
+    lo, hi = config.log_ratio_clip
+    values = {}
+    for name in LOGPROB_COLUMNS:
+        _, lp = _flat(sub.column(name))
+        values[name] = lp
+        for bad, describe in (
+            (np.isnan(lp), lambda v: "is NaN"),
+            (lp == np.inf, lambda v: "is +inf"),
+            (lp > 0, lambda v: f"= {v:.6g} > 0 (a log-prob must be <= 0)"),
+        ):
+            rows, pos = _first_per_row(bad & completion, offsets)
+            flag(keep[rows], [f"{name}[{p}] {describe(lp[offsets[r] + p])}" for r, p in zip(rows, pos)])
+
+    # -inf: the log-ratio is +-inf; only a finite clip bound on that side absorbs it (design 3.1).
+    target_ninf = (values["target_logprobs"] == -np.inf) & completion
+    behavior_ninf = (values["behavior_logprobs"] == -np.inf) & completion
+    checks = [
+        (target_ninf & behavior_ninf, "target_logprobs and behavior_logprobs are both -inf at position {p} (log-ratio undefined)"),
+    ]
+    if config.center:
+        checks.append((target_ninf | behavior_ninf, "{col}[{p}] is -inf: an infinite log-ratio cannot be centered (--center)"))
+    if lo == -math.inf:
+        checks.append((target_ninf, "target_logprobs[{p}] is -inf and --log-ratio-clip has no finite lower bound"))
+    if hi == math.inf:
+        checks.append((behavior_ninf, "behavior_logprobs[{p}] is -inf and --log-ratio-clip has no finite upper bound"))
+    for bad, template in checks:
+        rows, pos = _first_per_row(bad, offsets)
+        for r, p in zip(rows, pos):
+            column = "target_logprobs" if target_ninf[offsets[r] + p] else "behavior_logprobs"
+            flag([keep[r]], [template.format(p=p, col=column)])
+    return reasons
+
+
+def token_rows(batch: pa.RecordBatch | pa.Table) -> TokenRows:
+    """Flat engine view of a batch of *valid* rows (zero-copy where Arrow allows)."""
+    offsets, mask = _flat(batch.column("completion_mask"))
+    _, target = _flat(batch.column("target_logprobs"))
+    _, behavior = _flat(batch.column("behavior_logprobs"))
+    return TokenRows(offsets=offsets, completion_mask=mask, target_logprobs=target, behavior_logprobs=behavior)
+
+
+def weight_columns(rows: TokenRows, weights: RowWeights) -> dict[str, pa.Array]:
+    """The three weight columns of design section 2 as Arrow arrays aligned with the rows."""
+    offsets = pa.array(rows.offsets.astype(np.int32))
+    return {
+        "pear_token_weight": pa.ListArray.from_arrays(offsets, pa.array(weights.token, type=pa.float32())),
+        "pear_block_weight": pa.ListArray.from_arrays(offsets, pa.array(weights.block, type=pa.float32())),
+        "pear_seq_weight": pa.array(weights.sequence, type=pa.float32()),
+    }
+
+
+def with_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
+    """Set (replace in place, or append) columns of a table, keeping every other column."""
+    for name, array in columns.items():
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, array)
+        else:
+            table = table.append_column(name, array)
+    return table
