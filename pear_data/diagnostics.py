@@ -2,8 +2,9 @@
 
 Everything is a running sum or a fixed histogram, so the accumulator uses
 bounded memory on any input size, merges across shards and is deterministic.
-Quantiles come from a histogram of ln W with bins of width 0.001 (0.1%
-relative resolution); min and max are exact.
+Quantiles come from a histogram keyed by the top bits of W's float32
+representation (exponent and 10 mantissa bits: log-spaced bins 0.1% wide,
+no log() needed); min and max are exact.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import numpy as np
 
 from .weights import GRANULARITIES, CompletionIndex, Granularity, WeightObserver
 
-LOG_W_RANGE = (-40.0, 40.0)
-BIN_WIDTH = 1e-3
-NUM_BINS = int(round((LOG_W_RANGE[1] - LOG_W_RANGE[0]) / BIN_WIDTH))
+MANTISSA_SHIFT = 13  # keep 23 - 13 = 10 mantissa bits
+NUM_BINS = 1 << (31 - MANTISSA_SHIFT)  # every non-negative float32, inf included
 POSITION_BINS = 20
 
 # design 3.5: when to warn that the weights degenerate
@@ -54,10 +54,7 @@ class WeightStats:
         else:
             self.at_lower += int(np.count_nonzero(at_bound == 1))
             self.at_upper += int(np.count_nonzero(at_bound == 2))
-        with np.errstate(divide="ignore"):
-            log_w = np.log(w)
-        bins = np.clip((log_w - LOG_W_RANGE[0]) / BIN_WIDTH, 0, NUM_BINS - 1).astype(np.int64)
-        self.histogram += np.bincount(bins, minlength=NUM_BINS)
+        self.histogram += np.bincount(histogram_bins(w), minlength=NUM_BINS)
         if relative_position is not None:
             pos_bins = np.minimum((relative_position * POSITION_BINS).astype(np.int64), POSITION_BINS - 1)
             self.position_sum += np.bincount(pos_bins, weights=w, minlength=POSITION_BINS)
@@ -68,7 +65,7 @@ class WeightStats:
             return math.nan
         cumulative = np.cumsum(self.histogram)
         b = int(np.searchsorted(cumulative, q * self.count, side="left"))
-        value = math.exp(LOG_W_RANGE[0] + (b + 0.5) * BIN_WIDTH)
+        value = float(np.sqrt(bin_edges(b) * bin_edges(b + 1)))  # geometric bin center
         return min(max(value, self.min_w), self.max_w)
 
     def summary(self) -> dict:
@@ -89,6 +86,17 @@ class WeightStats:
             out["share_at_bound"] = (self.at_lower + self.at_upper) / self.count
             out["share_at_lower_bound"] = self.at_lower / self.count
         return {k: _round(v) for k, v in out.items()}
+
+
+def histogram_bins(w: np.ndarray) -> np.ndarray:
+    """Histogram key of each weight (w >= 0): the float32 bit pattern without its low mantissa bits."""
+    return np.right_shift(w.astype(np.float32).view(np.int32), MANTISSA_SHIFT)
+
+
+def bin_edges(keys) -> np.ndarray:
+    """Lower edge of histogram bin(s) `keys` (the upper edge of key k is bin_edges(k + 1))."""
+    keys = np.asarray(keys, dtype=np.int64)
+    return np.left_shift(keys, MANTISSA_SHIFT).astype(np.int32).view(np.float32).astype(np.float64)
 
 
 def _round(value):

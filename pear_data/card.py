@@ -1,0 +1,298 @@
+"""Hub dataset card (OUT/README.md) for a pear-data output: YAML front matter + a short body.
+
+`render_card(manifest, schema)` is a pure function of the finished manifest
+and the data files' Arrow schema: sorted YAML keys, no dates, so the same run
+gives the same bytes.
+
+Manifest keys read (all optional; `DatasetWriter.finalize` fills `rows` and
+`bytes`): `license`, `tags`, `models`, `weights` (WeightConfig.to_dict(), with
+`granularity` = the primary granularity), `granularity` (fallback),
+`diagnostics` (pear_data.diagnostics: {granularity: {tokens, mean,
+ess_fraction, min, p01, p50, p99, max, share_at_bound, ...}} plus run-wide
+scalars such as mean_log_ratio), `warnings`, `rows`, `bytes`. The
+`pear_data:` YAML block copies PEAR_BLOCK_KEYS verbatim. Render the card
+after `rows` is known (pass `render_card` itself to `finalize`): a card
+without `rows` claims no split sizes.
+
+License: the rows derive from the input corpus and carry its license, which
+pear-data cannot know. `manifest["license"]` (a Hub license id such as
+`apache-2.0`) is passed through; without it the card says `license: other`
+and the body asks the publisher to set it before making the repo public.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+import yaml
+
+BASE_TAGS = ("pear-data", "sft", "importance-weighting")
+
+# The YAML `pear_data:` block: these manifest keys, when present, verbatim.
+PEAR_BLOCK_KEYS = (
+    "tool",
+    "tool_version",
+    "command",
+    "input",
+    "corpus",
+    "models",
+    "behavior",
+    "tokenizer",
+    "chat_template_hash",
+    "weights",
+    "diagnostics",
+    "dataset_means",
+    "warnings",
+    "tokens",
+    "rows",
+    "bytes",
+)
+
+COLUMN_DOCS = {
+    "input_ids": ("list<int32>", "prompt + completion tokens (target tokenizer, chat template applied)"),
+    "completion_mask": ("list<int8>", "1 on completion (policy) tokens, the ones trained on; 0 elsewhere; position 0 is 0"),
+    "target_logprobs": ("list<float32>", "log pi_target(input_ids[i] given input_ids[:i]); 0.0 where completion_mask is 0"),
+    "behavior_logprobs": ("list<float32>", "the same under the behavior (sampling) policy"),
+    "pear_token_weight": ("list<float32>", "token-level PEAR weight per position; 0.0 where completion_mask is 0"),
+    "pear_block_weight": ("list<float32>", "block-level PEAR weight per position; 0.0 where completion_mask is 0"),
+    "pear_seq_weight": ("float32", "sequence-level PEAR weight"),
+}
+
+WEIGHT_COLUMN = {"token": "pear_token_weight", "block": "pear_block_weight", "sequence": "pear_seq_weight"}
+
+_FLOAT_NAMES = {"halffloat": "float16", "float": "float32", "double": "float64"}
+
+
+# ----------------------------------------------------------------------------- features YAML
+
+
+def _dtype(t: pa.DataType) -> str:
+    """The `dtype:` string `datasets` uses for an Arrow primitive type."""
+    if pa.types.is_date32(t):
+        return "date32"
+    if pa.types.is_date64(t):
+        return "date64"
+    name = str(t)
+    return _FLOAT_NAMES.get(name, name)
+
+
+def _list_value(inner: dict) -> Any:
+    # datasets' YAML shorthand: `list: int32` for a primitive item, `list: [fields]` for a struct item.
+    if list(inner) == ["dtype"]:
+        return inner["dtype"]
+    if list(inner) == ["struct"]:
+        return inner["struct"]
+    return inner
+
+
+def _feature(t: pa.DataType) -> dict:
+    if pa.types.is_dictionary(t):
+        return _feature(t.value_type)
+    if pa.types.is_struct(t):
+        return {"struct": [{"name": t.field(i).name, **_feature(t.field(i).type)} for i in range(t.num_fields)]}
+    if pa.types.is_large_list(t):
+        return {"large_list": _list_value(_feature(t.value_type))}
+    if pa.types.is_fixed_size_list(t):
+        return {"list": _list_value(_feature(t.value_type)), "length": t.list_size}
+    if pa.types.is_list(t):
+        return {"list": _list_value(_feature(t.value_type))}
+    return {"dtype": _dtype(t)}
+
+
+def features_yaml(schema: pa.Schema) -> list[dict]:
+    """`dataset_info.features` in the Hub YAML format of `datasets` (>= 4: `list:`, not `sequence:`).
+
+    Equal to `datasets.Features.from_arrow_schema(schema)._to_yaml_list()` for
+    the column types pear-data writes (tests pin this), without importing datasets.
+    """
+    return [{"name": f.name, **_feature(f.type)} for f in schema]
+
+
+# ----------------------------------------------------------------------------- card
+
+
+def _primary_granularity(manifest: dict) -> str:
+    return (manifest.get("weights") or {}).get("granularity") or manifest.get("granularity") or "token"
+
+
+def card_metadata(manifest: dict, schema: pa.Schema | None) -> dict:
+    """The YAML front matter as a dict (what `DatasetCard(...).data.to_dict()` gives back)."""
+    rows = manifest.get("rows") or {}
+    tags = list(BASE_TAGS) + sorted({str(t) for t in manifest.get("tags") or []} - set(BASE_TAGS))
+    block = {key: manifest[key] for key in PEAR_BLOCK_KEYS if key in manifest}
+    block["primary_granularity"] = _primary_granularity(manifest)
+    block["primary_weight_column"] = WEIGHT_COLUMN.get(block["primary_granularity"])
+    # `datasets` needs name/num_examples/num_bytes per split; num_bytes is the uncompressed size from the
+    # Parquet footers (the Hub's own cards put the Arrow size there; both are estimates of memory use).
+    # Without `rows` (a card rendered before finalize) no split sizes are claimed: `datasets` verifies them.
+    size = manifest.get("bytes") or {}
+    dataset_info: dict[str, Any] = {}
+    if "out" in rows:
+        dataset_info["splits"] = [
+            {"name": "train", "num_bytes": int(size.get("uncompressed", 0)), "num_examples": int(rows["out"])}
+        ]
+    if size:
+        dataset_info["download_size"] = int(size.get("parquet", 0))
+        dataset_info["dataset_size"] = int(size.get("uncompressed", 0))
+    if schema is not None:
+        dataset_info["features"] = features_yaml(schema)
+    return {
+        "license": manifest.get("license") or "other",
+        "tags": tags,
+        "task_categories": ["text-generation"],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}]}],
+        "dataset_info": dataset_info,
+        "pear_data": block,
+    }
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "n/a" if value is None else str(value)
+
+
+DIAGNOSTIC_COLUMNS = ("tokens", "mean", "ess_fraction", "min", "p01", "p50", "p99", "max", "share_at_bound", "mean_log_ratio")
+
+
+def _diagnostics_lines(diagnostics: dict) -> list[str]:
+    """A table with one row per granularity (dict entries), then the run-wide scalars as a list."""
+    per_granularity = {k: v for k, v in diagnostics.items() if isinstance(v, dict)}
+    columns = [c for c in DIAGNOSTIC_COLUMNS if any(c in d for d in per_granularity.values())]
+    lines = []
+    if per_granularity and columns:
+        lines += ["| granularity | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        for granularity in sorted(per_granularity):
+            d = per_granularity[granularity]
+            lines.append(f"| {granularity} | " + " | ".join(_fmt(d.get(c)) for c in columns) + " |")
+    scalars = {k: v for k, v in diagnostics.items() if not isinstance(v, dict)}
+    if scalars:
+        lines += [""] + [f"- `{k}`: {_fmt(scalars[k])}" for k in sorted(scalars)]
+    return lines
+
+
+def _model_lines(models: dict) -> list[str]:
+    lines = []
+    for role in sorted(models):
+        m = models[role]
+        if isinstance(m, dict):
+            ident = m.get("id") or m.get("path") or m.get("name") or "?"
+            extra = ", ".join(f"{k}: `{m[k]}`" for k in sorted(m) if k not in ("id", "path", "name"))
+            lines.append(f"- **{role}**: `{ident}`" + (f" ({extra})" if extra else ""))
+        else:
+            lines.append(f"- **{role}**: `{m}`")
+    return lines
+
+
+def render_card(manifest: dict, schema: pa.Schema | None) -> str:
+    """README.md text: YAML front matter (license, tags, configs, dataset_info, pear_data) + body.
+
+    `manifest` is the finished manifest (plain JSON types; `rows` filled),
+    `schema` the data files' Arrow schema (None when every row was rejected).
+    Parses with `huggingface_hub.DatasetCard(text)` and lets
+    `datasets.load_dataset(OUT)` read data/*.parquet with the declared features.
+    """
+    meta = card_metadata(manifest, schema)
+    front = yaml.safe_dump(meta, sort_keys=True, allow_unicode=True, default_flow_style=False, width=100)
+    rows = manifest.get("rows") or {}
+    granularity = meta["pear_data"]["primary_granularity"]
+    weight_column = meta["pear_data"]["primary_weight_column"]
+    weights = manifest.get("weights") or {}
+
+    body = ["# PEAR-weighted SFT dataset", ""]
+    body += [
+        "Made with [pear-data](https://arxiv.org/abs/2602.01058): every row of the input SFT corpus, tokenized "
+        "with the target model's tokenizer, scored under the target policy (the model RL will start from) and "
+        "the behavior policy (what produced the data), with PEAR importance weights that make SFT spend its "
+        "updates on continuations the target policy will visit in RL.",
+        "",
+        f"Primary granularity: **{granularity}** (column `{weight_column}`); all three granularities are stored.",
+        "",
+        "## Rows",
+        "",
+        f"- input rows: {rows.get('in', 'n/a')}",
+        f"- output rows (`data/*.parquet`, input order): {rows.get('out', 'n/a')}",
+        f"- rejected rows (`rejects.parquet`, with `row_index` and `reject_reason`): {rows.get('rejected', 'n/a')}",
+        "",
+        "## Columns",
+        "",
+        "All columns of the input corpus are kept. Added columns (index i of every list column refers to "
+        "token `input_ids[i]`):",
+        "",
+        "| column | type | meaning |",
+        "|---|---|---|",
+    ]
+    names = set(schema.names) if schema is not None else set(COLUMN_DOCS)
+    body += [f"| `{c}` | {t} | {doc} |" for c, (t, doc) in COLUMN_DOCS.items() if c in names]
+    body += [
+        "",
+        "## Weights (PEAR)",
+        "",
+        "For the completion tokens k = 1..T of a row, with the per-token log-ratio",
+        "`d_k = clip(log pi_target - log pi_behavior, lo, hi)` (with `center`, minus the row's mean raw log-ratio",
+        "before the clip):",
+        "",
+        "```",
+        "token:     W_k = clip(gamma^(e_k - k) * prod_{j=k+1}^{e_k} exp(d_j), wmin, wmax),  e_k = min(T, k + H)",
+        "block:     W_k = clip(gamma^(T - last_b) * prod_{j in blocks after b} exp(d_j), wmin, wmax)",
+        "           for k in block b (blocks of B completion tokens, last_b = last k of block b)",
+        "sequence:  W   = clip(exp(sum_{j=1}^{T} d_j), wmin, wmax)      (optionally / T in the exponent)",
+        "```",
+        "",
+        "The product runs over the tokens *after* k: the token's own action is what the loss trains, the ratio "
+        "covers what follows it. Weights are then optionally normalized and capped; hyperparameters:",
+        "",
+    ]
+    body += [f"- `{k}`: `{json.dumps(weights[k])}`" for k in sorted(weights)] or ["- (not recorded)"]
+    if manifest.get("models"):
+        body += ["", "## Models", ""] + _model_lines(manifest["models"])
+    if manifest.get("diagnostics"):
+        body += [
+            "",
+            "## Weight diagnostics",
+            "",
+            "Over completion tokens. `ess_fraction` = (sum W)^2 / (n sum W^2); `share_at_bound` = share of tokens "
+            "at a weight-clip bound; `mean_log_ratio` = mean d_k (about minus the per-token KL from behavior to "
+            "target on this data).",
+            "",
+        ] + _diagnostics_lines(manifest["diagnostics"])
+    if manifest.get("warnings"):
+        body += ["", "**Warnings** (weights may be degenerate):", ""] + [f"- {w}" for w in manifest["warnings"]]
+    body += [
+        "",
+        "## Load and train",
+        "",
+        "```python",
+        "from datasets import load_dataset",
+        "",
+        'ds = load_dataset("parquet", data_dir="OUT/data", split="train")   # local output directory',
+        '# ds = load_dataset("<user>/<this-repo>", split="train")           # from the Hub',
+        "```",
+        "",
+        "The data is Parquet shards, not a `save_to_disk` directory: use `load_dataset` or "
+        '`Dataset.from_parquet("OUT/data/*.parquet")`, not `load_from_disk`.',
+        "",
+        "Train with the weighted token NLL of `pear_data.loss` (labels are `input_ids` where "
+        "`completion_mask == 1`, -100 elsewhere):",
+        "",
+        "```python",
+        "from pear_data.loss import pear_loss",
+        "",
+        f"loss = pear_loss(logits, labels, weights)   # weights: `{weight_column}`, padded like labels",
+        "```",
+        "",
+        "`pear_seq_weight` is one number per row: repeat it over the row's tokens.",
+        "",
+        "## License",
+        "",
+    ]
+    if manifest.get("license"):
+        body.append(f"`{manifest['license']}`, as given to pear-data; the rows derive from the input corpus.")
+    else:
+        body.append(
+            "Not recorded: the rows derive from the input corpus and carry its license. Set the `license` field "
+            "above to the corpus license before publishing."
+        )
+    return f"---\n{front}---\n\n" + "\n".join(body) + "\n"

@@ -1,0 +1,822 @@
+"""Dataset writer shared by every pear-data command: Parquet shards, rejects, manifest, card, resume.
+
+Output layout (design.md section 2):
+
+    OUT/data/part-00000.parquet ...   # output rows; row order = input order across parts
+    OUT/rejects.parquet               # only if any rejects; sorted by row_index; has row_index (int64),
+                                      # reject_reason (string) and whatever else the caller put in
+    OUT/manifest.json                 # sorted keys, indent 2, no timestamps
+    OUT/README.md                     # dataset card (pear_data.card)
+    OUT/.pear/                        # resume state; never uploaded
+
+What `.pear/` holds: `progress.json` (the run key, every committed shard, the
+applied rewrites, `finished`), `rejects-NNNNN.parquet` (rejects of shard NNNNN)
+and, only while a shard is open, `shard-NNNNN.parquet.tmp`. Other temps are
+hidden `.NAME.tmp` files next to their target (data/, OUT). It is kept after
+`finalize` (small: progress.json plus the per-shard rejects that rejects.parquet
+duplicates): that lets `--resume`
+on a finished output redo `finalize` to the same bytes, and lets `push` check
+that the run finished.
+
+How to read the output. It is a directory of Parquet shards, NOT a
+`Dataset.save_to_disk` directory, so `datasets.load_from_disk` does not read it.
+Any of these do:
+
+    datasets.load_dataset("parquet", data_dir=f"{OUT}/data", split="train")
+    datasets.load_dataset(OUT, split="train")            # uses the card's `configs`
+    datasets.Dataset.from_parquet(f"{OUT}/data/*.parquet")
+    polars.scan_parquet(f"{OUT}/data/*.parquet")
+
+Crash safety. Every file is written to a temp file in its final directory
+(an open shard's data: in `.pear/`, same filesystem), fsynced, then `os.replace`d; a shard becomes part of the output only when
+`.pear/progress.json` (also replaced atomically) lists it. A run killed at any
+point leaves either the old committed state or the new one, and a resumed run
+first deletes temp files and data/reject files that progress.json does not
+list. Resuming and redoing the same calls gives the same bytes as a run that
+was never interrupted.
+
+Determinism. The Parquet writer options are fixed (`PARQUET_OPTIONS`,
+`ROW_GROUP_ROWS`), schema-level metadata (pandas, huggingface) is dropped, and
+nothing records a time, a path or a host. Same pyarrow version + same input +
+same calls = byte-identical data files, rejects.parquet, manifest.json and
+README.md.
+
+One writer per OUT at a time; there is no lock file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+DATA_DIR = "data"
+STATE_DIR = ".pear"
+PROGRESS_FILE = "progress.json"
+MANIFEST_FILE = "manifest.json"
+CARD_FILE = "README.md"
+REJECTS_FILE = "rejects.parquet"
+PROGRESS_FORMAT = "pear-data/progress/1"
+
+# Fixed writer options: they are part of the byte-identical-output contract.
+PARQUET_OPTIONS: dict[str, Any] = {
+    "compression": "zstd",
+    "compression_level": 3,
+    "use_dictionary": True,
+    "write_statistics": True,
+    "version": "2.6",
+    "data_page_version": "1.0",
+    "store_schema": True,  # keeps int8 / large_list / etc. exact on read-back
+}
+# Rows per Parquet row group (each `ShardHandle.write` call starts a new row group).
+# Rows are token sequences of a few KB each, so 1024 rows stay well under the
+# ~100 MB row group size that readers (and the Hub viewer) handle comfortably.
+ROW_GROUP_ROWS = 1024
+
+_DATA_NAME = re.compile(r"^part-(\d{5,})\.parquet$")
+_REJECTS_NAME = re.compile(r"^rejects-(\d{5,})\.parquet$")
+
+
+class OutputExistsError(Exception):
+    """OUT is not empty and neither resume nor overwrite was asked for (or OUT is not a pear-data output)."""
+
+
+class ResumeMismatchError(Exception):
+    """--resume on an OUT written with a different input fingerprint or different flags."""
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes a rename durable on POSIX; directories cannot be opened on Windows.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_path(path: Path) -> Path:
+    # Hidden (datasets and glob("*.parquet") skip it) and in the same directory (same filesystem).
+    return path.with_name(f".{path.name}.tmp")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` atomically: temp file in the same directory, fsync, os.replace."""
+    path = Path(path)
+    tmp = _temp_path(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """`atomic_write_bytes` for UTF-8 text with '\\n' line endings on every platform."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _jsonable(value: Any, where: str = "") -> Any:
+    """Plain-JSON copy of `value`: numpy scalars/arrays unboxed, tuples as lists, Paths as strings.
+
+    Non-finite floats become None (JSON has no NaN/inf; a finished run must not
+    crash at the last step over a diagnostic that is undefined on empty data).
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist(), where)
+    if isinstance(value, Path):
+        return value.as_posix()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(asdict(value), where)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise TypeError(f"{where or 'value'}: {type(value).__name__} is not JSON-able ({value!r})")
+
+
+def _dump_json(value: Any) -> str:
+    return json.dumps(_jsonable(value), sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def _strip_metadata(table: pa.Table) -> pa.Table:
+    # pandas / huggingface schema metadata would make bytes depend on how the table was built.
+    return table.replace_schema_metadata(None) if table.schema.metadata else table
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with exactly `schema`'s columns (missing ones as nulls) and types. Raises on failure."""
+    extra = [name for name in table.column_names if schema.get_field_index(name) < 0]
+    if extra:
+        raise KeyError(f"columns not in the file schema: {extra}")
+    columns = []
+    for f in schema:
+        if f.name in table.column_names:
+            col = table[f.name]
+            columns.append(col if col.type == f.type else col.cast(f.type))
+        else:
+            if not f.nullable:
+                raise KeyError(f"column {f.name!r} is missing and not nullable")
+            columns.append(pa.nulls(table.num_rows, f.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _unify(schemas: list[pa.Schema], what: str) -> pa.Schema:
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise ValueError(
+            f"{what}: column types differ between batches and cannot be promoted to one type ({exc}). "
+            "Make the column type consistent in the input (e.g. cast it in the corpus)."
+        ) from exc
+
+
+def _open_parquet(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
+    return pq.ParquetWriter(path, schema, **PARQUET_OPTIONS)
+
+
+def _write_rows(writer: pq.ParquetWriter, table: pa.Table) -> None:
+    writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+
+
+def write_table_atomic(path: str | Path, table: pa.Table) -> None:
+    """Write a small in-memory table as Parquet with the fixed options, atomically."""
+    path = Path(path)
+    table = _strip_metadata(table)
+    tmp = _temp_path(path)
+    with _open_parquet(tmp, table.schema) as writer:
+        _write_rows(writer, table)
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _copy_cast(src: Path, dst: Path, schema: pa.Schema) -> None:
+    """Stream `src` into a new Parquet file `dst` with `schema`, one row group at a time."""
+    reader = pq.ParquetFile(src)
+    with _open_parquet(dst, schema) as writer:
+        for i in range(reader.num_row_groups):
+            _write_rows(writer, _conform(_strip_metadata(reader.read_row_group(i)), schema))
+    _fsync_file(dst)
+
+
+def _concat_rejects(tables: list[pa.Table]) -> pa.Table:
+    table = pa.concat_tables([_strip_metadata(t) for t in tables], promote_options="permissive")
+    return table.sort_by([("row_index", "ascending")])
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclass
+class ShardRecord:
+    """One committed shard: input rows [input_start, input_end) went to `data_file` or to rejects.
+
+    `data_file` is relative to OUT ("data/part-00003.parquet"), None when every
+    row of the range was rejected. `stats` is free-form JSON from the caller
+    (token counts, weight sums for dataset normalization, ...).
+    """
+
+    shard: int
+    input_start: int
+    input_end: int
+    data_file: str | None
+    rows_out: int
+    rows_rejected: int
+    stats: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ShardRecord":
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+
+# ----------------------------------------------------------------------------- the writer
+
+
+class ShardHandle:
+    """The open shard: `with writer.shard() as shard: shard.write(t); shard.reject(r); shard.commit(end)`.
+
+    Output rows go to a temp Parquet file row group by row group (memory is one
+    `write` call's table). Rejected rows are held in memory until commit (they
+    are expected to be few). Leaving the `with` block by an exception commits
+    nothing and removes the temp file; leaving it without `commit` is an error.
+    """
+
+    def __init__(self, writer: "DatasetWriter", shard: int, input_start: int) -> None:
+        self._writer = writer
+        self.shard = shard
+        self.input_start = input_start
+        self.rows_out = 0
+        self.rows_rejected = 0
+        self._tmp: Path = writer._state / f"shard-{shard:05d}.parquet.tmp"
+        self._parquet: pq.ParquetWriter | None = None
+        self._schema: pa.Schema | None = None
+        self._rejects: list[pa.Table] = []
+        self._generation = 0
+        self._done = False
+
+    def __enter__(self) -> "ShardHandle":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._done:
+            return False
+        self._abort()
+        if exc_type is None:
+            raise RuntimeError(f"shard {self.shard} left its `with` block without commit(); nothing was written")
+        return False
+
+    def write(self, table: pa.Table) -> None:
+        """Append output rows (in input order). Column types may be promoted across calls (null -> string, ...)."""
+        self._check_open()
+        if table.num_rows == 0:
+            return
+        table = _strip_metadata(table)
+        if self._parquet is None:
+            self._schema = table.schema
+            self._parquet = _open_parquet(self._tmp, self._schema)
+        elif not table.schema.equals(self._schema, check_metadata=False):
+            try:
+                table = _conform(table, self._schema)
+            except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                self._promote(_unify([self._schema, table.schema], f"shard {self.shard}"))
+                table = _conform(table, self._schema)
+        _write_rows(self._parquet, table)
+        self.rows_out += table.num_rows
+
+    def _promote(self, schema: pa.Schema) -> None:
+        # Rare path: a later batch brought a wider type (e.g. null -> string). ParquetWriter cannot
+        # append or change its schema, so copy what was written so far into a new temp file.
+        self._parquet.close()
+        self._generation += 1
+        old, self._tmp = self._tmp, self._writer._state / f"shard-{self.shard:05d}-{self._generation}.parquet.tmp"
+        reader = pq.ParquetFile(old)
+        self._parquet = _open_parquet(self._tmp, schema)
+        for i in range(reader.num_row_groups):
+            _write_rows(self._parquet, _conform(reader.read_row_group(i), schema))
+        old.unlink()
+        self._schema = schema
+
+    def reject(self, table: pa.Table) -> None:
+        """Rows that could not be processed: needs `row_index` (input row, int) and `reject_reason` (str)."""
+        self._check_open()
+        missing = [c for c in ("row_index", "reject_reason") if c not in table.column_names]
+        if missing:
+            raise ValueError(f"reject table lacks column(s) {missing}; has {table.column_names}")
+        if table.num_rows == 0:
+            return
+        table = _strip_metadata(table)
+        table = table.set_column(table.schema.get_field_index("row_index"), "row_index", table["row_index"].cast(pa.int64()))
+        table = table.set_column(
+            table.schema.get_field_index("reject_reason"), "reject_reason", table["reject_reason"].cast(pa.string())
+        )
+        self._rejects.append(table)
+        self.rows_rejected += table.num_rows
+
+    def commit(self, input_end: int, stats: dict | None = None) -> ShardRecord:
+        """Make the shard part of the output: input rows [input_start, input_end) are now done.
+
+        Checks rows_out + rows_rejected == input_end - input_start (RuntimeError
+        otherwise) and that reject row_index values lie in the range.
+        """
+        self._check_open()
+        n_in = input_end - self.input_start
+        if n_in < 0 or self.rows_out + self.rows_rejected != n_in:
+            raise RuntimeError(
+                f"shard {self.shard}: input rows [{self.input_start}, {input_end}) = {n_in} but "
+                f"{self.rows_out} written + {self.rows_rejected} rejected; every input row must end up "
+                "in exactly one of data/ or rejects"
+            )
+        stats = _jsonable(stats or {}, "stats")
+        writer = self._writer
+        rejects_path = writer._state / f"rejects-{self.shard:05d}.parquet"
+        if self._rejects:
+            rejects = _concat_rejects(self._rejects)
+            lo, hi = rejects["row_index"][0].as_py(), rejects["row_index"][-1].as_py()
+            if rejects["row_index"].null_count or lo < self.input_start or hi >= input_end:
+                raise RuntimeError(
+                    f"shard {self.shard}: reject row_index range [{lo}, {hi}] is outside the shard's "
+                    f"input rows [{self.input_start}, {input_end})"
+                )
+            write_table_atomic(rejects_path, rejects)
+        data_file = None
+        if self._parquet is not None:
+            self._parquet.close()
+            self._parquet = None
+            _fsync_file(self._tmp)
+            n_files = sum(1 for r in writer.committed if r.data_file is not None)
+            data_file = f"{DATA_DIR}/part-{n_files:05d}.parquet"
+            os.replace(self._tmp, writer.out_dir / data_file)
+            _fsync_dir(writer.out_dir / DATA_DIR)
+        record = ShardRecord(
+            shard=self.shard,
+            input_start=self.input_start,
+            input_end=input_end,
+            data_file=data_file,
+            rows_out=self.rows_out,
+            rows_rejected=self.rows_rejected,
+            stats=stats,
+        )
+        try:
+            writer._commit(record)
+        except BaseException:
+            # progress.json still describes the old state: take back what this shard put in place.
+            if data_file is not None:
+                (writer.out_dir / data_file).unlink(missing_ok=True)
+            rejects_path.unlink(missing_ok=True)
+            raise
+        finally:
+            self._done = True
+            writer._open = None
+        return record
+
+    def _check_open(self) -> None:
+        if self._done:
+            raise RuntimeError(f"shard {self.shard} is already committed or aborted")
+
+    def _abort(self) -> None:
+        self._done = True
+        self._writer._open = None
+        if self._parquet is not None:
+            try:
+                self._parquet.close()
+            except Exception:
+                pass
+            self._parquet = None
+        self._tmp.unlink(missing_ok=True)
+        self._rejects = []
+
+
+class DatasetWriter:
+    """Writes OUT shard by shard; resumable; `finalize` writes rejects, manifest and card.
+
+    `run_key` identifies the run (input fingerprint and every flag that changes
+    output bytes); it is stored in `.pear/progress.json` and a `--resume` with
+    a different one raises ResumeMismatchError naming the differing keys.
+
+    - OUT missing or empty: fresh run.
+    - `resume=True` and OUT has `.pear/progress.json`: continue after the last
+      committed shard (`committed`, `next_input_row`, `rewrites`, `finished`);
+      stray temp files and uncommitted data/reject files are deleted first. On
+      a finished output there is nothing left to write: calling `finalize`
+      again reproduces the same files.
+    - `resume=True` and OUT holds only an interrupted start (`.pear/` without
+      progress.json): cleaned and started fresh.
+    - `overwrite=True`: deletes what a previous pear-data run wrote (data/,
+      rejects.parquet, manifest.json, README.md, .pear/) and starts fresh.
+    - anything else non-empty: OutputExistsError (also for `overwrite` on a
+      directory that is not a pear-data output: it is never deleted).
+    """
+
+    def __init__(self, out_dir: str | Path, run_key: dict, *, resume: bool = False, overwrite: bool = False) -> None:
+        if resume and overwrite:
+            raise ValueError("--resume and --overwrite exclude each other: pick one")
+        self.out_dir = Path(out_dir)
+        self.run_key: dict = _jsonable(run_key, "run_key")
+        self.committed: list[ShardRecord] = []
+        self.rewrites: list[str] = []
+        self.finished = False
+        self._open: ShardHandle | None = None
+        self._state = self.out_dir / STATE_DIR
+        self._progress = self._state / PROGRESS_FILE
+
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise OutputExistsError(f"{self.out_dir} exists and is not a directory; choose another --out")
+        entries = sorted(p.name for p in self.out_dir.iterdir()) if self.out_dir.exists() else []
+        ours = self._state.is_dir() or (self.out_dir / MANIFEST_FILE).is_file()
+        if entries and not ours:
+            raise OutputExistsError(
+                f"{self.out_dir} is not empty and is not a pear-data output (no {MANIFEST_FILE} or {STATE_DIR}/; "
+                f"found {', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}). Choose an empty or new --out."
+            )
+        if entries and overwrite:
+            self._delete_previous()
+        elif entries and resume:
+            if self._progress.is_file():
+                self._restore()
+            elif (self.out_dir / MANIFEST_FILE).is_file():
+                raise OutputExistsError(
+                    f"{self.out_dir} holds a pear-data output without resume state ({STATE_DIR}/{PROGRESS_FILE}); "
+                    "it cannot be resumed. Pass --overwrite to replace it or choose another --out."
+                )
+            else:
+                self._delete_previous()  # killed before its first progress.json: nothing to keep
+        elif entries:
+            raise OutputExistsError(
+                f"{self.out_dir} already holds a pear-data output. Pass --resume to continue it "
+                "(same input and flags) or --overwrite to replace it."
+            )
+        (self.out_dir / DATA_DIR).mkdir(parents=True, exist_ok=True)
+        self._state.mkdir(exist_ok=True)
+        if not self._progress.is_file():
+            self._save_progress(self.committed)
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def next_input_row(self) -> int:
+        """First input row not yet covered by a committed shard (0 on a fresh run)."""
+        return self.committed[-1].input_end if self.committed else 0
+
+    def _progress_dict(self, committed: list[ShardRecord], **extra: Any) -> dict:
+        return {
+            "format": PROGRESS_FORMAT,
+            "run_key": self.run_key,
+            "shards": [asdict(r) for r in committed],
+            "rewrites": list(self.rewrites),
+            "finished": self.finished,
+            **extra,
+        }
+
+    def _save_progress(self, committed: list[ShardRecord]) -> None:
+        atomic_write_text(self._progress, _dump_json(self._progress_dict(committed)))
+
+    def _commit(self, record: ShardRecord) -> None:
+        finished, self.finished = self.finished, False
+        try:
+            self._save_progress([*self.committed, record])
+        except BaseException:
+            self.finished = finished
+            raise
+        self.committed.append(record)
+
+    def _restore(self) -> None:
+        progress = json.loads(self._progress.read_text(encoding="utf-8"))
+        old_key = progress.get("run_key", {})
+        if old_key != self.run_key:
+            raise ResumeMismatchError(
+                f"--resume: {self.out_dir} was written by a different run; differing keys (old vs new): "
+                + "; ".join(_key_diff(old_key, self.run_key))
+                + ". Rerun with the original input and flags, or pass --overwrite (or another --out)."
+            )
+        _finish_pending_rewrite(self.out_dir, progress)
+        self.committed = [ShardRecord.from_dict(r) for r in progress.get("shards", [])]
+        self.rewrites = list(progress.get("rewrites", []))
+        self.finished = bool(progress.get("finished", False))
+        self._delete_uncommitted()
+        missing = [r.data_file for r in self.committed if r.data_file and not (self.out_dir / r.data_file).is_file()]
+        missing += [
+            f"{STATE_DIR}/rejects-{r.shard:05d}.parquet"
+            for r in self.committed
+            if r.rows_rejected and not (self._state / f"rejects-{r.shard:05d}.parquet").is_file()
+        ]
+        if missing:
+            raise RuntimeError(
+                f"--resume: committed file(s) missing from {self.out_dir}: {', '.join(missing)}. "
+                "The output was modified by hand; pass --overwrite to start over."
+            )
+
+    def _delete_uncommitted(self) -> None:
+        keep_data = {Path(r.data_file).name for r in self.committed if r.data_file}
+        keep_rejects = {f"rejects-{r.shard:05d}.parquet" for r in self.committed if r.rows_rejected}
+        # Temps: hidden ".NAME.tmp" next to their target in OUT and data/, "*.tmp" in .pear/.
+        for folder, hidden in ((self.out_dir, True), (self.out_dir / DATA_DIR, True), (self._state, False)):
+            if folder.is_dir():
+                for p in folder.iterdir():
+                    if p.is_file() and p.name.endswith(".tmp") and (p.name.startswith(".") or not hidden):
+                        p.unlink()
+        data = self.out_dir / DATA_DIR
+        if data.is_dir():
+            for p in data.iterdir():
+                if _DATA_NAME.match(p.name) and p.name not in keep_data:
+                    p.unlink()
+        for p in self._state.iterdir():
+            if _REJECTS_NAME.match(p.name) and p.name not in keep_rejects:
+                p.unlink()
+
+    def _delete_previous(self) -> None:
+        for name in (DATA_DIR, STATE_DIR):
+            shutil.rmtree(self.out_dir / name, ignore_errors=True)
+        for name in (REJECTS_FILE, MANIFEST_FILE, CARD_FILE):
+            (self.out_dir / name).unlink(missing_ok=True)
+            _temp_path(self.out_dir / name).unlink(missing_ok=True)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def shard(self) -> ShardHandle:
+        """Open the next shard; it starts at `next_input_row`. One shard is open at a time."""
+        if self._open is not None:
+            raise RuntimeError(f"shard {self._open.shard} is still open; commit it or leave its `with` block first")
+        self._open = ShardHandle(self, len(self.committed), self.next_input_row)
+        return self._open
+
+    def rewrite_data_files(self, fn: Callable[[pa.Table], pa.Table], *, name: str | None = None) -> None:
+        """`rewrite_data_files(OUT, fn, name=name)` for the files of this writer; see there."""
+        if self._open is not None:
+            raise RuntimeError("rewrite_data_files: a shard is still open")
+        if name is not None and name in self.rewrites:
+            raise RuntimeError(f"rewrite {name!r} was already applied to {self.out_dir}; check `writer.rewrites`")
+        rewrite_data_files(self.out_dir, fn, name=name)
+        progress = json.loads(self._progress.read_text(encoding="utf-8"))
+        self.rewrites = list(progress.get("rewrites", []))
+        self.finished = bool(progress.get("finished", False))
+
+    def data_schema(self) -> pa.Schema | None:
+        """The schema shared by all data files after `finalize` (None when there are no output rows)."""
+        return data_schema(self.out_dir)
+
+    def finalize(
+        self,
+        manifest: dict,
+        card_markdown: str | Callable[[dict, pa.Schema | None], str] | None = None,
+    ) -> dict:
+        """Finish the output: rejects.parquet, manifest.json, README.md; mark progress finished.
+
+        - promotes the data files to one schema when shards disagree (a column
+          that was all-null in one shard, int32 vs int64, ...), so `datasets`
+          reads them as one table;
+        - merges the per-shard rejects into OUT/rejects.parquet, sorted by
+          row_index (removes a stale one when there are none);
+        - sets manifest["rows"] = {"in", "out", "rejected"},
+          manifest["bytes"] = {"parquet": size of data/ on disk,
+          "uncompressed": uncompressed size from the Parquet footers} and
+          manifest["shards"] = [ShardRecord dicts]; raises RuntimeError unless
+          rows in == out + rejected;
+        - writes manifest.json (sorted keys, indent 2) and README.md.
+          `card_markdown` is the card text, or a function (manifest, schema) ->
+          text called with the final manifest, or None for
+          `pear_data.card.render_card`.
+
+        Returns the manifest as written (plain JSON types).
+        """
+        if self._open is not None:
+            raise RuntimeError(f"finalize: shard {self._open.shard} is still open")
+        rows_in = sum(r.input_end - r.input_start for r in self.committed)
+        rows_out = sum(r.rows_out for r in self.committed)
+        rows_rejected = sum(r.rows_rejected for r in self.committed)
+        if rows_in != rows_out + rows_rejected:
+            raise RuntimeError(
+                f"row count check failed in {self.out_dir}: rows_in {rows_in} != rows_out {rows_out} "
+                f"+ rows_rejected {rows_rejected}; the output is incomplete or was edited, rerun with --overwrite"
+            )
+
+        schema = self._unify_data_files()
+        rejects_path = self.out_dir / REJECTS_FILE
+        reject_tables = [
+            pq.read_table(self._state / f"rejects-{r.shard:05d}.parquet") for r in self.committed if r.rows_rejected
+        ]
+        if reject_tables:
+            write_table_atomic(rejects_path, _concat_rejects(reject_tables))
+        else:
+            rejects_path.unlink(missing_ok=True)
+
+        manifest = dict(manifest)
+        manifest["rows"] = {"in": rows_in, "out": rows_out, "rejected": rows_rejected}
+        manifest["bytes"] = self._data_bytes()
+        manifest["shards"] = [asdict(r) for r in self.committed]
+        manifest = _jsonable(manifest, "manifest")
+        if card_markdown is None:
+            from pear_data.card import render_card
+
+            card_markdown = render_card
+        card = card_markdown if isinstance(card_markdown, str) else card_markdown(manifest, schema)
+
+        atomic_write_text(self.out_dir / MANIFEST_FILE, _dump_json(manifest))
+        atomic_write_text(self.out_dir / CARD_FILE, card)
+        self.finished = True
+        self._save_progress(self.committed)
+        return manifest
+
+    def _data_bytes(self) -> dict:
+        """Sizes of data/: `parquet` on disk, `uncompressed` from the Parquet footers (no data read)."""
+        paths = [self.out_dir / r.data_file for r in self.committed if r.data_file]
+        uncompressed = 0
+        for path in paths:
+            meta = pq.read_metadata(path)
+            uncompressed += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        return {"parquet": sum(p.stat().st_size for p in paths), "uncompressed": uncompressed}
+
+    def _unify_data_files(self) -> pa.Schema | None:
+        paths = [self.out_dir / r.data_file for r in self.committed if r.data_file]
+        if not paths:
+            return None
+        schemas = [pq.read_schema(p).remove_metadata() for p in paths]
+        if all(s.equals(schemas[0]) for s in schemas[1:]):
+            return schemas[0]
+        unified = _unify(schemas, "data files")
+        for path, s in zip(paths, schemas):
+            if not s.equals(unified):
+                tmp = _temp_path(path)
+                _copy_cast(path, tmp, unified)
+                os.replace(tmp, path)
+        _fsync_dir(self.out_dir / DATA_DIR)
+        return unified
+
+
+def _key_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON values differ, each as 'key: old -> new'."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            path = f"{prefix}.{key}" if prefix else key
+            if key not in old:
+                out.append(f"{path}: <absent> -> {json.dumps(new[key])}")
+            elif key not in new:
+                out.append(f"{path}: {json.dumps(old[key])} -> <absent>")
+            else:
+                out.extend(_key_diff(old[key], new[key], path))
+        return out
+    if old != new:
+        return [f"{prefix or '<run_key>'}: {json.dumps(old)} -> {json.dumps(new)}"]
+    return []
+
+
+# ----------------------------------------------------------------------------- reading & rewriting
+
+
+def read_manifest(out_dir: str | Path) -> dict:
+    """OUT/manifest.json as a dict; FileNotFoundError naming the path if the run never finished."""
+    path = Path(out_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {out_dir} is not a finished pear-data output (run the command to the end, "
+            "or --resume it)"
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_progress(out_dir: str | Path) -> dict | None:
+    """OUT/.pear/progress.json as a dict, or None when OUT has no resume state."""
+    path = Path(out_dir) / STATE_DIR / PROGRESS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def data_files(out_dir: str | Path) -> list[Path]:
+    """The output's data files in row order.
+
+    From `.pear/progress.json` when present (so a running or crashed output
+    lists only committed shards), else from manifest.json's shards (an output
+    downloaded from the Hub), else every data/part-*.parquet.
+    """
+    out_dir = Path(out_dir)
+    source = read_progress(out_dir)
+    if source is None and (out_dir / MANIFEST_FILE).is_file():
+        source = read_manifest(out_dir)
+    if source is not None:
+        return [out_dir / r["data_file"] for r in source.get("shards", []) if r.get("data_file")]
+    found = [p for p in (out_dir / DATA_DIR).glob("part-*.parquet") if _DATA_NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(_DATA_NAME.match(p.name).group(1)))
+
+
+def data_schema(out_dir: str | Path) -> pa.Schema | None:
+    """Arrow schema of the first data file, schema-level metadata removed (None if no data files)."""
+    files = data_files(out_dir)
+    return pq.read_schema(files[0]).remove_metadata() if files else None
+
+
+def rewrite_data_files(
+    out_dir: str | Path, fn: Callable[[pa.Table], pa.Table], *, name: str | None = None
+) -> None:
+    """Replace every data file's rows by `fn(rows)`, row group by row group (bounded memory).
+
+    Used when dataset-level normalization needs a second pass after scoring.
+    `fn` gets one row group (a pa.Table of at most ROW_GROUP_ROWS rows) and
+    must return the same number of rows in the same order (RuntimeError
+    otherwise); it may add, drop or change columns.
+
+    Atomic as a whole when OUT has `.pear/progress.json`: all new files are
+    written as temps first, then progress.json records the planned renames
+    (the commit point), then they are applied. A run killed before the commit
+    point keeps the old files; after it, the next DatasetWriter(resume=True)
+    finishes the renames. `name` (e.g. "normalize=dataset") is recorded in
+    progress.json "rewrites" at the commit point, so a resumed caller can see
+    that the rewrite was already applied and must not be redone. The run is
+    marked unfinished: call `finalize` again after a rewrite.
+    Without progress.json each file is still replaced atomically, one by one.
+    """
+    out_dir = Path(out_dir)
+    files = data_files(out_dir)
+    plan: list[tuple[Path, Path]] = []
+    try:
+        for path in files:
+            tmp = _temp_path(path)
+            reader = pq.ParquetFile(path)
+            writer: pq.ParquetWriter | None = None
+            try:
+                for i in range(reader.num_row_groups):
+                    rows = reader.read_row_group(i)
+                    new = _strip_metadata(fn(rows))
+                    if new.num_rows != rows.num_rows:
+                        raise RuntimeError(
+                            f"rewrite_data_files: fn returned {new.num_rows} rows for {rows.num_rows} "
+                            f"(row group {i} of {path.name}); it must keep every row, in order"
+                        )
+                    if writer is None:
+                        writer = _open_parquet(tmp, new.schema)
+                        schema = new.schema
+                    elif not new.schema.equals(schema, check_metadata=False):
+                        new = _conform(new, schema)
+                    _write_rows(writer, new)
+            finally:
+                if writer is not None:
+                    writer.close()
+            _fsync_file(tmp)
+            plan.append((tmp, path))
+    except BaseException:
+        for tmp, _ in plan:
+            tmp.unlink(missing_ok=True)
+        for path in files:
+            _temp_path(path).unlink(missing_ok=True)
+        raise
+
+    progress = read_progress(out_dir)
+    progress_path = out_dir / STATE_DIR / PROGRESS_FILE
+    if progress is not None:
+        progress["finished"] = False
+        if name is not None:
+            progress["rewrites"] = [*progress.get("rewrites", []), name]
+        progress["pending_rewrite"] = [[t.relative_to(out_dir).as_posix(), p.relative_to(out_dir).as_posix()] for t, p in plan]
+        atomic_write_text(progress_path, _dump_json(progress))  # commit point
+        _finish_pending_rewrite(out_dir, progress)
+        atomic_write_text(progress_path, _dump_json(progress))
+    else:
+        for tmp, path in plan:
+            os.replace(tmp, path)
+        if plan:
+            _fsync_dir(out_dir / DATA_DIR)
+
+
+def _finish_pending_rewrite(out_dir: Path, progress: dict) -> None:
+    """Apply the renames a committed rewrite recorded (idempotent); removes the record from `progress`."""
+    pending = progress.pop("pending_rewrite", None)
+    for tmp, dest in pending or []:
+        if (out_dir / tmp).exists():
+            os.replace(out_dir / tmp, out_dir / dest)
+    if pending:
+        _fsync_dir(out_dir / DATA_DIR)
