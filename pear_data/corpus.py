@@ -1,0 +1,542 @@
+"""Input corpus: read rows in input order and normalize row shapes (design.md section 2).
+
+Sources (auto-detected from `source`):
+
+- JSONL file (`.jsonl`, `.ndjson`, `.json` with one object per line, or any of
+  them `.gz`-compressed), or a directory of JSONL files: read line by line.
+  A `.json` file holding one top-level array of objects is also accepted (it
+  is parsed whole: not streamed).
+- Parquet file or directory of `.parquet` files (searched recursively, read in
+  sorted path order): read record batch by record batch.
+- A `datasets` directory written by `Dataset.save_to_disk` or
+  `DatasetDict.save_to_disk` (pick the split with `split=`): memory-mapped.
+- A Hub dataset id (`owner/name`): `datasets.load_dataset(id, split=split)`.
+  With `HF_HUB_OFFLINE=1` only the local cache is used, and a dataset that is
+  not cached is a `CorpusError` that says so.
+
+Nothing loads the whole corpus into memory: JSONL and Parquet are streamed,
+`datasets` tables are memory-mapped Arrow.
+
+Every row comes out as a `CorpusRow` with its 0-based `index` in input order.
+A JSONL line that cannot be decoded is not an exception: it is a row with
+`record=None` and `error="line 17: invalid JSON (...)"`, so the caller can send
+it to rejects with its index (every input row ends up in data/ or rejects).
+Blank lines are not rows.
+
+Row shapes (`RowShape`, auto-detected by `detect_shape`, overridable by flags):
+
+- conversational: `messages` = list of `{role, content}`; every `assistant`
+  turn is completion, everything else is prompt/environment;
+- prompt-completion (TRL convention): `prompt` and `completion`, each a str or
+  a list of messages;
+- field mapping, e.g. `--prompt-field question --completion-field answer`
+  (GSM8K), optionally `--system-field`: a prompt-completion shape whose fields
+  have other names.
+
+`to_conversation(record, shape)` turns any of them into one normalized form, a
+`Conversation`: a list of `{"role": str, "content": str}` messages in which
+the completion tokens are exactly those of the `assistant` turns (but for an
+assistant turn inside a prompt-completion *prompt*, marked `"train": False`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+import pyarrow.parquet as pq
+
+SourceKind = Literal["jsonl", "parquet", "datasets", "hub"]
+ShapeKind = Literal["messages", "prompt_completion"]
+Message = dict[str, Any]  # {"role": str, "content": str[, "train": False]}
+Conversation = list[Message]
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_ROLE_ASSISTANT = "assistant"
+_STARTS_WITH_ASSISTANT = "starts with an assistant turn: a completion needs a prompt before it"
+
+
+class CorpusError(Exception):
+    """The corpus as a whole cannot be read or understood (the CLI exits with code 2)."""
+
+
+class RowError(Exception):
+    """One row cannot be processed; `reason` goes to the `reject_reason` column of rejects.parquet."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class CorpusRow:
+    """One input row.
+
+    index:  0-based position in input order (across files of a directory).
+    record: the decoded row (column -> value), or None when it could not be decoded.
+    error:  why the row could not be decoded ("line 17: invalid JSON (...)"), else None.
+    raw:    the undecoded text of a row that could not be decoded, else None.
+    """
+
+    index: int
+    record: dict[str, Any] | None
+    error: str | None = None
+    raw: str | None = None
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _hub_offline() -> bool:
+    """True when the Hub must not be contacted (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+            return True
+    try:  # the libraries read the variables at import time; honour what they decided
+        import datasets.config
+
+        return bool(datasets.config.HF_HUB_OFFLINE)
+    except ImportError:
+        return False
+
+
+def _import_datasets(what: str) -> Any:
+    try:
+        import datasets
+    except ImportError as exc:  # optional dependency (pear-data[models])
+        raise CorpusError(f"reading {what} needs the `datasets` package: pip install 'pear-data[models]'") from exc
+    return datasets
+
+
+def _strip_gz(path: Path) -> str:
+    name = path.name.lower()
+    return name[:-3] if name.endswith(".gz") else name
+
+
+def _is_jsonl(path: Path) -> bool:
+    return _strip_gz(path).endswith(JSONL_SUFFIXES)
+
+
+def _is_parquet(path: Path) -> bool:
+    return path.name.lower().endswith(PARQUET_SUFFIXES)
+
+
+def _open_binary(path: Path) -> BinaryIO:
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else path.open("rb")  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A resolved input corpus: where it is and how to read it (see `open_corpus`).
+
+    kind:   "jsonl" | "parquet" | "datasets" | "hub".
+    files:  the input files in read order (JSONL/Parquet), or every file of a
+            `datasets` directory in sorted order (for the fingerprint); empty for the Hub.
+    root:   the directory the files are under (None for a single file or the Hub).
+    split:  the split read from a `DatasetDict` directory or a Hub dataset.
+    """
+
+    source: str
+    kind: SourceKind
+    files: tuple[Path, ...] = ()
+    root: Path | None = None
+    split: str | None = None
+
+    def rows(self, batch_size: int = 1024) -> Iterator[CorpusRow]:
+        """Yield every row in input order; `batch_size` rows are decoded at a time (Parquet/datasets)."""
+        if self.kind == "jsonl":
+            yield from _jsonl_rows(self.files)
+        elif self.kind == "parquet":
+            yield from _parquet_rows(self.files, batch_size)
+        else:
+            yield from _dataset_rows(self._load_dataset(), batch_size)
+
+    def num_rows(self) -> int | None:
+        """Number of rows when known without decoding them (Parquet metadata, datasets); None for JSONL."""
+        if self.kind == "parquet":
+            return sum(pq.ParquetFile(f).metadata.num_rows for f in self.files)
+        if self.kind in ("datasets", "hub"):
+            return len(self._load_dataset())
+        return None
+
+    def fingerprint(self) -> str:
+        """Content fingerprint of the input, "sha256:<hex>" or "hub:<id>:<split>:<fingerprint>".
+
+        Local files: sha256 over the bytes of the input files in read order.
+        A single file's fingerprint is exactly `sha256sum FILE`; for a
+        directory each file contributes its path relative to the directory,
+        a NUL byte, its size and its bytes, so that renaming or re-splitting
+        files changes the fingerprint. Hub: the `datasets` fingerprint of
+        the loaded split (it changes with the dataset revision).
+        """
+        if self.kind == "hub":
+            ds = self._load_dataset()
+            return f"hub:{self.source}:{self.split}:{ds._fingerprint}"
+        digest = hashlib.sha256()
+        for path in self.files:
+            if self.root is not None:
+                rel = path.relative_to(self.root).as_posix()
+                digest.update(rel.encode() + b"\0" + str(path.stat().st_size).encode() + b"\0")
+            with path.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+        return "sha256:" + digest.hexdigest()
+
+    def _load_dataset(self) -> Any:
+        datasets = _import_datasets(f"{self.source!r}")
+        if self.kind == "datasets":
+            assert self.root is not None
+            ds = datasets.load_from_disk(str(self.root))
+            if isinstance(ds, datasets.DatasetDict):
+                if self.split not in ds:
+                    raise CorpusError(
+                        f"{self.source}: split {self.split!r} not found; this DatasetDict has {sorted(ds)} "
+                        "(choose one with --split)"
+                    )
+                ds = ds[self.split]
+            return ds
+        # Hub
+        try:
+            return datasets.load_dataset(self.source, split=self.split)
+        except Exception as exc:  # noqa: BLE001 - datasets raises many types; all mean "cannot load"
+            if _hub_offline():
+                raise CorpusError(
+                    f"Hub dataset {self.source!r} (split {self.split!r}) is not in the local cache and "
+                    f"HF_HUB_OFFLINE=1 forbids downloading it ({type(exc).__name__}: {exc}). "
+                    "Unset HF_HUB_OFFLINE to download it once, or pass a local JSONL/Parquet path."
+                ) from exc
+            raise CorpusError(
+                f"cannot load Hub dataset {self.source!r} (split {self.split!r}): {type(exc).__name__}: {exc}. "
+                "Check the id, the split (--split), your network and your token (huggingface-cli login)."
+            ) from exc
+
+
+def _files_under(root: Path) -> tuple[Path, ...]:
+    """Every regular file under `root`, sorted by relative POSIX path (the read order)."""
+    files = (p for p in root.rglob("*") if p.is_file())
+    return tuple(sorted(files, key=lambda p: p.relative_to(root).as_posix()))
+
+
+def open_corpus(source: str | os.PathLike[str], *, split: str = "train") -> Corpus:
+    """Resolve `source` (path or Hub id) to a `Corpus`; raises `CorpusError` if it is not readable."""
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_file():
+        if _is_parquet(path):
+            return Corpus(text, "parquet", (path,))
+        if _is_jsonl(path):
+            return Corpus(text, "jsonl", (path,))
+        raise CorpusError(f"{text}: unknown file type; expected .jsonl/.ndjson/.json (optionally .gz) or .parquet")
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            return Corpus(text, "datasets", _files_under(path), root=path, split=split)
+        ordered = _files_under(path)
+        parquet = tuple(p for p in ordered if _is_parquet(p))
+        jsonl = tuple(p for p in ordered if _is_jsonl(p))
+        if parquet and jsonl:
+            raise CorpusError(f"{text}: the directory mixes Parquet and JSONL files; pass one file type")
+        if parquet:
+            return Corpus(text, "parquet", parquet, root=path)
+        if jsonl:
+            return Corpus(text, "jsonl", jsonl, root=path)
+        raise CorpusError(
+            f"{text}: directory holds no .parquet or .jsonl file and is not a `datasets` save_to_disk directory"
+        )
+    looks_like_path = (
+        text.startswith((".", "/", "~"))
+        or text.count("/") > 1
+        or _is_jsonl(path)
+        or _is_parquet(path)
+        or os.sep in text.replace("/", "")
+    )
+    if looks_like_path or not _HUB_ID.match(text):
+        raise CorpusError(f"{text}: no such file or directory (and not a Hub dataset id like 'owner/name')")
+    return Corpus(text, "hub", split=split)
+
+
+def read_corpus(source: str | os.PathLike[str], *, split: str = "train", batch_size: int = 1024) -> Iterator[CorpusRow]:
+    """Yield every row of `source` in input order (see `Corpus.rows`)."""
+    yield from open_corpus(source, split=split).rows(batch_size)
+
+
+def corpus_fingerprint(source: str | os.PathLike[str], *, split: str = "train") -> str:
+    """Content fingerprint of `source` (see `Corpus.fingerprint`)."""
+    return open_corpus(source, split=split).fingerprint()
+
+
+def _decode_line(line: bytes, where: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(record, None) for a JSON object line, else (None, reason) naming the line."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"{where}: not valid UTF-8 ({exc})"
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, f"{where}: invalid JSON ({exc})"
+    if not isinstance(record, dict):
+        return None, f"{where}: expected a JSON object, got {type(record).__name__}"
+    return record, None
+
+
+def _jsonl_rows(files: tuple[Path, ...]) -> Iterator[CorpusRow]:
+    index = 0
+    multi = len(files) > 1
+    for path in files:
+        prefix = f"{path.name} " if multi else ""
+        if _is_json_array(path):
+            for item_no, item in enumerate(_json_array(path), start=1):
+                if isinstance(item, dict):
+                    yield CorpusRow(index, item)
+                else:
+                    reason = f"{prefix}item {item_no}: expected a JSON object, got {type(item).__name__}"
+                    yield CorpusRow(index, None, reason, json.dumps(item))
+                index += 1
+            continue
+        with _open_binary(path) as fh:
+            for line_no, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                record, reason = _decode_line(line, f"{prefix}line {line_no}")
+                raw = None if reason is None else line.decode("utf-8", "replace").rstrip("\r\n")
+                yield CorpusRow(index, record, reason, raw)
+                index += 1
+
+
+def _is_json_array(path: Path) -> bool:
+    """A `.json` file whose first non-blank byte is '[' (a JSON array, not JSONL)."""
+    if not _strip_gz(path).endswith(".json"):
+        return False
+    with _open_binary(path) as fh:
+        head = fh.read(4096).lstrip()
+    return head.startswith(b"[")
+
+
+def _json_array(path: Path) -> list[Any]:
+    with _open_binary(path) as fh:
+        try:
+            return json.load(fh)  # type: ignore[no-any-return]
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CorpusError(
+                f"{path}: invalid JSON array ({exc}); use JSONL (one object per line) to reject bad rows one by one"
+            ) from exc
+
+
+def _parquet_rows(files: tuple[Path, ...], batch_size: int) -> Iterator[CorpusRow]:
+    index = 0
+    for path in files:
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError for broken files
+            raise CorpusError(f"{path}: not a readable Parquet file ({exc})") from exc
+        for batch in parquet.iter_batches(batch_size=batch_size):
+            for record in batch.to_pylist():
+                yield CorpusRow(index, record)
+                index += 1
+
+
+def _dataset_rows(ds: Any, batch_size: int) -> Iterator[CorpusRow]:
+    index = 0
+    for batch in ds.iter(batch_size=batch_size):
+        columns = list(batch)
+        n = len(batch[columns[0]]) if columns else 0
+        for i in range(n):
+            yield CorpusRow(index, {c: batch[c][i] for c in columns})
+            index += 1
+
+
+# --------------------------------------------------------------------------- row shapes
+
+
+@dataclass(frozen=True)
+class RowShape:
+    """How a row maps to a conversation.
+
+    kind "messages":          `messages_field` holds a list of {role, content}.
+    kind "prompt_completion": `prompt_field` and `completion_field` each hold a str
+                              or a list of messages; a str prompt becomes one user
+                              turn, a str completion one assistant turn. Field
+                              mapping (GSM8K's question/answer) is this kind with
+                              other field names. `system_field`, if set, names a
+                              column whose str becomes a leading system turn.
+    """
+
+    kind: ShapeKind
+    messages_field: str = "messages"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    system_field: str | None = None
+
+    def describe(self) -> dict[str, str | None]:
+        """The shape as recorded in the manifest."""
+        if self.kind == "messages":
+            return {"kind": self.kind, "messages_field": self.messages_field}
+        return {
+            "kind": self.kind,
+            "prompt_field": self.prompt_field,
+            "completion_field": self.completion_field,
+            "system_field": self.system_field,
+        }
+
+
+def detect_shape(
+    record: Mapping[str, Any] | None,
+    *,
+    messages_field: str | None = None,
+    prompt_field: str | None = None,
+    completion_field: str | None = None,
+    system_field: str | None = None,
+) -> RowShape:
+    """The row shape from the flags, else auto-detected from `record` (the first decodable row).
+
+    Flags win: `messages_field` selects the conversational shape;
+    `prompt_field` + `completion_field` (both required) select field mapping.
+    Without flags: a `messages` column means conversational, `prompt` and
+    `completion` columns mean prompt-completion. Raises `CorpusError` when the
+    flags conflict or the shape cannot be detected.
+    """
+    if (prompt_field is None) != (completion_field is None):
+        raise CorpusError("--prompt-field and --completion-field must be given together")
+    if messages_field is not None and prompt_field is not None:
+        raise CorpusError("--messages-field cannot be combined with --prompt-field/--completion-field")
+    if messages_field is not None:
+        if system_field is not None:
+            raise CorpusError("--system-field applies to prompt/completion fields, not to --messages-field")
+        return RowShape("messages", messages_field=messages_field)
+    if prompt_field is not None and completion_field is not None:
+        return RowShape(
+            "prompt_completion", prompt_field=prompt_field, completion_field=completion_field, system_field=system_field
+        )
+    if record is None:
+        raise CorpusError("cannot detect the row shape: the corpus has no decodable row")
+    if "messages" in record:
+        if system_field is not None:
+            raise CorpusError("--system-field applies to prompt/completion fields, not to a 'messages' column")
+        return RowShape("messages")
+    if "prompt" in record and "completion" in record:
+        return RowShape("prompt_completion", system_field=system_field)
+    raise CorpusError(
+        f"cannot detect the row shape from the columns {sorted(record)}: expected 'messages', or 'prompt' and "
+        "'completion'. Name your columns with --prompt-field and --completion-field "
+        "(e.g. --prompt-field question --completion-field answer)."
+    )
+
+
+def _content(value: Any, where: str) -> str:
+    """Message content as a str; a list of text parts ([{type: text, text: ...}]) is joined."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(
+        isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value
+    ):
+        return "".join(p["text"] for p in value)
+    got = "null" if value is None else type(value).__name__
+    raise RowError(f"{where}: content must be a string (or a list of text parts), got {got}")
+
+
+def _messages(value: Any, field: str) -> Conversation:
+    if not isinstance(value, list):
+        got = "null" if value is None else type(value).__name__
+        raise RowError(f"field '{field}' must be a list of {{role, content}} messages, got {got}")
+    if not value:
+        raise RowError(f"field '{field}' is an empty list of messages")
+    conversation: Conversation = []
+    for i, message in enumerate(value):
+        where = f"field '{field}'[{i}]"
+        if not isinstance(message, Mapping):
+            raise RowError(f"{where} must be a {{role, content}} object, got {type(message).__name__}")
+        if "role" not in message:
+            raise RowError(f"{where}: missing key 'role'")
+        if "content" not in message:
+            raise RowError(f"{where}: missing key 'content'")
+        role = message["role"]
+        if not isinstance(role, str) or not role:
+            raise RowError(f"{where}: role must be a non-empty string, got {role!r}")
+        conversation.append({"role": role, "content": _content(message["content"], where)})
+    return conversation
+
+
+def _field(record: Mapping[str, Any], field: str) -> Any:
+    if field not in record:
+        raise RowError(f"missing field '{field}'")
+    return record[field]
+
+
+def _check_completions(turns: Conversation, field: str) -> None:
+    """At least one assistant turn in `turns`, and none with empty content."""
+    if not any(m["role"] == _ROLE_ASSISTANT for m in turns):
+        raise RowError(f"no assistant turn in field '{field}': nothing to train on")
+    for i, message in enumerate(turns):
+        if message["role"] == _ROLE_ASSISTANT and not message["content"].strip():
+            raise RowError(f"empty completion: field '{field}'[{i}] is an assistant turn with empty content")
+
+
+def to_conversation(record: Mapping[str, Any], shape: RowShape) -> Conversation:
+    """Normalize one row to a list of {"role", "content"} messages (both str).
+
+    The completion is exactly the `assistant` turns, except an assistant turn
+    that comes from a prompt-completion *prompt* (few-shot context, TRL
+    semantics: only the completion is trained on): it carries the extra key
+    `"train": False`. Every trained assistant turn is non-empty, at least one
+    exists, and the conversation does not start with one (a completion needs a
+    prompt before it). Raises `RowError` whose reason names the field
+    ("missing field 'answer'", "field 'answer' must be a string or a list of
+    messages, got int", "empty completion: field 'answer' is empty").
+    """
+    if shape.kind == "messages":
+        conversation = _messages(_field(record, shape.messages_field), shape.messages_field)
+        _check_completions(conversation, shape.messages_field)
+        if conversation[0]["role"] == _ROLE_ASSISTANT:
+            raise RowError(f"field '{shape.messages_field}' {_STARTS_WITH_ASSISTANT}")
+        return conversation
+
+    prompt = _field(record, shape.prompt_field)
+    completion = _field(record, shape.completion_field)
+    conversation = []
+    if shape.system_field is not None:
+        system = _field(record, shape.system_field)
+        if system is not None and not isinstance(system, str):
+            raise RowError(f"field '{shape.system_field}' must be a string, got {type(system).__name__}")
+        if system:
+            conversation.append({"role": "system", "content": system})
+
+    if isinstance(prompt, str):
+        conversation.append({"role": "user", "content": prompt})
+    elif isinstance(prompt, list):
+        for message in _messages(prompt, shape.prompt_field):
+            if message["role"] == _ROLE_ASSISTANT:
+                message["train"] = False
+            conversation.append(message)
+    else:
+        got = "null" if prompt is None else type(prompt).__name__
+        raise RowError(f"field '{shape.prompt_field}' must be a string or a list of messages, got {got}")
+
+    if isinstance(completion, str):
+        if not completion.strip():
+            raise RowError(f"empty completion: field '{shape.completion_field}' is empty")
+        conversation.append({"role": _ROLE_ASSISTANT, "content": completion})
+    elif isinstance(completion, list):
+        turns = _messages(completion, shape.completion_field)
+        _check_completions(turns, shape.completion_field)
+        conversation.extend(turns)
+    else:
+        got = "null" if completion is None else type(completion).__name__
+        raise RowError(f"field '{shape.completion_field}' must be a string or a list of messages, got {got}")
+
+    if conversation[0]["role"] == _ROLE_ASSISTANT:
+        raise RowError(f"field '{shape.prompt_field}' {_STARTS_WITH_ASSISTANT}")
+    return conversation
+
+
+def is_completion_turn(message: Message) -> bool:
+    """True when the message's tokens are completion (trained on): an assistant turn not marked `train: False`."""
+    return message["role"] == _ROLE_ASSISTANT and message.get("train", True) is not False

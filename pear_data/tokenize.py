@@ -1,0 +1,369 @@
+"""Tokenize a normalized conversation with the target tokenizer (design.md section 2).
+
+Output per row (`TokenizedRow`):
+
+    input_ids        int32 [n]     target-tokenizer tokens, chat template applied
+    completion_mask  int8  [n]     1 on completion tokens, else 0; completion_mask[0] == 0
+    offsets          int64 [n, 2]  character span text[start:end] of each token
+    text             str           the rendered conversation the tokens come from
+
+How the mask is built (one technique for every template, no per-model code):
+
+1. Render the conversation to text. Chat mode: the tokenizer's chat template
+   (`apply_chat_template(..., tokenize=False)`). Raw mode (base models with no
+   chat template, e.g. Gemma-3-270M base): see `render_raw`.
+2. Find the character span of every completion turn (each trained `assistant`
+   turn): it starts where the turn's content starts and ends after the turn's
+   end marker. Chat mode learns both ends from the template itself, by
+   rendering prefixes: the content starts at
+   `len(render(messages[:i], add_generation_prompt=True))` (everything before
+   is the role header, `<|im_start|>assistant\\n` for ChatML), and the turn
+   ends at `len(render(messages[:i + 1]).rstrip())`. The end marker is in
+   (`<|im_end|>` for ChatML, `<end_of_turn>` for Gemma, `<|eot_id|>` for
+   Llama-3): the model must learn to stop. Whitespace the template puts after
+   the end marker (ChatML's "\\n") is *not* completion: generation stops at the
+   end token, so the policy never emits it.
+3. Tokenize the rendered text once, `add_special_tokens=False` (the template
+   already holds BOS where the model wants one) with
+   `return_offsets_mapping=True`, and mark a token as completion when its
+   first character lies inside a completion span. A token that straddles the
+   start of a span (begins in the header) stays prompt.
+
+The rendered text and the per-token offsets stay on the result, so that a
+behavior model with another tokenizer can be aligned by character offsets of
+the completion text (`completion_spans`).
+
+`max_length` overflow (`TokenizeConfig.on_overflow`):
+
+- "truncate": drop prompt tokens from the LEFT (keep the last prompt tokens,
+  which condition the completion) until the row fits; only when the
+  completion part alone (first completion token to the end) does not fit
+  next to one prompt token, keep exactly one prompt token and cut the end of
+  the row. `truncated_prompt_tokens` / `truncated_completion_tokens` count the
+  dropped tokens with mask 0 / 1.
+- "skip": `RowError("over max length: 2310 tokens > 2048")` (the row is rejected).
+- "error": `OverflowAbort` (the CLI stops with exit code 2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from pear_data.corpus import Conversation, RowError, is_completion_turn
+
+TemplateMode = Literal["chat", "raw"]
+OnOverflow = Literal["truncate", "skip", "error"]
+ON_OVERFLOW: tuple[OnOverflow, ...] = ("truncate", "skip", "error")
+
+
+class OverflowAbort(Exception):
+    """A row is longer than `max_length` and `on_overflow="error"`: stop the run (CLI exit code 2)."""
+
+    def __init__(self, n_tokens: int, max_length: int) -> None:
+        super().__init__(
+            f"over max length: {n_tokens} tokens > {max_length} "
+            "(raise --max-length, or pass --on-overflow truncate or --on-overflow skip)"
+        )
+        self.n_tokens = n_tokens
+        self.max_length = max_length
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    """How rows are tokenized.
+
+    max_length:    longest row in tokens (None = no limit); at least 2 (one prompt + one completion token).
+    on_overflow:   what to do with a longer row: "truncate" | "skip" | "error" (module docstring).
+    template:      "auto" (chat template when the tokenizer has one, else raw) | "chat" | "raw".
+    raw_separator: text between consecutive messages in raw mode.
+    """
+
+    max_length: int | None = None
+    on_overflow: OnOverflow = "truncate"
+    template: Literal["auto", "chat", "raw"] = "auto"
+    raw_separator: str = "\n\n"
+
+    def __post_init__(self) -> None:
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(
+                f"--max-length must be at least 2 (one prompt and one completion token), got {self.max_length}"
+            )
+        if self.on_overflow not in ON_OVERFLOW:
+            raise ValueError(f"--on-overflow must be one of {', '.join(ON_OVERFLOW)}, got {self.on_overflow!r}")
+        if self.template not in ("auto", "chat", "raw"):
+            raise ValueError(f"template must be 'auto', 'chat' or 'raw', got {self.template!r}")
+
+
+@dataclass(frozen=True)
+class RenderedConversation:
+    """A conversation rendered to text, with the character spans of its completion turns.
+
+    completion_spans: sorted, disjoint [start, end) spans of `text`, one per
+    trained assistant turn: the content plus the turn's end marker.
+    """
+
+    text: str
+    completion_spans: tuple[tuple[int, int], ...]
+    mode: TemplateMode
+
+
+@dataclass(frozen=True, eq=False)
+class TokenizedRow:
+    """One tokenized row; index i of every array refers to token input_ids[i].
+
+    input_ids:        int32 [n]
+    completion_mask:  int8 [n], 1 on completion tokens; completion_mask[0] == 0
+    offsets:          int64 [n, 2], token i is text[offsets[i, 0]:offsets[i, 1]]
+    text:             the full rendered conversation (before any truncation; offsets index into it)
+    completion_spans: character spans of the completion turns in `text`
+    truncated_prompt_tokens / truncated_completion_tokens: tokens dropped by
+                      truncation with mask 0 / mask 1
+    """
+
+    input_ids: np.ndarray
+    completion_mask: np.ndarray
+    offsets: np.ndarray
+    text: str
+    completion_spans: tuple[tuple[int, int], ...]
+    mode: TemplateMode
+    truncated_prompt_tokens: int = 0
+    truncated_completion_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+
+def template_mode(tokenizer: Any) -> TemplateMode:
+    """"chat" when the tokenizer has a chat template, else "raw" (plain concatenation)."""
+    return "chat" if getattr(tokenizer, "chat_template", None) else "raw"
+
+
+def chat_template_hash(tokenizer: Any) -> str | None:
+    """sha256 of the tokenizer's chat template (for the manifest); None without one."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    if not isinstance(template, str):  # a dict of named templates
+        template = "\n".join(f"{k}\n{v}" for k, v in sorted(dict(template).items()))
+    return "sha256:" + hashlib.sha256(template.encode()).hexdigest()
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """True when the tokenizer puts BOS in front of plain text (add_special_tokens=True)."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None:
+        return False
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return bool(with_special) and with_special[0] == bos_id and (not without or without[0] != bos_id)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _template_messages(conversation: Conversation) -> list[dict[str, str]]:
+    return [{"role": m["role"], "content": m["content"]} for m in conversation]
+
+
+def render_chat(conversation: Conversation, tokenizer: Any) -> RenderedConversation:
+    """Render with the chat template and locate each trained assistant turn (module docstring, step 2).
+
+    Raises `RowError` when the template does not let the turns be located:
+    a template that rewrites earlier turns once later ones exist (not
+    prefix-stable), or that alters the assistant content.
+    """
+    messages = _template_messages(conversation)
+
+    def render(msgs: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    text = render(messages)
+    spans: list[tuple[int, int]] = []
+    for i, message in enumerate(conversation):
+        if not is_completion_turn(message):
+            continue
+        if i == 0:
+            raise RowError("the conversation starts with an assistant turn: a completion needs a prompt before it")
+        turn = render(messages[: i + 1])
+        if not text.startswith(turn):
+            raise RowError(
+                f"chat template is not prefix-stable at message {i} (assistant): rendering the conversation up to "
+                "this turn is not a prefix of the full rendering (the template rewrites earlier turns); "
+                "split the conversation into one row per assistant turn"
+            )
+        header_end = render(messages[:i], add_generation_prompt=True)
+        content = message["content"]
+        if turn.startswith(header_end):
+            start = len(header_end)
+        else:  # the generation prompt differs from the rendered turn's header (e.g. a forced "<think>")
+            before = len(render(messages[:i]))
+            start = turn.find(content, before)
+            if start < 0:
+                start = turn.find(content.strip(), before)
+        end = len(turn.rstrip())
+        if start < 0 or end <= start or content.strip() not in turn[start:end]:
+            raise RowError(
+                f"chat template alters the content of message {i} (assistant): its text is not found verbatim "
+                "in the rendered turn, so its tokens cannot be located"
+            )
+        if spans and start < spans[-1][1]:
+            raise RowError(f"chat template renders message {i} (assistant) before the end of the previous one")
+        spans.append((start, end))
+    if not spans:
+        raise RowError("no assistant turn to train on")
+    return RenderedConversation(text, tuple(spans), "chat")
+
+
+def render_raw(
+    conversation: Conversation, tokenizer: Any, separator: str = "\n\n", bos: bool | None = None
+) -> RenderedConversation:
+    """Plain concatenation for base models without a chat template.
+
+    text = [BOS] + content_0 + separator + content_1 + separator + ... where
+    BOS (the tokenizer's bos_token) is there when the tokenizer adds one to
+    plain text, roles are not rendered, and every assistant content is
+    followed by the tokenizer's eos_token (nothing when it has none). A
+    completion span is an assistant content plus its EOS: the model learns to
+    stop. For a prompt-completion row that is `[BOS] prompt "\\n\\n" completion EOS`.
+    """
+    if bos is None:
+        bos = adds_bos(tokenizer)
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    pieces: list[str] = [tokenizer.bos_token] if bos else []
+    length = len(pieces[0]) if pieces else 0
+    spans: list[tuple[int, int]] = []
+    for i, message in enumerate(conversation):
+        if i:
+            pieces.append(separator)
+            length += len(separator)
+        if message["role"] == "assistant":
+            start = length
+            pieces += [message["content"], eos]
+            length += len(message["content"]) + len(eos)
+            if is_completion_turn(message):
+                spans.append((start, length))
+        else:
+            pieces.append(message["content"])
+            length += len(message["content"])
+    if not spans:
+        raise RowError("no assistant turn to train on")
+    return RenderedConversation("".join(pieces), tuple(spans), "raw")
+
+
+def completion_char_spans(
+    conversation: Conversation, tokenizer: Any, mode: TemplateMode | None = None, raw_separator: str = "\n\n"
+) -> RenderedConversation:
+    """Rendered text and completion character spans, in `mode` (default: `template_mode(tokenizer)`)."""
+    mode = mode or template_mode(tokenizer)
+    if mode == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("template 'chat' requested but the tokenizer has no chat template; use 'raw' or 'auto'")
+        return render_chat(conversation, tokenizer)
+    return render_raw(conversation, tokenizer, raw_separator)
+
+
+# --------------------------------------------------------------------------- tokenizing
+
+
+def mask_from_spans(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """int8 [n]: 1 where a token's first character offsets[:, 0] lies in one of the sorted disjoint `spans`."""
+    token_start = offsets[:, 0]
+    if not spans:
+        return np.zeros(token_start.shape[0], dtype=np.int8)
+    span = np.asarray(spans, dtype=np.int64)
+    k = np.searchsorted(span[:, 0], token_start, side="right") - 1
+    inside = (k >= 0) & (token_start < span[np.maximum(k, 0), 1])
+    return inside.astype(np.int8)
+
+
+def _truncate(mask: np.ndarray, max_length: int) -> slice:
+    """The kept window [lo, hi) of a row longer than max_length (module docstring, "truncate")."""
+    n = mask.shape[0]
+    first = int(np.argmax(mask))  # first completion token; >= 1 (position 0 is prompt)
+    if n - first + 1 <= max_length:
+        return slice(n - max_length, n)  # drop leading prompt only, at least one prompt token stays
+    return slice(first - 1, first - 1 + max_length)
+
+
+class ConversationTokenizer:
+    """Tokenizes conversations for one target tokenizer; the per-tokenizer checks are done once.
+
+    `tokenizer` is a fast `transformers` tokenizer (character offsets are needed).
+    """
+
+    def __init__(self, tokenizer: Any, config: TokenizeConfig | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.config = config or TokenizeConfig()
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(
+                f"{type(tokenizer).__name__} is a slow tokenizer; pear-data needs a fast one (character offsets). "
+                "Load it with use_fast=True or convert it with the `tokenizers` library."
+            )
+        self.mode: TemplateMode = template_mode(tokenizer) if self.config.template == "auto" else self.config.template
+        if self.mode == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("template 'chat' requested but the tokenizer has no chat template; use 'raw' or 'auto'")
+        self.bos = adds_bos(tokenizer) if self.mode == "raw" else False
+
+    def render(self, conversation: Conversation) -> RenderedConversation:
+        if self.mode == "chat":
+            return render_chat(conversation, self.tokenizer)
+        return render_raw(conversation, self.tokenizer, self.config.raw_separator, bos=self.bos)
+
+    def __call__(self, conversation: Conversation) -> TokenizedRow:
+        """Tokenize one conversation. Raises `RowError` (reject the row) or `OverflowAbort` (stop the run)."""
+        rendered = self.render(conversation)
+        encoding = self.tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids = np.asarray(encoding["input_ids"], dtype=np.int32)
+        offsets = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        mask = mask_from_spans(offsets, rendered.completion_spans)
+
+        span = np.asarray(rendered.completion_spans, dtype=np.int64)
+        tokens_per_span = np.searchsorted(offsets[:, 0], span[:, 1]) - np.searchsorted(offsets[:, 0], span[:, 0])
+        if (tokens_per_span == 0).any():
+            turn = int(np.argmax(tokens_per_span == 0))
+            raise RowError(f"assistant turn {turn} has no token of its own after tokenization (merged into its header)")
+        if mask[0] == 1:
+            raise RowError("the completion starts at the first token: there is no prompt token to condition on")
+
+        truncated_prompt = truncated_completion = 0
+        max_length = self.config.max_length
+        n = input_ids.shape[0]
+        if max_length is not None and n > max_length:
+            if self.config.on_overflow == "error":
+                raise OverflowAbort(n, max_length)
+            if self.config.on_overflow == "skip":
+                raise RowError(f"over max length: {n} tokens > {max_length}")
+            keep = _truncate(mask, max_length)
+            dropped = np.ones(n, dtype=bool)
+            dropped[keep] = False
+            truncated_completion = int(mask[dropped].sum())
+            truncated_prompt = int(dropped.sum()) - truncated_completion
+            input_ids, mask, offsets = input_ids[keep], mask[keep], offsets[keep]
+
+        return TokenizedRow(
+            input_ids=input_ids,
+            completion_mask=mask,
+            offsets=offsets,
+            text=rendered.text,
+            completion_spans=rendered.completion_spans,
+            mode=rendered.mode,
+            truncated_prompt_tokens=truncated_prompt,
+            truncated_completion_tokens=truncated_completion,
+        )
+
+
+def tokenize_conversation(
+    conversation: Conversation, tokenizer: Any, config: TokenizeConfig | None = None
+) -> TokenizedRow:
+    """Tokenize one conversation (see `ConversationTokenizer`; build one to tokenize many rows)."""
+    return ConversationTokenizer(tokenizer, config)(conversation)
