@@ -65,8 +65,23 @@ class WeightStats:
             return math.nan
         cumulative = np.cumsum(self.histogram)
         b = int(np.searchsorted(cumulative, q * self.count, side="left"))
-        value = float(np.sqrt(bin_edges(b) * bin_edges(b + 1)))  # geometric bin center
+        lower, upper = float(bin_edges(b)), float(bin_edges(b + 1))
+        # geometric bin center; weights beyond float32's range share the last (infinite) bin
+        value = math.sqrt(lower * upper) if math.isfinite(upper) else self.max_w
         return min(max(value, self.min_w), self.max_w)
+
+    def merge(self, other: "WeightStats") -> None:
+        self.count += other.count
+        self.sum_w += other.sum_w
+        self.sum_w2 += other.sum_w2
+        self.min_w = min(self.min_w, other.min_w)
+        self.max_w = max(self.max_w, other.max_w)
+        self.at_lower += other.at_lower
+        self.at_upper += other.at_upper
+        self.bounds_known = self.bounds_known and other.bounds_known
+        self.histogram += other.histogram
+        self.position_sum += other.position_sum
+        self.position_count += other.position_count
 
     def summary(self) -> dict:
         if self.count == 0:
@@ -96,7 +111,9 @@ def histogram_bins(w: np.ndarray) -> np.ndarray:
 def bin_edges(keys) -> np.ndarray:
     """Lower edge of histogram bin(s) `keys` (the upper edge of key k is bin_edges(k + 1))."""
     keys = np.asarray(keys, dtype=np.int64)
-    return np.left_shift(keys, MANTISSA_SHIFT).astype(np.int32).view(np.float32).astype(np.float64)
+    inside = np.minimum(keys, NUM_BINS - 1)
+    edges = np.left_shift(inside, MANTISSA_SHIFT).astype(np.int32).view(np.float32).astype(np.float64)
+    return np.where(keys >= NUM_BINS, np.inf, edges)
 
 
 def _round(value):
@@ -120,6 +137,13 @@ class Diagnostics(WeightObserver):
     def observe_log_ratio(self, d: np.ndarray) -> None:
         self.sum_log_ratio += float(d.sum())
         self.log_ratio_count += len(d)
+
+    def merge(self, other: "Diagnostics") -> None:
+        """Add another accumulator's data (e.g. another shard's)."""
+        for g in GRANULARITIES:
+            self.stats[g].merge(other.stats[g])
+        self.sum_log_ratio += other.sum_log_ratio
+        self.log_ratio_count += other.log_ratio_count
 
     def summary(self) -> dict:
         out: dict = {g: self.stats[g].summary() for g in GRANULARITIES if self.stats[g].count}

@@ -64,8 +64,8 @@ class WeightConfig:
             problems.append(f"--block-size must be >= 1, got {self.block_size}")
         if math.isnan(lo) or math.isnan(hi) or lo > hi:
             problems.append(f"--log-ratio-clip needs lo <= hi, got {lo},{hi}")
-        if math.isnan(wmin) or math.isnan(wmax) or not 0.0 <= wmin <= wmax:
-            problems.append(f"--weight-clip needs 0 <= wmin <= wmax, got {wmin},{wmax}")
+        if math.isnan(wmin) or math.isnan(wmax) or not 0.0 <= wmin <= wmax or wmax == 0.0:
+            problems.append(f"--weight-clip needs 0 <= wmin <= wmax and wmax > 0, got {wmin},{wmax}")
         if self.normalize not in ("dataset", "sequence", "none"):
             problems.append(f"--normalize must be dataset, sequence or none, got {self.normalize!r}")
         if self.max_weight is not None and not self.max_weight > 0:
@@ -93,6 +93,8 @@ class WeightConfig:
         for key in ("log_ratio_clip", "weight_clip"):
             if key in data:
                 data[key] = tuple(num(v) for v in data[key])
+        if data.get("max_weight") is not None:
+            data["max_weight"] = num(data["max_weight"])
         return cls(**data)
 
 
@@ -193,7 +195,8 @@ def log_weights(d: np.ndarray, index: CompletionIndex, config: WeightConfig, gra
             logw = np.repeat(cs[index.offsets[1:]], index.lengths)
         else:
             i = np.arange(index.num_tokens, dtype=np.int64)
-            logw = cs[np.minimum(index.row_end, i + config.horizon) + 1]
+            horizon = min(config.horizon, index.num_tokens)  # a larger H changes nothing and could overflow int64
+            logw = cs[np.minimum(index.row_end, i + horizon) + 1]
         logw -= cs[1:]
         return logw
     if granularity == "block":
@@ -297,15 +300,15 @@ def granularity_weights(
 CHUNK_TOKENS = 1 << 20
 
 
-def row_chunks(offsets: np.ndarray, chunk_tokens: int = CHUNK_TOKENS) -> list[tuple[int, int]]:
-    """Split rows [0, R) into consecutive [r0, r1) ranges of about chunk_tokens tokens (at least one row each)."""
+def row_chunks(offsets: np.ndarray, chunk_tokens: int | None = None) -> list[tuple[int, int]]:
+    """Split rows [0, R) into consecutive [r0, r1) ranges: rows whose first token falls in the same
+    window of chunk_tokens tokens share a chunk (so a chunk holds < chunk_tokens + its last row's length)."""
+    chunk_tokens = CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
     num_rows = len(offsets) - 1
     if num_rows == 0:
         return []
-    targets = np.arange(offsets[0] + chunk_tokens, offsets[-1], chunk_tokens)
-    cuts = np.unique(np.searchsorted(offsets, targets, side="right") - 1)
-    cuts = cuts[(cuts > 0) & (cuts < num_rows)]
-    bounds = [0, *cuts.tolist(), num_rows]
+    window = (np.asarray(offsets[:-1], dtype=np.int64) - offsets[0]) // chunk_tokens
+    bounds = [0, *(np.flatnonzero(np.diff(window)) + 1).tolist(), num_rows]
     return list(zip(bounds[:-1], bounds[1:]))
 
 
