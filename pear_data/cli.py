@@ -80,6 +80,81 @@ def _report(manifest: dict, out_dir: Path) -> None:
 
 
 @app.command()
+def score(
+    corpus: Annotated[str, typer.Argument(help="JSONL, Parquet (file or dir), a `datasets` save_to_disk dir, or a Hub dataset id.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output directory.")],
+    target: Annotated[str, typer.Option(help="Target policy: embedded alias, local dir, .gguf file or Hub id.")] = "smollm2-135m-instruct",
+    behavior: Annotated[Optional[str], typer.Option(help="Behavior policy model (same tokenizer as the target). Default: the target itself at --behavior-temperature/--behavior-top-p.")] = None,
+    behavior_logprobs_field: Annotated[Optional[str], typer.Option(help="Column with behavior log-probs recorded at generation time (one per target completion token).")] = None,
+    behavior_temperature: Annotated[float, typer.Option(help="Temperature the behavior sampled at (design 3.6).")] = 1.0,
+    behavior_top_p: Annotated[float, typer.Option(help="Top-p the behavior sampled with (design 3.6).")] = 1.0,
+    prompt_field: Annotated[Optional[str], typer.Option(help="Field mapping: the prompt column (e.g. question).", rich_help_panel="Corpus")] = None,
+    completion_field: Annotated[Optional[str], typer.Option(help="Field mapping: the completion column (e.g. answer).", rich_help_panel="Corpus")] = None,
+    system_field: Annotated[Optional[str], typer.Option(help="Field mapping: an optional system-prompt column.", rich_help_panel="Corpus")] = None,
+    messages_field: Annotated[Optional[str], typer.Option(help="Conversational rows: the messages column (default: auto-detected `messages`).", rich_help_panel="Corpus")] = None,
+    split: Annotated[str, typer.Option(help="Split of a DatasetDict dir or a Hub dataset.", rich_help_panel="Corpus")] = "train",
+    max_length: Annotated[Optional[int], typer.Option(help="Longest row in tokens.", rich_help_panel="Corpus")] = None,
+    on_overflow: Annotated[str, typer.Option(help="Rows over --max-length: truncate (prompt from the left first), skip (reject), or error.", rich_help_panel="Corpus")] = "truncate",
+    template: Annotated[str, typer.Option(help="auto (chat template if the tokenizer has one), chat, or raw (prompt + completion text).", rich_help_panel="Corpus")] = "auto",
+    granularity: GranularityOpt = _D.granularity,
+    gamma: GammaOpt = _D.gamma,
+    horizon: HorizonOpt = _D.horizon,
+    block_size: BlockSizeOpt = _D.block_size,
+    log_ratio_clip: LogRatioClipOpt = _fmt_pair(_D.log_ratio_clip),
+    weight_clip: WeightClipOpt = _fmt_pair(_D.weight_clip),
+    normalize: NormalizeOpt = _D.normalize,
+    max_weight: MaxWeightOpt = _D.max_weight,
+    length_normalize: LengthNormalizeOpt = _D.length_normalize,
+    center: CenterOpt = _D.center,
+    batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward pass.", min=1, rich_help_panel="Scoring")] = 8192,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.", rich_help_panel="Scoring")] = "auto",
+    backend: Annotated[str, typer.Option(help="torch (vllm: not in this build).", rich_help_panel="Scoring")] = "torch",
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the model's repo.", rich_help_panel="Scoring")] = False,
+    shard_rows: Annotated[int, typer.Option(help="Input rows per committed shard (the unit of --resume).", min=1)] = 1000,
+    resume: Annotated[bool, typer.Option(help="Continue a killed run after its last committed shard.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing pear-data output dir.")] = False,
+    license: Annotated[Optional[str], typer.Option(help="License id for the dataset card (e.g. mit).")] = None,
+) -> None:
+    """Tokenize a corpus, score it under target and behavior policies, and write the PEAR-weighted dataset."""
+    from .progress import RowProgress
+    from .score import BehaviorSpec, ScoreOptions, score as run
+    from .tokenize import TokenizeConfig
+
+    config = weight_config(granularity, gamma, horizon, block_size, log_ratio_clip, weight_clip, normalize,
+                           max_weight, length_normalize, center)
+    try:
+        from .scoring import SamplingParams
+
+        SamplingParams(behavior_temperature, behavior_top_p)
+        tokenize = TokenizeConfig(max_length=max_length, on_overflow=on_overflow, template=template)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise typer.BadParameter(f"--device must be auto, cpu or cuda, got {device!r}")
+    options = ScoreOptions(
+        target=target,
+        behavior=BehaviorSpec(behavior, behavior_logprobs_field, behavior_temperature, behavior_top_p),
+        weights=config, tokenize=tokenize,
+        shape={"messages_field": messages_field, "prompt_field": prompt_field,
+               "completion_field": completion_field, "system_field": system_field},
+        split=split, device=device, backend=backend, batch_tokens=batch_tokens, shard_rows=shard_rows,
+        resume=resume, overwrite=overwrite, trust_remote_code=trust_remote_code, license=license,
+    )
+    bars: list[RowProgress] = []
+
+    def progress(total_rows):
+        bars.append(RowProgress(total_rows, console=err).__enter__())
+        return bars[0]
+
+    try:
+        manifest = run(corpus, out_dir, options, progress_factory=progress)
+    finally:
+        for bar in bars:
+            bar.__exit__(None, None, None)
+    _report(manifest, out_dir)
+
+
+@app.command()
 def reweight(
     src: Annotated[Path, typer.Argument(help="A pear-data output dir, or Parquet file(s) with input_ids, completion_mask, target_logprobs, behavior_logprobs.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Output directory.")],
@@ -160,11 +235,15 @@ def _root(version: Annotated[bool, typer.Option("--version", help="Print the ver
 
 def usage_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input or usage (exit 2) rather than a bug (exit 1)."""
+    from .corpus import CorpusError
+    from .models import ModelSpecError
     from .push import PushError
     from .reweight import UsageError
+    from .tokenize import OverflowAbort
     from .writer import OutputExistsError, ResumeMismatchError
 
-    return (UsageError, OutputExistsError, ResumeMismatchError, PushError, FileNotFoundError)
+    return (UsageError, OutputExistsError, ResumeMismatchError, PushError, FileNotFoundError, CorpusError,
+            ModelSpecError, OverflowAbort)
 
 
 def main() -> None:

@@ -589,10 +589,10 @@ def test_chunking_does_not_change_weights(rows: TokenRows, config: WeightConfig)
     whole = engine_columns(rows, config)
     counter = RecordingObserver()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(weights, "CHUNK_TOKENS", 7)
+        mp.setattr(weights, "CHUNK_TOKENS", 1)
         chunked = engine_columns(rows, config, counter)
     # The monkeypatch must actually split the work, or this test cannot fail.
-    assert len(counter.log_ratio_calls) > 1, "CHUNK_TOKENS = 7 did not split the rows into several chunks"
+    assert len(counter.log_ratio_calls) > 1, "CHUNK_TOKENS = 1 did not split the rows into several chunks"
     for g in GRANULARITIES:
         np.testing.assert_allclose(chunked.column(g), whole.column(g), rtol=1e-6, atol=ATOL, equal_nan=True,
                                    err_msg=g)
