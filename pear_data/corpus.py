@@ -161,12 +161,19 @@ class Corpus:
             yield from _dataset_rows(self._load_dataset(), batch_size)
 
     def num_rows(self) -> int | None:
-        """Number of rows when known without decoding them (Parquet metadata, datasets); None for JSONL."""
+        """Number of rows without decoding them: Parquet metadata, datasets length, non-blank JSONL lines
+        (None for a JSON array file or gzipped JSONL, which would have to be decoded to count)."""
         if self.kind == "parquet":
             return sum(pq.ParquetFile(f).metadata.num_rows for f in self.files)
         if self.kind in ("datasets", "hub"):
             return len(self._load_dataset())
-        return None
+        if any(f.suffix == ".gz" or _is_json_array(f) for f in self.files):
+            return None
+        count = 0
+        for path in self.files:
+            with path.open("rb") as fh:
+                count += sum(1 for line in fh if line.strip())
+        return count
 
     def fingerprint(self) -> str:
         """Content fingerprint of the input, "sha256:<hex>" or "hub:<id>:<split>:<fingerprint>".
