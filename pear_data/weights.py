@@ -11,6 +11,16 @@ suffix sum is a difference of one cumulative sum:
 
 Everything is float64 inside and float32 out. There is no Python loop over
 tokens or rows.
+
+Cross-tokenizer rows (a behavior with another tokenizer, design section 3.7)
+carry `shared_boundary`: 1 on the completion tokens that end at a character
+position where both tokenizations have a token boundary. The tokens from one
+shared boundary to the next form a *span*; the span's log-ratio
+sum_{k in span} (lt_k - lb_k) is exact (the behavior's log-prob of the span
+text sits on the span's last token), is clipped as one d, and is charged to
+the span's last target token (d = 0 on the span's other tokens). Block
+boundaries are snapped to the nearest span end. Without the column every
+completion token ends a span, which is the plain math above.
 """
 
 from __future__ import annotations
@@ -106,12 +116,15 @@ class TokenRows:
     completion_mask:    int8/bool [N]
     target_logprobs:    float [N], log pi_target(input_ids[i] | input_ids[:i])
     behavior_logprobs:  float [N], same under the behavior (sampling) policy
+    shared_boundary:    int8/bool [N] or None, 1 on completion tokens that end a
+                        span (module docstring); None = every completion token
     """
 
     offsets: np.ndarray
     completion_mask: np.ndarray
     target_logprobs: np.ndarray
     behavior_logprobs: np.ndarray
+    shared_boundary: np.ndarray | None = None
 
     @property
     def num_rows(self) -> int:
@@ -126,15 +139,20 @@ class CompletionIndex:
     offsets:    int64 [R + 1], completion-space row offsets
     lengths:    int64 [R], T per row
     row_end:    int64 [Nc], completion-space index of the row's last token, per token
+    span_ends:  int64 [S] or None, sorted completion-space indices of the tokens
+                that end a span (cross-tokenizer rows); None = every token
     """
 
     positions: np.ndarray
     offsets: np.ndarray
     lengths: np.ndarray
     row_end: np.ndarray
+    span_ends: np.ndarray | None = None
 
     @classmethod
-    def from_mask(cls, offsets: np.ndarray, completion_mask: np.ndarray) -> "CompletionIndex":
+    def from_mask(
+        cls, offsets: np.ndarray, completion_mask: np.ndarray, shared_boundary: np.ndarray | None = None
+    ) -> "CompletionIndex":
         mask = completion_mask.astype(bool, copy=False)
         positions = np.flatnonzero(mask)
         # Completion tokens before each row start, from a searchsorted on the
@@ -142,7 +160,13 @@ class CompletionIndex:
         comp_offsets = np.searchsorted(positions, np.asarray(offsets, dtype=np.int64)).astype(np.int64)
         lengths = np.diff(comp_offsets)
         row_end = np.repeat(comp_offsets[1:] - 1, lengths)
-        return cls(positions=positions, offsets=comp_offsets, lengths=lengths, row_end=row_end)
+        span_ends = None
+        if shared_boundary is not None:
+            ends = shared_boundary[positions].astype(bool, copy=False)
+            ends[comp_offsets[1:][lengths > 0] - 1] = True  # a row's last token always closes its last span
+            if not ends.all():
+                span_ends = np.flatnonzero(ends)
+        return cls(positions=positions, offsets=comp_offsets, lengths=lengths, row_end=row_end, span_ends=span_ends)
 
     @property
     def num_tokens(self) -> int:
@@ -157,6 +181,13 @@ def log_ratios(rows: TokenRows, index: CompletionIndex, config: WeightConfig) ->
     if config.center:
         r -= np.repeat(_row_sums(r, index) / index.lengths, index.lengths)
     lo, hi = config.log_ratio_clip
+    if index.span_ends is not None:
+        # One d per span, sum of the span's per-token log-ratios, on the span's last token.
+        span_starts = np.concatenate(([0], index.span_ends[:-1] + 1))
+        span_sums = np.add.reduceat(r, span_starts)  # reduceat, not cumsum differences: -inf stays local
+        r[:] = 0.0
+        r[index.span_ends] = np.clip(span_sums, lo, hi)
+        return r
     return np.clip(r, lo, hi, out=r)
 
 
@@ -200,19 +231,39 @@ def log_weights(d: np.ndarray, index: CompletionIndex, config: WeightConfig, gra
         logw -= cs[1:]
         return logw
     if granularity == "block":
-        # Work per block: blocks of B completion tokens, the last one of a row may be short.
-        B = config.block_size
-        blocks_per_row = -(-index.lengths // B)
-        block_offsets = np.zeros(len(blocks_per_row) + 1, dtype=np.int64)
-        np.cumsum(blocks_per_row, out=block_offsets[1:])
-        block_in_row = np.arange(block_offsets[-1], dtype=np.int64) - np.repeat(block_offsets[:-1], blocks_per_row)
-        block_start = np.repeat(index.offsets[:-1], blocks_per_row) + block_in_row * B
-        block_len = np.minimum(block_start + B, np.repeat(index.offsets[1:], blocks_per_row)) - block_start
-        cb = _prefix_sums(np.add.reduceat(dg, block_start) if len(block_start) else np.zeros(0))
-        # sum over the blocks after b: row total minus the inclusive prefix through b
-        block_logw = np.repeat(cb[block_offsets[1:]], blocks_per_row) - cb[1:]
-        return np.repeat(block_logw, block_len)
+        # sum over the blocks after b: row total minus the inclusive prefix through b's last token
+        cs = _prefix_sums(dg)
+        return cs[index.row_end + 1] - cs[block_ends(index, config.block_size) + 1]
     raise ValueError(f"unknown granularity {granularity!r}")
+
+
+def block_ends(index: CompletionIndex, block_size: int) -> np.ndarray:
+    """Completion-space index of the last token of each token's block, int64 [Nc].
+
+    Blocks of B = block_size completion tokens per row (the last one may be
+    short). With spans (cross-tokenizer rows) every block end is snapped to the
+    nearest span end in the row (a tie goes to the later one), so that a block
+    boundary is a shared boundary and each block's log-ratio is exact; blocks
+    that snap to the same end merge.
+    """
+    B = block_size
+    i = np.arange(index.num_tokens, dtype=np.int64)
+    if index.span_ends is None:
+        row_start = np.repeat(index.offsets[:-1], index.lengths)
+        return np.minimum(row_start + ((i - row_start) // B + 1) * B - 1, index.row_end)
+    blocks_per_row = -(-index.lengths // B)
+    row_start = np.repeat(index.offsets[:-1], blocks_per_row)
+    row_end = np.repeat(index.offsets[1:] - 1, blocks_per_row)
+    block_in_row = np.arange(len(row_start), dtype=np.int64) - np.repeat(
+        np.cumsum(blocks_per_row) - blocks_per_row, blocks_per_row)
+    ends = np.minimum(row_start + (block_in_row + 1) * B - 1, row_end)  # nominal block ends, sorted
+    spans = index.span_ends
+    j = np.searchsorted(spans, ends)  # first span end >= the nominal end (the row's last token is one)
+    after = spans[j]
+    before = spans[np.maximum(j - 1, 0)]
+    use_before = (j > 0) & (before >= row_start) & (ends - before < after - ends)
+    ends = np.unique(np.where(use_before, before, after))
+    return ends[np.searchsorted(ends, i)]
 
 
 def _log_bounds(config: WeightConfig) -> tuple[float, float]:
@@ -319,11 +370,12 @@ def _chunk(rows: TokenRows, r0: int, r1: int) -> TokenRows:
         completion_mask=rows.completion_mask[a:b],
         target_logprobs=rows.target_logprobs[a:b],
         behavior_logprobs=rows.behavior_logprobs[a:b],
+        shared_boundary=None if rows.shared_boundary is None else rows.shared_boundary[a:b],
     )
 
 
 def _prepare(rows: TokenRows, config: WeightConfig) -> tuple[CompletionIndex, np.ndarray]:
-    index = CompletionIndex.from_mask(rows.offsets, rows.completion_mask)
+    index = CompletionIndex.from_mask(rows.offsets, rows.completion_mask, rows.shared_boundary)
     if np.any(index.lengths == 0):
         row = int(np.flatnonzero(index.lengths == 0)[0])
         raise ValueError(f"row {row} has an empty completion (validate rows before weighing them)")

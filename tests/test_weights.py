@@ -75,8 +75,15 @@ def clip(x: float, lo: float, hi: float) -> float:
     return min(max(x, lo), hi)
 
 
-def reference_log_ratios(lt: list[float], lb: list[float], mask: list[int], config: WeightConfig) -> list[float]:
-    """design 3.1: d_k for k = 1..T (list index k - 1)."""
+def reference_log_ratios(
+    lt: list[float], lb: list[float], mask: list[int], config: WeightConfig, span_ends: list[int] | None = None
+) -> list[float]:
+    """design 3.1: d_k for k = 1..T (list index k - 1).
+
+    span_ends (cross-tokenizer rows, design 3.7): the k (1-based) that end a
+    span; a span's d is the clipped sum of its tokens' log-ratios, on its last
+    token, and 0 on its other tokens.
+    """
     C = [i for i, m in enumerate(mask) if m == 1]
     if not C:
         raise ValueError("empty completion (T = 0): design 3.3 says the row is a reject")
@@ -88,10 +95,38 @@ def reference_log_ratios(lt: list[float], lb: list[float], mask: list[int], conf
         mean_r /= len(r)
         r = [r_k - mean_r for r_k in r]
     lo, hi = config.log_ratio_clip
-    return [clip(r_k, lo, hi) for r_k in r]
+    if span_ends is None:
+        return [clip(r_k, lo, hi) for r_k in r]
+    d = [0.0] * len(r)
+    start = 1
+    for end in span_ends:
+        span_sum = 0.0
+        for k in range(start, end + 1):
+            span_sum += r[k - 1]
+        d[end - 1] = clip(span_sum, lo, hi)
+        start = end + 1
+    return d
 
 
-def reference_log_weights(d: list[float], config: WeightConfig) -> dict[str, list[float]]:
+def reference_block_lasts(T: int, B: int, span_ends: list[int] | None) -> list[int]:
+    """The last k of every block: every B tokens, each snapped to the nearest span end (ties: the later one)."""
+    nominal = [min(T, m * B) for m in range(1, -(-T // B) + 1)]
+    if span_ends is None:
+        return nominal
+    lasts = []
+    for x in nominal:
+        best = None
+        for e in span_ends:
+            if best is None or abs(e - x) < abs(best - x) or (abs(e - x) == abs(best - x) and e > best):
+                best = e
+        if best not in lasts:
+            lasts.append(best)
+    return lasts
+
+
+def reference_log_weights(
+    d: list[float], config: WeightConfig, span_ends: list[int] | None = None
+) -> dict[str, list[float]]:
     """design 3.2: logW_k per granularity, before bounds (list index k - 1)."""
     T = len(d)
     log_gamma = math.log(config.gamma)
@@ -105,11 +140,10 @@ def reference_log_weights(d: list[float], config: WeightConfig) -> dict[str, lis
             S_k += d[j - 1]
         token.append(S_k + (e_k - k) * log_gamma)
 
-    B = config.block_size
+    lasts = reference_block_lasts(T, config.block_size, span_ends)
     block = []
     for k in range(1, T + 1):
-        b = (k - 1) // B
-        last = min(T, (b + 1) * B)  # last k in block b (the last block of a row may be short)
+        last = min(e for e in lasts if e >= k)  # last k in k's block (the last block of a row may be short)
         S_k = 0.0
         for j in range(last + 1, T + 1):  # every j in the blocks after b
             S_k += d[j - 1]
@@ -153,14 +187,19 @@ def reference_weights(rows: TokenRows, config: WeightConfig) -> list[ReferenceRo
     mask = rows.completion_mask.tolist()
     lt = [float(x) for x in rows.target_logprobs.tolist()]
     lb = [float(x) for x in rows.behavior_logprobs.tolist()]
+    shared = None if rows.shared_boundary is None else rows.shared_boundary.tolist()
     log_lo, log_hi = reference_log_bounds(config)
 
     out = []
     for r in range(len(offsets) - 1):
         a, b = offsets[r], offsets[r + 1]
         row_mask = mask[a:b]
-        d = reference_log_ratios(lt[a:b], lb[a:b], row_mask, config)
-        log_w = reference_log_weights(d, config)
+        span_ends = None
+        if shared is not None:
+            completion = [i for i in range(a, b) if mask[i] == 1]
+            span_ends = [k for k, i in enumerate(completion, start=1) if shared[i] == 1 or k == len(completion)]
+        d = reference_log_ratios(lt[a:b], lb[a:b], row_mask, config, span_ends)
+        log_w = reference_log_weights(d, config, span_ends)
         # 3.3 steps 1-2: bounds, exp
         w = {g: [ieee_exp(clip(x, log_lo, log_hi)) for x in log_w[g]] for g in GRANULARITIES}
         out.append(ReferenceRow([i for i, m in enumerate(row_mask) if m == 1], d, log_w, w))
@@ -252,11 +291,14 @@ def logprob_values(rng: np.random.Generator, n: int, *, extreme: bool) -> np.nda
     return values
 
 
-def make_rows(lengths: list[int], seed: int, *, extreme: bool = True, garbage_outside: bool = False) -> TokenRows:
+def make_rows(lengths: list[int], seed: int, *, extreme: bool = True, garbage_outside: bool = False,
+              spans: bool = False) -> TokenRows:
     """Rows with several completion segments each (multi-turn), position 0 always prompt, T >= 1.
 
     Off-mask log-probs are 0.0 (the data contract), or garbage (NaN, +inf, 7.0)
-    with garbage_outside: the engine must never read them.
+    with garbage_outside: the engine must never read them. spans: add a
+    cross-tokenizer `shared_boundary` column (each completion token ends a
+    span with probability 0.1-0.9, the row's last one always).
     """
     rng = np.random.default_rng(seed)
     masks, targets, behaviors = [], [], []
@@ -291,20 +333,28 @@ def make_rows(lengths: list[int], seed: int, *, extreme: bool = True, garbage_ou
         behaviors.append(lb.astype(np.float32))
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
+    mask = np.concatenate(masks)
+    shared = None
+    if spans:
+        shared = ((rng.random(len(mask)) < rng.uniform(0.1, 0.9)) & (mask == 1)).astype(np.int8)
+        completion = np.flatnonzero(mask)
+        last = completion[np.searchsorted(completion, offsets[1:]) - 1]
+        shared[last] = 1
     return TokenRows(
         offsets=offsets,
-        completion_mask=np.concatenate(masks),
+        completion_mask=mask,
         target_logprobs=np.concatenate(targets),
         behavior_logprobs=np.concatenate(behaviors),
+        shared_boundary=shared,
     )
 
 
 @st.composite
 def scored_rows(draw, *, min_len: int = 2, max_len: int = 200, max_rows: int = 6, extreme: bool = True,
-                garbage_outside: bool = False) -> TokenRows:
+                garbage_outside: bool = False, spans: bool = False) -> TokenRows:
     lengths = draw(st.lists(st.integers(min_len, max_len), min_size=1, max_size=max_rows))
     seed = draw(st.integers(0, 2**32 - 1))
-    return make_rows(lengths, seed, extreme=extreme, garbage_outside=garbage_outside)
+    return make_rows(lengths, seed, extreme=extreme, garbage_outside=garbage_outside, spans=spans)
 
 
 LOG_RATIO_CLIPS = [(-0.08, 0.3), (-0.01, 0.01), (-5.0, 5.0), (-0.5, -0.5), (-math.inf, math.inf)]
@@ -346,6 +396,39 @@ def completion_lengths(rows: TokenRows) -> np.ndarray:
 @given(rows=scored_rows(), config=weight_configs())
 def test_engine_matches_reference(rows: TokenRows, config: WeightConfig) -> None:
     assert_matches_reference(engine_columns(rows, config), reference_columns(rows, config))
+
+
+@PROPERTY
+@given(rows=scored_rows(spans=True), config=weight_configs())
+def test_engine_matches_reference_with_spans(rows: TokenRows, config: WeightConfig) -> None:
+    """Cross-tokenizer rows (design 3.7): span log-ratios on the span's last token, blocks snapped to span ends."""
+    assert_matches_reference(engine_columns(rows, config), reference_columns(rows, config))
+
+
+@FEW
+@given(rows=scored_rows(), config=weight_configs())
+def test_all_tokens_shared_boundaries_is_the_direct_path(rows: TokenRows, config: WeightConfig) -> None:
+    """A shared_boundary column of all ones (one target token per span) gives bit-identical weights."""
+    direct = engine_columns(rows, config)
+    spans = TokenRows(rows.offsets, rows.completion_mask, rows.target_logprobs, rows.behavior_logprobs,
+                      shared_boundary=rows.completion_mask.astype(np.int8))
+    aligned = engine_columns(spans, config)
+    for g in GRANULARITIES:
+        np.testing.assert_array_equal(aligned.column(g), direct.column(g))
+
+
+@FEW
+@given(rows=scored_rows(spans=True, extreme=False),
+       config=weight_configs(log_ratio_clip=(-math.inf, math.inf), weight_clip=(0.0, math.inf), center=False,
+                             normalize="none", max_weight=None, horizon=None, length_normalize=False))
+def test_span_weights_are_exact_at_shared_boundaries(rows: TokenRows, config: WeightConfig) -> None:
+    """Unclipped: at a span end the token weight is the plain per-token suffix product (exact), and the
+    sequence weight is the plain one: charging a span's ratio to its last token only moves it inside the span."""
+    plain = TokenRows(rows.offsets, rows.completion_mask, rows.target_logprobs, rows.behavior_logprobs)
+    direct, aligned = engine_columns(plain, config), engine_columns(rows, config)
+    ends = rows.shared_boundary == 1
+    np.testing.assert_allclose(aligned.token[ends], direct.token[ends], rtol=1e-5, atol=ATOL)
+    np.testing.assert_allclose(aligned.sequence, direct.sequence, rtol=1e-5, atol=ATOL)
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
