@@ -74,6 +74,11 @@ def _report(manifest: dict, out_dir: Path) -> None:
 
     rows = manifest["rows"]
     out.print(f"[bold]{out_dir}[/]: {rows['out']:,} rows written, {rows['rejected']:,} rejected (of {rows['in']:,})")
+    alignment = manifest.get("alignment") or {}
+    if alignment.get("mode") == "char-offsets":
+        out.print(f"behavior aligned by character offsets: {alignment['spans']:,} spans, "
+                  f"{alignment['share_chars_in_one_token_spans']:.1%} of {alignment['completion_chars']:,} completion "
+                  "characters in spans of one target token")
     print_table(manifest.get("diagnostics", {}), manifest.get("weights", {}).get("granularity"), out)
     for warning in manifest.get("warnings", []):
         err.print(f"[yellow]warning:[/] {warning}")
@@ -84,8 +89,10 @@ def score(
     corpus: Annotated[str, typer.Argument(help="JSONL, Parquet (file or dir), a `datasets` save_to_disk dir, or a Hub dataset id.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Output directory.")],
     target: Annotated[str, typer.Option(help="Target policy: embedded alias, local dir, .gguf file or Hub id.")] = "smollm2-135m-instruct",
-    behavior: Annotated[Optional[str], typer.Option(help="Behavior policy model (same tokenizer as the target). Default: the target itself at --behavior-temperature/--behavior-top-p.")] = None,
-    behavior_logprobs_field: Annotated[Optional[str], typer.Option(help="Column with behavior log-probs recorded at generation time (one per target completion token).")] = None,
+    behavior: Annotated[Optional[str], typer.Option(help="Behavior policy model (any tokenizer: another one is aligned by character offsets). Default: gemma-3-270m; the target's own name scores the target at --behavior-temperature/--behavior-top-p.")] = None,
+    behavior_logprobs_field: Annotated[Optional[str], typer.Option(help="Column with behavior log-probs recorded at generation time: one per target completion token, or {tokens, logprobs} / {text_offsets, logprobs} in the behavior's own tokens.")] = None,
+    behavior_template: Annotated[str, typer.Option(help="How the behavior model renders a row: auto (its chat template if it has one), chat, or raw (base models).")] = "auto",
+    alignment: Annotated[str, typer.Option(help="auto (direct when the behavior renders the target's tokens, else by character offsets), direct, or char-offsets.")] = "auto",
     behavior_temperature: Annotated[float, typer.Option(help="Temperature the behavior sampled at (design 3.6).")] = 1.0,
     behavior_top_p: Annotated[float, typer.Option(help="Top-p the behavior sampled with (design 3.6).")] = 1.0,
     prompt_field: Annotated[Optional[str], typer.Option(help="Field mapping: the prompt column (e.g. question).", rich_help_panel="Corpus")] = None,
@@ -127,13 +134,15 @@ def score(
 
         SamplingParams(behavior_temperature, behavior_top_p)
         tokenize = TokenizeConfig(max_length=max_length, on_overflow=on_overflow, template=template)
+        behavior_spec = BehaviorSpec(behavior, behavior_logprobs_field, behavior_temperature, behavior_top_p,
+                                     behavior_template, alignment)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise typer.BadParameter(f"--device must be auto, cpu or cuda, got {device!r}")
     options = ScoreOptions(
         target=target,
-        behavior=BehaviorSpec(behavior, behavior_logprobs_field, behavior_temperature, behavior_top_p),
+        behavior=behavior_spec,
         weights=config, tokenize=tokenize,
         shape={"messages_field": messages_field, "prompt_field": prompt_field,
                "completion_field": completion_field, "system_field": system_field},

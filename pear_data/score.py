@@ -29,25 +29,45 @@ import pyarrow as pa
 
 from . import __version__
 from .card import render_card
-from .corpus import CorpusRow, RowError, RowShape, detect_shape, open_corpus, to_conversation
+from .align import AlignmentStats, RowAlignment, TurnTokens, align_row, recorded_turn_tokens, turn_tokens
+from .corpus import Conversation, CorpusRow, RowError, RowShape, detect_shape, is_completion_turn, open_corpus, to_conversation
 from .diagnostics import Diagnostics, degeneracy_warnings
 from .reweight import UsageError
-from .tokenize import ConversationTokenizer, TokenizeConfig, TokenizedRow
+from .tokenize import ConversationTokenizer, TokenizeConfig, TokenizedRow, chat_template_hash
 from .validate import token_rows, validate, weight_columns, with_columns
 from .weights import GRANULARITIES, WeightConfig, WeightSums, weigh, weight_sums
 from .writer import DatasetWriter, data_files
 
 DEFAULT_TARGET = "smollm2-135m-instruct"
+DEFAULT_BEHAVIOR = "gemma-3-270m"
+ALIGNMENTS = ("auto", "direct", "char-offsets")
 
 
 @dataclass(frozen=True)
 class BehaviorSpec:
-    """Where behavior log-probs come from: a model (None = the target itself) or a recorded field."""
+    """Where behavior log-probs come from: a model or a recorded field.
+
+    model:     None = DEFAULT_BEHAVIOR (unless logprobs_field is set); the
+               target's own spec = the target itself (one forward pass)
+    template:  how the behavior model renders a row: "auto" (its chat template
+               if it has one, else raw), "chat" or "raw" (base models)
+    alignment: "auto" (direct when the behavior renders the same tokens as the
+               target, else by character offsets), "direct", or "char-offsets"
+               (always align by characters, even for the same tokenizer)
+    """
 
     model: str | None = None
     logprobs_field: str | None = None
     temperature: float = 1.0
     top_p: float = 1.0
+    template: str = "auto"
+    alignment: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.template not in ("auto", "chat", "raw"):
+            raise ValueError(f"--behavior-template must be auto, chat or raw, got {self.template!r}")
+        if self.alignment not in ALIGNMENTS:
+            raise ValueError(f"--alignment must be one of {', '.join(ALIGNMENTS)}, got {self.alignment!r}")
 
 
 @dataclass(frozen=True)
@@ -69,10 +89,28 @@ class ScoreOptions:
 
 
 @dataclass
+class PreparedRow:
+    """One row ready to score.
+
+    target:    the row in target tokens (what is written)
+    behavior:  the row in the behavior's own tokens (a behavior model aligned by characters), else None
+    recorded:  recorded behavior log-probs: per target token (alignment None), or in the
+               behavior's own tokens (indexed by alignment.behavior_positions)
+    alignment: how behavior tokens map onto target tokens (None: the same tokens)
+    """
+
+    row: CorpusRow
+    target: TokenizedRow
+    behavior: TokenizedRow | None = None
+    recorded: np.ndarray | None = None
+    alignment: RowAlignment | None = None
+
+
+@dataclass
 class Prepared:
     """A shard's rows after tokenization: what goes to the scorer, and what was rejected."""
 
-    rows: list[tuple[CorpusRow, TokenizedRow, np.ndarray | None]] = field(default_factory=list)
+    rows: list[PreparedRow] = field(default_factory=list)
     rejects: list[tuple[CorpusRow, str]] = field(default_factory=list)
 
 
@@ -82,19 +120,34 @@ def _source_text(row: CorpusRow) -> str:
     return json.dumps(row.record, ensure_ascii=False, sort_keys=True, default=str)
 
 
-def recorded_behavior(record: dict, name: str, tokenized: TokenizedRow) -> np.ndarray:
-    """Behavior log-probs supplied with the data, placed on the completion positions.
+def recorded_behavior(
+    record: dict, name: str, tokenized: TokenizedRow, contents: list[str]
+) -> tuple[np.ndarray, RowAlignment | None]:
+    """Behavior log-probs supplied with the data: (log-probs, alignment).
 
     The field holds one log-prob per completion token of the *target*
     tokenization (in order), or one per token of the whole row (index i ->
-    input_ids[i], values at prompt positions are ignored).
+    input_ids[i], values at prompt positions are ignored): returned placed on
+    the target positions, alignment None. Or, in the behavior's own tokens,
+    `{tokens, logprobs}` / `{text_offsets, logprobs}` (a list of them for
+    several trained assistant turns): returned as recorded, with the
+    character alignment onto the target tokens (align.py).
     """
     if name not in record or record[name] is None:
         raise RowError(f"missing field {name!r} (--behavior-logprobs-field)")
     value = record[name]
-    if isinstance(value, dict):
-        raise RowError(f"{name!r} holds {{tokens, logprobs}} in the behavior's own tokens: cross-tokenizer "
-                       "alignment is not supported yet; give one log-prob per target completion token")
+    if isinstance(value, dict) or (isinstance(value, list) and value and isinstance(value[0], dict)):
+        turns = [value] if isinstance(value, dict) else value
+        if len(turns) != len(contents):
+            raise RowError(f"{name!r} holds {len(turns)} recorded turns for {len(contents)} trained assistant turns")
+        tokens, logprobs, start = [], [], 0
+        for turn, content in zip(turns, contents):
+            recorded, values = recorded_turn_tokens(turn, content, name)
+            tokens.append(TurnTokens(recorded.positions + start, recorded.starts, recorded.ends))
+            logprobs.append(values)
+            start += len(values)
+        alignment = align_row(tokenized, tokens, contents, behavior_name=f"recorded {name!r}")
+        return np.concatenate(logprobs), alignment
     try:
         values = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
@@ -108,15 +161,24 @@ def recorded_behavior(record: dict, name: str, tokenized: TokenizedRow) -> np.nd
     else:
         raise RowError(f"{name!r} has {values.size} log-probs but the completion has {int(mask.sum())} "
                        f"target tokens (and the row {tokenized.num_tokens})")
-    return out
+    return out, None
+
+
+PROBE = [
+    {"role": "user", "content": "Natalia sold clips to 48 of her friends in April. How many?"},
+    {"role": "assistant", "content": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n\n  Héllo wörld 😀\t\tx  ok\n#### 72"},
+]
 
 
 class Policies:
-    """The loaded scorers and which one computes the behavior log-probs.
+    """The loaded scorers, and how behavior log-probs are obtained and aligned.
 
-    Behavior log-probs come from, in this order: the recorded field; a second
-    model; the target's own forward pass (same model: scored once, the
-    behavior's temperature/top-p applied to the same logits).
+    Behavior log-probs come from, in this order: the recorded field; the
+    target's own forward pass when the behavior is the target model (scored
+    once, the behavior's temperature/top-p applied to the same logits); a
+    second model on the target's tokens (same tokenizer and template:
+    alignment "direct"); a second model on its own tokens and template,
+    aligned by character offsets (alignment "char-offsets", align.py).
     """
 
     def __init__(self, options: ScoreOptions, sources: "ModelSources",
@@ -126,52 +188,119 @@ class Policies:
 
         if options.backend != "torch":
             raise UsageError(f"--backend {options.backend}: only 'torch' is available in this build")
+        spec = options.behavior
         self.device = resolve_device(options.device)
         self.dtype = scoring_dtype(self.device)
         self.sources = sources
         self.tokenizer = load_tokenizer(sources.target, trust_remote_code=options.trust_remote_code)
+        self.target_tokenizer = ConversationTokenizer(self.tokenizer, options.tokenize)
         self.target_policy = SamplingParams()
-        self.behavior_policy = SamplingParams(options.behavior.temperature, options.behavior.top_p)
+        self.behavior_policy = SamplingParams(spec.temperature, spec.top_p)
 
         def scorer(source, report):
             model = load_model(source, device=self.device, dtype=self.dtype, trust_remote_code=options.trust_remote_code)
             return TorchScorer(model, device=self.device, batch_tokens=options.batch_tokens, progress=report)
 
-        self.target = scorer(sources.target, progress)
         self.behavior = None  # None: the target's forward pass also gives the behavior log-probs
-        if sources.behavior is not None and sources.behavior.fingerprint != sources.target.fingerprint:
-            behavior_tokenizer = load_tokenizer(sources.behavior, trust_remote_code=options.trust_remote_code)
-            if tokenizer_fingerprint(behavior_tokenizer) != tokenizer_fingerprint(self.tokenizer):
+        self.behavior_tokenizer: ConversationTokenizer | None = None  # set: align by character offsets
+        self.recorded = sources.behavior is None
+        self.alignment = "direct"
+        if not self.recorded and sources.behavior.fingerprint != sources.target.fingerprint:
+            tokenizer = load_tokenizer(sources.behavior, trust_remote_code=options.trust_remote_code)
+            try:
+                behavior_tokenizer = ConversationTokenizer(tokenizer, TokenizeConfig(template=spec.template))
+            except ValueError as exc:
+                raise UsageError(f"--behavior {sources.behavior.spec}: {exc} (--behavior-template)") from None
+            same_tokens = (tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(self.tokenizer)
+                           and behavior_tokenizer.mode == self.target_tokenizer.mode
+                           and chat_template_hash(tokenizer) == chat_template_hash(self.tokenizer))
+            if spec.alignment == "direct" and not same_tokens:
                 raise UsageError(
-                    f"--behavior {sources.behavior.spec} uses a different tokenizer than --target "
-                    f"{sources.target.spec}: per-token ratios need the same tokenization (cross-tokenizer "
-                    "alignment is not supported yet); pick a behavior model with the target's tokenizer, "
-                    "or pass --behavior-logprobs-field"
-                )
+                    f"--alignment direct: --behavior {sources.behavior.spec} does not render rows into the target's "
+                    "tokens (another tokenizer or template); use --alignment auto or char-offsets")
+            if spec.alignment == "char-offsets" or not same_tokens:
+                self.behavior_tokenizer = behavior_tokenizer
+        elif not self.recorded and spec.alignment == "char-offsets":
+            # the target itself, aligned by characters anyway (a check of the alignment path)
+            self.behavior_tokenizer = ConversationTokenizer(self.tokenizer, TokenizeConfig(template=spec.template))
+        if self.behavior_tokenizer is not None:
+            self.alignment = "char-offsets"
+            self._probe(sources.behavior.spec)
+        self.target = scorer(sources.target, progress)
+        if not self.recorded and sources.behavior.fingerprint != sources.target.fingerprint:
             self.behavior = scorer(sources.behavior, None)
+        elif self.behavior_tokenizer is not None:
+            self.behavior = self.target  # the target model on its own re-rendering of the row
+
+    def _probe(self, name: str) -> None:
+        """Align a probe row once, so that a tokenizer whose offsets are unusable stops the run (exit 2)."""
+        try:
+            self.align(PROBE, self.target_tokenizer(PROBE))
+        except RowError as exc:
+            raise UsageError(f"--behavior {name}: cannot align its tokens to the target's by character offsets: "
+                             f"{exc.reason}") from None
+
+    def align(self, conversation: Conversation, target: TokenizedRow) -> tuple[TokenizedRow, RowAlignment]:
+        """The row in the behavior's tokens, and its alignment onto the target tokens."""
+        behavior = self.behavior_tokenizer(conversation)
+        contents = completion_contents(conversation)
+        turns = turn_tokens(behavior, contents, "behavior tokenizer")
+        return behavior, align_row(target, turns, contents, behavior_name="behavior tokenizer")
+
+    def prepare(self, shard: list[CorpusRow], shape: RowShape, behavior_field: str | None) -> Prepared:
+        """Decode, normalize and tokenize a shard's rows; every row lands in `rows` or `rejects`."""
+        prepared = Prepared()
+        for row in shard:
+            if row.error is not None:
+                prepared.rejects.append((row, row.error))
+                continue
+            try:
+                conversation = to_conversation(row.record, shape)
+                item = PreparedRow(row, self.target_tokenizer(conversation))
+                if behavior_field is not None:
+                    item.recorded, item.alignment = recorded_behavior(
+                        row.record, behavior_field, item.target, completion_contents(conversation))
+                elif self.behavior_tokenizer is not None:
+                    item.behavior, item.alignment = self.align(conversation, item.target)
+            except RowError as exc:
+                prepared.rejects.append((row, exc.reason))
+                continue
+            prepared.rows.append(item)
+        return prepared
 
     def score(self, prepared: Prepared) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        ids = [t.input_ids for _, t, _ in prepared.rows]
-        masks = [t.completion_mask for _, t, _ in prepared.rows]
-        if not ids:
+        """Per row, float32 [n] target log-probs and behavior log-probs on the target tokens (aligned)."""
+        rows = prepared.rows
+        if not rows:
             return [], []
-        recorded = [b for _, _, b in prepared.rows]
-        if recorded[0] is not None:
+        ids = [r.target.input_ids for r in rows]
+        masks = [r.target.completion_mask for r in rows]
+        if self.recorded:
             (target,) = self.target.score(ids, masks, [self.target_policy])
-            return target, recorded
+            return target, [r.recorded if r.alignment is None else r.alignment.behavior_logprobs(r.recorded)
+                            for r in rows]
         if self.behavior is None:
             target, behavior = self.target.score(ids, masks, [self.target_policy, self.behavior_policy])
             return target, behavior
         (target,) = self.target.score(ids, masks, [self.target_policy])
-        (behavior,) = self.behavior.score(ids, masks, [self.behavior_policy])
-        return target, behavior
+        if self.behavior_tokenizer is None:
+            (behavior,) = self.behavior.score(ids, masks, [self.behavior_policy])
+            return target, behavior
+        (own,) = self.behavior.score([r.behavior.input_ids for r in rows],
+                                     [r.behavior.completion_mask for r in rows], [self.behavior_policy])
+        return target, [r.alignment.behavior_logprobs(b) for r, b in zip(rows, own)]
 
     def describe(self, options: ScoreOptions) -> dict:
-        from .models import chat_template_hash, tokenizer_fingerprint
+        from .models import tokenizer_fingerprint
 
-        behavior = {"temperature": options.behavior.temperature, "top_p": options.behavior.top_p}
-        if options.behavior.logprobs_field is not None:
-            behavior["recorded_field"] = options.behavior.logprobs_field
+        spec = options.behavior
+        behavior = {"temperature": spec.temperature, "top_p": spec.top_p}
+        if spec.logprobs_field is not None:
+            behavior["recorded_field"] = spec.logprobs_field
+        if self.behavior_tokenizer is not None:
+            behavior["template"] = self.behavior_tokenizer.mode
+            behavior["tokenizer"] = {"fingerprint": tokenizer_fingerprint(self.behavior_tokenizer.tokenizer),
+                                     "chat_template_hash": chat_template_hash(self.behavior_tokenizer.tokenizer)}
         dtype = str(self.dtype).removeprefix("torch.")
         models = {"target": {**self.sources.target.to_dict(), "dtype": dtype}}
         if self.sources.behavior is not None:
@@ -182,6 +311,11 @@ class Policies:
             "tokenizer": {"fingerprint": tokenizer_fingerprint(self.tokenizer),
                           "chat_template_hash": chat_template_hash(self.tokenizer)},
         }
+
+
+def completion_contents(conversation: Conversation) -> list[str]:
+    """The content strings of the trained assistant turns, in order (the text alignment works on)."""
+    return [m["content"] for m in conversation if is_completion_turn(m)]
 
 
 @dataclass(frozen=True)
@@ -201,7 +335,8 @@ class ModelSources:
                 raise UsageError("--behavior and --behavior-logprobs-field are exclusive: pick one source of "
                                  "behavior log-probs")
             return cls(target, None)
-        behavior = target if options.behavior.model is None else resolve_model(options.behavior.model)
+        behavior_spec = options.behavior.model or DEFAULT_BEHAVIOR
+        behavior = target if behavior_spec == options.target else resolve_model(behavior_spec)
         return cls(target, behavior)
 
     def fingerprints(self) -> dict:
@@ -223,23 +358,6 @@ def _shards(rows: Iterator[CorpusRow], start: int, shard_rows: int) -> Iterator[
         yield shard
 
 
-def prepare(shard: list[CorpusRow], shape: RowShape, tokenizer: ConversationTokenizer, behavior_field: str | None) -> Prepared:
-    """Decode, normalize and tokenize a shard's rows; every row lands in `rows` or `rejects`."""
-    prepared = Prepared()
-    for row in shard:
-        if row.error is not None:
-            prepared.rejects.append((row, row.error))
-            continue
-        try:
-            tokenized = tokenizer(to_conversation(row.record, shape))
-            recorded = None if behavior_field is None else recorded_behavior(row.record, behavior_field, tokenized)
-        except RowError as exc:
-            prepared.rejects.append((row, exc.reason))
-            continue
-        prepared.rows.append((row, tokenized, recorded))
-    return prepared
-
-
 def records_table(records: list[dict]) -> pa.Table:
     """The input rows' own columns, in order of first appearance.
 
@@ -259,14 +377,20 @@ def records_table(records: list[dict]) -> pa.Table:
 
 
 def scored_table(prepared: Prepared, target: list[np.ndarray], behavior: list[np.ndarray]) -> pa.Table:
-    """Original columns + the scored columns of design section 2 (no weights yet)."""
-    table = records_table([row.record for row, _, _ in prepared.rows])
-    tokenized = [t for _, t, _ in prepared.rows]
+    """Original columns + the scored columns of design section 2 (no weights yet).
+
+    shared_boundary is the completion mask itself when behavior and target
+    share the tokens (every completion token ends its own span).
+    """
+    table = records_table([r.row.record for r in prepared.rows])
+    tokenized = [r.target for r in prepared.rows]
+    shared = [r.target.completion_mask if r.alignment is None else r.alignment.shared_boundary for r in prepared.rows]
     scored = {
         "input_ids": pa.array([t.input_ids for t in tokenized], pa.list_(pa.int32())),
         "completion_mask": pa.array([t.completion_mask for t in tokenized], pa.list_(pa.int8())),
         "target_logprobs": pa.array(target, pa.list_(pa.float32())),
         "behavior_logprobs": pa.array(behavior, pa.list_(pa.float32())),
+        "shared_boundary": pa.array(shared, pa.list_(pa.int8())),
     }
     return with_columns(table, scored)
 
@@ -278,6 +402,20 @@ def reject_table(rejects: list[tuple[int, str, str]]) -> pa.Table:
         "reject_reason": pa.array([r[1] for r in rejects], pa.string()),
         "source": pa.array([r[2] for r in rejects], pa.string()),
     })
+
+
+def alignment_summary(mode: str, committed: list) -> dict:
+    """Manifest `alignment`: the mode, and how the completion characters fell into spans (align.py)."""
+    totals = AlignmentStats()
+    for record in committed:
+        if record.stats.get("alignment"):
+            totals.add(AlignmentStats(**record.stats["alignment"]))
+    if mode == "direct" and totals.rows:
+        mode = "char-offsets"  # recorded log-probs in the behavior's own tokens
+    summary = {"mode": mode}
+    if mode != "direct":
+        summary.update(totals.to_dict())
+    return summary
 
 
 def _weigh_table(table: pa.Table, config: WeightConfig, means: dict | None, observer=None) -> pa.Table:
@@ -313,19 +451,18 @@ def score(corpus: str | Path, out: str | Path, options: ScoreOptions = ScoreOpti
     writer = DatasetWriter(out, run_key, resume=options.resume, overwrite=options.overwrite)
     meter = progress_factory(source.num_rows()) if progress_factory else None
     policies = Policies(options, sources, meter.scored_batch if meter else None)
-    tokenizer = ConversationTokenizer(policies.tokenizer, options.tokenize)
     if meter:
         meter.advance(writer.next_input_row, 0)
 
     for shard in _shards(source.rows(), writer.next_input_row, options.shard_rows):
-        prepared = prepare(shard, shape, tokenizer, options.behavior.logprobs_field)
+        prepared = policies.prepare(shard, shape, options.behavior.logprobs_field)
         if meter:
             meter.start_call()
             meter.advance(len(prepared.rejects), 0)
         target, behavior = policies.score(prepared)
         rejects = [(row.index, reason, _source_text(row)) for row, reason in prepared.rejects]
         stats = {"tokens": 0, "completion_tokens": 0, "truncated_prompt_tokens": 0,
-                 "truncated_completion_tokens": 0, "rows_truncated": 0, "weight_sums": None}
+                 "truncated_completion_tokens": 0, "rows_truncated": 0, "weight_sums": None, "alignment": None}
         with writer.shard() as handle:
             if prepared.rows:
                 table = scored_table(prepared, target, behavior)
@@ -333,7 +470,7 @@ def score(corpus: str | Path, out: str | Path, options: ScoreOptions = ScoreOpti
                 good = [i for i, r in enumerate(reasons) if r is None]
                 for i, reason in enumerate(reasons):
                     if reason is not None:
-                        row = prepared.rows[i][0]
+                        row = prepared.rows[i].row
                         rejects.append((row.index, reason, _source_text(row)))
                 if good:
                     kept = table.take(pa.array(good, pa.int64())) if len(good) < len(reasons) else table
@@ -343,11 +480,15 @@ def score(corpus: str | Path, out: str | Path, options: ScoreOptions = ScoreOpti
                         stats["weight_sums"] = weight_sums(rows, config).sums
                     stats["tokens"] = int(rows.offsets[-1])
                     stats["completion_tokens"] = int(np.count_nonzero(rows.completion_mask == 1))
+                    aligned = AlignmentStats()
                     for i in good:
-                        t = prepared.rows[i][1]
+                        t = prepared.rows[i].target
                         stats["truncated_prompt_tokens"] += t.truncated_prompt_tokens
                         stats["truncated_completion_tokens"] += t.truncated_completion_tokens
                         stats["rows_truncated"] += int(t.truncated_prompt_tokens + t.truncated_completion_tokens > 0)
+                        if prepared.rows[i].alignment is not None:
+                            aligned.add(prepared.rows[i].alignment.stats)
+                    stats["alignment"] = dataclasses.asdict(aligned)
             if rejects:
                 handle.reject(reject_table(sorted(rejects)))
             handle.commit(shard[-1].index + 1, stats)
@@ -368,7 +509,8 @@ def score(corpus: str | Path, out: str | Path, options: ScoreOptions = ScoreOpti
         import pyarrow.parquet as pq
 
         for path in data_files(out):
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=512, columns=["completion_mask", "target_logprobs", "behavior_logprobs"]):
+            columns = ["completion_mask", "target_logprobs", "behavior_logprobs", "shared_boundary"]
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=512, columns=columns):
                 weigh(token_rows(batch), config, observer=diagnostics)
 
     summary = diagnostics.summary()
@@ -379,7 +521,8 @@ def score(corpus: str | Path, out: str | Path, options: ScoreOptions = ScoreOpti
                   "shape": shape.describe()},
         **policies.describe(options),
         "scoring": {"backend": options.backend, "device": policies.device, "batch_tokens": options.batch_tokens},
-        "tokenize": {**dataclasses.asdict(options.tokenize), "mode": tokenizer.mode},
+        "tokenize": {**dataclasses.asdict(options.tokenize), "mode": policies.target_tokenizer.mode},
+        "alignment": alignment_summary(policies.alignment, writer.committed),
         "weights": config.to_dict(),
         "tokens": {"total": totals["tokens"], "completion": totals["completion_tokens"],
                    "truncated_prompt": totals["truncated_prompt_tokens"],

@@ -105,11 +105,16 @@ class RenderedConversation:
 
     completion_spans: sorted, disjoint [start, end) spans of `text`, one per
     trained assistant turn: the content plus the turn's end marker.
+    content_spans: per trained turn, (start, end, offset): the part of `text`
+    that is the message content as written, text[start:end] ==
+    content[offset:offset + end - start] (a template may trim whitespace);
+    cross-tokenizer alignment works on these characters (align.py).
     """
 
     text: str
     completion_spans: tuple[tuple[int, int], ...]
     mode: TemplateMode
+    content_spans: tuple[tuple[int, int, int], ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,6 +126,8 @@ class TokenizedRow:
     offsets:          int64 [n, 2], token i is text[offsets[i, 0]:offsets[i, 1]]
     text:             the full rendered conversation (before any truncation; offsets index into it)
     completion_spans: character spans of the completion turns in `text`
+    content_spans:    per completion turn, (start, end, offset) of the message content in `text`
+                      (see RenderedConversation)
     truncated_prompt_tokens / truncated_completion_tokens: tokens dropped by
                       truncation with mask 0 / mask 1
     """
@@ -133,6 +140,7 @@ class TokenizedRow:
     mode: TemplateMode
     truncated_prompt_tokens: int = 0
     truncated_completion_tokens: int = 0
+    content_spans: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -175,6 +183,20 @@ def _template_messages(conversation: Conversation) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in conversation]
 
 
+def locate_content(text: str, start: int, end: int, content: str) -> tuple[int, int, int]:
+    """(start, end, offset) of `content` as rendered in text[start:end]: verbatim, or with the
+    whitespace the template trimmed (text[start:end'] == content[offset:offset + end' - start])."""
+    lead = len(content) - len(content.lstrip())
+    for variant, offset in ((content, 0), (content.strip(), lead), (content.lstrip(), lead), (content.rstrip(), 0)):
+        if variant and text.startswith(variant, start) and start + len(variant) <= end:
+            return start, start + len(variant), offset
+    stripped = content.strip()
+    found = text.find(stripped, start, end) if stripped else start
+    if found < 0:
+        raise RowError("the template alters the assistant content: its text is not found verbatim in the rendered turn")
+    return found, found + len(stripped), lead
+
+
 def render_chat(conversation: Conversation, tokenizer: Any) -> RenderedConversation:
     """Render with the chat template and locate each trained assistant turn (module docstring, step 2).
 
@@ -189,6 +211,7 @@ def render_chat(conversation: Conversation, tokenizer: Any) -> RenderedConversat
 
     text = render(messages)
     spans: list[tuple[int, int]] = []
+    contents: list[tuple[int, int, int]] = []
     for i, message in enumerate(conversation):
         if not is_completion_turn(message):
             continue
@@ -219,9 +242,10 @@ def render_chat(conversation: Conversation, tokenizer: Any) -> RenderedConversat
         if spans and start < spans[-1][1]:
             raise RowError(f"chat template renders message {i} (assistant) before the end of the previous one")
         spans.append((start, end))
+        contents.append(locate_content(text, start, end, content))
     if not spans:
         raise RowError("no assistant turn to train on")
-    return RenderedConversation(text, tuple(spans), "chat")
+    return RenderedConversation(text, tuple(spans), "chat", tuple(contents))
 
 
 def render_raw(
@@ -242,6 +266,7 @@ def render_raw(
     pieces: list[str] = [tokenizer.bos_token] if bos else []
     length = len(pieces[0]) if pieces else 0
     spans: list[tuple[int, int]] = []
+    contents: list[tuple[int, int, int]] = []
     for i, message in enumerate(conversation):
         if i:
             pieces.append(separator)
@@ -252,12 +277,13 @@ def render_raw(
             length += len(message["content"]) + len(eos)
             if is_completion_turn(message):
                 spans.append((start, length))
+                contents.append((start, start + len(message["content"]), 0))
         else:
             pieces.append(message["content"])
             length += len(message["content"])
     if not spans:
         raise RowError("no assistant turn to train on")
-    return RenderedConversation("".join(pieces), tuple(spans), "raw")
+    return RenderedConversation("".join(pieces), tuple(spans), "raw", tuple(contents))
 
 
 def completion_char_spans(
@@ -359,6 +385,7 @@ class ConversationTokenizer:
             mode=rendered.mode,
             truncated_prompt_tokens=truncated_prompt,
             truncated_completion_tokens=truncated_completion,
+            content_spans=rendered.content_spans,
         )
 
 

@@ -6,6 +6,11 @@ least one 1, and every log-prob on a completion position is a number <= 0
 (-inf only where a finite --log-ratio-clip bound can absorb it). Positions
 outside the completion are not checked: they never enter a ratio.
 
+The optional `shared_boundary` column (cross-tokenizer rows, design 3.7)
+must have the same length, hold 0/1, be 1 only on completion positions and be
+1 on each row's last completion token (every span ends). Without it every
+completion token ends its own span.
+
 Checks are vectorized over the batch's flat arrays; each bad row gets one
 reason that names the column and the position, e.g.
 "behavior_logprobs[17] is NaN".
@@ -23,6 +28,7 @@ from .weights import RowWeights, TokenRows, WeightConfig
 
 SCORED_COLUMNS = ("input_ids", "completion_mask", "target_logprobs", "behavior_logprobs")
 LOGPROB_COLUMNS = ("target_logprobs", "behavior_logprobs")
+SPAN_COLUMN = "shared_boundary"
 
 
 def missing_columns(schema: pa.Schema) -> list[str]:
@@ -61,15 +67,17 @@ def validate(batch: pa.RecordBatch | pa.Table, config: WeightConfig) -> list[str
             if reasons[row] is None:
                 reasons[row] = text
 
+    has_spans = SPAN_COLUMN in batch.schema.names
+    list_columns = SCORED_COLUMNS + ((SPAN_COLUMN,) if has_spans else ())
     lengths = {}
-    for name in SCORED_COLUMNS:
+    for name in list_columns:
         column = batch.column(name)
         if not pa.types.is_list(column.type) and not pa.types.is_large_list(column.type):
             raise TypeError(f"column {name!r} must be a list column, got {column.type}")
         nulls = np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))
         flag(nulls, [f"{name} is null"] * len(nulls))
         lengths[name] = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
-    for name in SCORED_COLUMNS[1:]:
+    for name in list_columns[1:]:
         differ = np.flatnonzero(lengths[name] != lengths["input_ids"])
         flag(differ, [
             f"lengths differ: input_ids has {lengths['input_ids'][r]} tokens, {name} has {lengths[name][r]}" for r in differ
@@ -94,6 +102,22 @@ def validate(batch: pa.RecordBatch | pa.Table, config: WeightConfig) -> list[str
     empty = np.flatnonzero(counts == 0)
     flag(keep[empty], ["empty completion: completion_mask has no 1"] * len(empty))
 
+    # Spans: span_end[i] is True on the completion tokens that close a span.
+    span_end = completion
+    if has_spans:
+        _, shared = _flat(sub.column(SPAN_COLUMN))
+        rows, pos = _first_per_row((shared != 0) & (shared != 1), offsets)
+        flag(keep[rows], [f"{SPAN_COLUMN}[{p}] = {shared[offsets[r] + p]} (must be 0 or 1)" for r, p in zip(rows, pos)])
+        rows, pos = _first_per_row((shared == 1) & ~completion, offsets)
+        flag(keep[rows], [f"{SPAN_COLUMN}[{p}] = 1 on a prompt position (completion_mask is 0)" for p in pos])
+        positions = np.flatnonzero(completion)
+        last = positions[np.searchsorted(positions, offsets[1:][counts > 0]) - 1]
+        open_end = last[shared[last] != 1]
+        rows = np.searchsorted(offsets, open_end, side="right") - 1
+        flag(keep[rows], [f"{SPAN_COLUMN}[{p - offsets[r]}] = 0 on the row's last completion token (the last span "
+                          "never ends)" for r, p in zip(rows, open_end)])
+        span_end = completion & (shared == 1)
+
     lo, hi = config.log_ratio_clip
     values = {}
     for name in LOGPROB_COLUMNS:
@@ -111,7 +135,9 @@ def validate(batch: pa.RecordBatch | pa.Table, config: WeightConfig) -> list[str
     target_ninf = (values["target_logprobs"] == -np.inf) & completion
     behavior_ninf = (values["behavior_logprobs"] == -np.inf) & completion
     checks = [
-        (target_ninf & behavior_ninf, "target_logprobs and behavior_logprobs are both -inf at position {p} (log-ratio undefined)"),
+        (_in_span(target_ninf, span_end, completion) & _in_span(behavior_ninf, span_end, completion),
+         "target_logprobs and behavior_logprobs are both -inf in the span ending at position {p} "
+         "(log-ratio undefined)"),
     ]
     if config.center:
         checks.append((target_ninf | behavior_ninf, "{col}[{p}] is -inf: an infinite log-ratio cannot be centered (--center)"))
@@ -127,12 +153,24 @@ def validate(batch: pa.RecordBatch | pa.Table, config: WeightConfig) -> list[str
     return reasons
 
 
+def _in_span(flags: np.ndarray, span_end: np.ndarray, completion: np.ndarray) -> np.ndarray:
+    """bool [N]: True on the span ends whose span (completion tokens since the previous span end) has a flag."""
+    positions = np.flatnonzero(completion)
+    span_id = np.cumsum(span_end[positions]) - span_end[positions]  # span of each completion token
+    hit = np.bincount(span_id, weights=flags[positions], minlength=int(span_end.sum())) > 0
+    out = np.zeros(len(flags), dtype=bool)
+    out[np.flatnonzero(span_end)] = hit[: int(span_end.sum())]
+    return out
+
+
 def token_rows(batch: pa.RecordBatch | pa.Table) -> TokenRows:
     """Flat engine view of a batch of *valid* rows (zero-copy where Arrow allows)."""
     offsets, mask = _flat(batch.column("completion_mask"))
     _, target = _flat(batch.column("target_logprobs"))
     _, behavior = _flat(batch.column("behavior_logprobs"))
-    return TokenRows(offsets=offsets, completion_mask=mask, target_logprobs=target, behavior_logprobs=behavior)
+    shared = _flat(batch.column(SPAN_COLUMN))[1] if SPAN_COLUMN in batch.schema.names else None
+    return TokenRows(offsets=offsets, completion_mask=mask, target_logprobs=target, behavior_logprobs=behavior,
+                     shared_boundary=shared)
 
 
 def weight_columns(rows: TokenRows, weights: RowWeights) -> dict[str, pa.Array]:

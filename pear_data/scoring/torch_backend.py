@@ -6,9 +6,15 @@ One `TorchScorer.score` call, for every sequence:
    (longest first, stable) and packed greedily so that
    `batch_size * max_len <= batch_tokens` (padded tokens per forward) and the
    pad tokens stay under `max_padding` (10%) of the real tokens; a sequence
-   longer than the budget goes alone. Right padding with an
-   attention_mask and explicit position ids 0..n-1, so a real token never sees
-   a pad and its position is the same as unpadded.
+   longer than the budget goes alone. Right padding and explicit position ids
+   0..n-1. No attention_mask is passed: under causal attention a real token
+   only attends to earlier positions, and every pad comes after the row's
+   last real token, so the pads are invisible to real tokens without one (the
+   hidden states of real tokens are bit-identical with and without the mask
+   on SmolLM2), while the mask would force the slower masked attention kernel
+   (12% slower forward at 2 x 1024 tokens on CPU; 23% of a 4 x 2048 batch's
+   CPU time was masked attention). Pad positions produce hidden states that are
+   never read.
 2. One forward of the *decoder* (`model.get_decoder()`, e.g. `LlamaModel`),
    which returns hidden states [B, L, H]; the [B, L, V] logits are never built.
 3. Only the positions whose *next* token is a completion token need a
@@ -251,11 +257,10 @@ class TorchScorer:
             return [[(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in sequences] for _ in policies]
 
         input_ids = torch.from_numpy(ids).to(self.device)
-        attention_mask = torch.from_numpy(np.arange(max_len)[None, :] < lengths[:, None]).to(self.device).long()
         position_ids = torch.arange(max_len, device=self.device).expand(len(sequences), max_len)
-        hidden = self.decoder(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
+        # No attention_mask: with right padding, causal attention already keeps every real token from
+        # seeing the pads (they come after it), and the unmasked causal kernel is the fast one.
+        hidden = self.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         flat_predictor = torch.from_numpy(rows_index * max_len + positions - 1).to(self.device)
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_predictor)  # [T, H]
         targets = input_ids.reshape(-1).index_select(0, flat_predictor + 1)  # [T]
