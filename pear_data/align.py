@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from .corpus import RowError
-from .tokenize import TokenizedRow
+from .tokenize import TokenizedRow, first_uncovered
 
 
 class AlignmentError(RowError):
@@ -233,21 +233,16 @@ def check_coverage(tokens: TurnTokens, content: str, who: str, turn: int, *, unt
         raise AlignmentError(f"{where}: token offsets go backwards at token {bad} "
                              f"({starts[bad - 1]} then {starts[bad]}); the offset mapping is unusable for alignment")
     limit = L if until is None else min(until, L)
-    depth = np.zeros(L + 2, dtype=np.int64)
-    np.add.at(depth, np.minimum(starts, L + 1), 1)
-    np.add.at(depth, np.minimum(ends, L + 1), -1)
-    covered = np.cumsum(depth)[:limit] > 0
-    holes = np.flatnonzero(~covered)
-    for position in holes:
-        if not content[position].isspace():
-            end = position
-            while end < limit and not covered[end] and end - position < 20:
-                end += 1
-            raise AlignmentError(
-                f"{where}: the token offsets do not cover the completion text: characters {position}-{end} "
-                f"({content[position:end]!r}) are in no token (the tokenizer's offset mapping cannot be used for "
-                "alignment; use a fast tokenizer with exact offsets)"
-            )
+    position = first_uncovered(content, starts, ends, 0, limit)
+    if position is not None:
+        end = position + 1
+        while end < limit and end - position < 20 and first_uncovered(content, starts, ends, end, end + 1) == end:
+            end += 1
+        raise AlignmentError(
+            f"{where}: the token offsets do not cover the completion text: characters {position}-{end} "
+            f"({content[position:end]!r}) are in no token (the tokenizer's offset mapping cannot be used for "
+            "alignment; use a fast tokenizer with exact offsets)"
+        )
 
 
 # --------------------------------------------------------------------------- matching

@@ -312,6 +312,18 @@ def mask_from_spans(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> np
     return inside.astype(np.int8)
 
 
+def first_uncovered(text: str, starts: np.ndarray, ends: np.ndarray, lo: int = 0, hi: int | None = None) -> int | None:
+    """The first non-whitespace character of text[lo:hi] that lies in no token [starts, ends), else None."""
+    hi = len(text) if hi is None else min(hi, len(text))
+    if hi <= lo:
+        return None
+    depth = np.zeros(hi - lo + 1, dtype=np.int64)
+    np.add.at(depth, np.clip(starts - lo, 0, hi - lo), 1)
+    np.add.at(depth, np.clip(ends - lo, 0, hi - lo), -1)
+    holes = np.flatnonzero(np.cumsum(depth)[:-1] <= 0)
+    return next((lo + int(h) for h in holes if not text[lo + h].isspace()), None)
+
+
 def _truncate(mask: np.ndarray, max_length: int) -> slice:
     """The kept window [lo, hi) of a row longer than max_length (module docstring, "truncate")."""
     n = mask.shape[0]
@@ -351,6 +363,14 @@ class ConversationTokenizer:
         encoding = self.tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
         input_ids = np.asarray(encoding["input_ids"], dtype=np.int32)
         offsets = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        for a, b in rendered.completion_spans:
+            hole = first_uncovered(rendered.text, offsets[:, 0], offsets[:, 1], a, b)
+            if hole is not None:
+                raise RowError(
+                    f"the tokenizer's offset mapping does not cover the completion text: character {hole} "
+                    f"({rendered.text[hole:hole + 12]!r}) is in no token, so completion tokens cannot be located "
+                    "(use a fast tokenizer with exact offsets)"
+                )
         mask = mask_from_spans(offsets, rendered.completion_spans)
 
         span = np.asarray(rendered.completion_spans, dtype=np.int64)
