@@ -39,6 +39,7 @@ PEAR_BLOCK_KEYS = (
     "corpus",
     "models",
     "behavior",
+    "alignment",
     "tokenizer",
     "chat_template_hash",
     "weights",
@@ -54,7 +55,10 @@ COLUMN_DOCS = {
     "input_ids": ("list<int32>", "prompt + completion tokens (target tokenizer, chat template applied)"),
     "completion_mask": ("list<int8>", "1 on completion (policy) tokens, the ones trained on; 0 elsewhere; position 0 is 0"),
     "target_logprobs": ("list<float32>", "log pi_target(input_ids[i] given input_ids[:i]); 0.0 where completion_mask is 0"),
-    "behavior_logprobs": ("list<float32>", "the same under the behavior (sampling) policy"),
+    "behavior_logprobs": ("list<float32>", "the same under the behavior (sampling) policy; behavior from another "
+                          "tokenizer: the log-prob of a whole span's text, on the span's last token (0.0 inside)"),
+    "shared_boundary": ("list<int8>", "1 on completion tokens that end at a token boundary shared by target and "
+                        "behavior tokenizations (every completion token when they share the tokenizer)"),
     "pear_token_weight": ("list<float32>", "token-level PEAR weight per position; 0.0 where completion_mask is 0"),
     "pear_block_weight": ("list<float32>", "block-level PEAR weight per position; 0.0 where completion_mask is 0"),
     "pear_seq_weight": ("float32", "sequence-level PEAR weight"),
@@ -186,6 +190,31 @@ def _model_lines(models: dict) -> list[str]:
     return lines
 
 
+def _alignment_lines(alignment: dict) -> list[str]:
+    """The cross-tokenizer alignment section (design 3.7), when the behavior used other tokens."""
+    if alignment.get("mode") != "char-offsets":
+        return []
+    chars = alignment.get("completion_chars", 0)
+    return [
+        "",
+        "## Cross-tokenizer alignment",
+        "",
+        "Alignment mode: `char-offsets`. The behavior policy tokenizes the completions differently, so its "
+        "log-probs were aligned to the target tokens by character offsets of the completion text. Between two "
+        "shared token boundaries (`shared_boundary == 1`) lies a span; its log-ratio is exact and charged to the "
+        "span's last target token. Sequence weights and block weights (blocks snapped to shared boundaries) are "
+        "exact; token weights are exact at every shared boundary.",
+        "",
+        f"- completion characters: {chars:,}",
+        f"- in spans of one target token: {alignment.get('chars_in_one_token_spans', 0):,} "
+        f"({alignment.get('share_chars_in_one_token_spans', 0):.1%})",
+        f"- in spans of several target tokens (no shared boundary inside; the span rule applies): "
+        f"{alignment.get('chars_in_multi_token_spans', 0):,} ({alignment.get('share_chars_in_multi_token_spans', 0):.1%})",
+        f"- spans: {alignment.get('spans', 0):,} over {alignment.get('target_tokens', 0):,} target and "
+        f"{alignment.get('behavior_tokens', 0):,} behavior completion tokens",
+    ]
+
+
 def render_card(manifest: dict, schema: pa.Schema | None) -> str:
     """README.md text: YAML front matter (license, tags, configs, dataset_info, pear_data) + body.
 
@@ -248,6 +277,7 @@ def render_card(manifest: dict, schema: pa.Schema | None) -> str:
     body += [f"- `{k}`: `{json.dumps(weights[k])}`" for k in sorted(weights)] or ["- (not recorded)"]
     if manifest.get("models"):
         body += ["", "## Models", ""] + _model_lines(manifest["models"])
+    body += _alignment_lines(manifest.get("alignment") or {})
     if manifest.get("diagnostics"):
         body += [
             "",

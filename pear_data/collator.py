@@ -10,6 +10,8 @@ truncation to `max_length`, keeping the start):
     labels             int64   [B, L]   input_ids where completion_mask == 1, else -100
     pear_weights       float32 [B, L]   the chosen weight column (0.0 off the completion), if `weights` is set
     behavior_logprobs  float32 [B, L]   the stored behavior log-probs, if `behavior` is set (online PEAR)
+    shared_boundary    int8    [B, L]   the span ends of cross-tokenizer rows, if `behavior` is set and the
+                                        dataset has the column (online PEAR, design 3.7)
 
 Index i of every output refers to token input_ids[i], as in the dataset;
 `pear_data.loss.pear_loss` does the causal shift. Truncation keeps the
@@ -58,13 +60,18 @@ class PearCollator:
 
     @property
     def columns(self) -> list[str]:
-        """Dataset columns this collator reads (a Trainer must not drop them)."""
+        """Dataset columns this collator reads (a Trainer must not drop them); see also optional_columns."""
         names = ["input_ids", "completion_mask"]
         if self.weights is not None:
             names.append(self.weights)
         if self.behavior:
             names.append("behavior_logprobs")
         return names
+
+    @property
+    def optional_columns(self) -> list[str]:
+        """Columns read when present: shared_boundary (online PEAR on cross-tokenizer rows)."""
+        return ["shared_boundary"] if self.behavior else []
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not rows:
@@ -88,6 +95,7 @@ class PearCollator:
         completion = np.zeros((batch, length), dtype=bool)
         weights = np.zeros((batch, length), dtype=np.float32) if self.weights is not None else None
         behavior = np.zeros((batch, length), dtype=np.float32) if self.behavior else None
+        shared = np.zeros((batch, length), dtype=np.int8) if self.behavior and "shared_boundary" in rows[0] else None
         for b, row in enumerate(rows):
             n = lengths[b]
             input_ids[b, :n] = ids[b]
@@ -100,6 +108,8 @@ class PearCollator:
                     weights[b, :n] = self._column(row, self.weights, b, n, full_lengths[b])
             if behavior is not None:
                 behavior[b, :n] = self._column(row, "behavior_logprobs", b, n, full_lengths[b])
+            if shared is not None:
+                shared[b, :n] = self._column(row, "shared_boundary", b, n, full_lengths[b])
         attention_mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int64)
         out = {
             "input_ids": torch.from_numpy(input_ids),
@@ -110,6 +120,8 @@ class PearCollator:
             out["pear_weights"] = torch.from_numpy(np.where(completion, weights, np.float32(0.0)))
         if behavior is not None:
             out["behavior_logprobs"] = torch.from_numpy(behavior)
+        if shared is not None:
+            out["shared_boundary"] = torch.from_numpy(shared)
         return out
 
     @staticmethod

@@ -173,6 +173,7 @@ def pear_weights(
     completion_mask: torch.Tensor,
     config: "WeightConfig",
     granularity: str | None = None,
+    shared_boundary: torch.Tensor | None = None,
 ) -> BatchWeights:
     """PEAR weights of design.md section 3 for a padded batch: the torch twin of `pear_data.weights.weigh`.
 
@@ -181,6 +182,9 @@ def pear_weights(
     (gaps such as user turns are skipped, as in the engine; padding is simply 0).
     config: a `pear_data.weights.WeightConfig`; granularity overrides config.granularity.
     normalize="dataset" normalizes over the batch's completion tokens (the batch stands in for the dataset).
+    shared_boundary: bool/int [B, N] or None, the dataset column of cross-tokenizer rows (design 3.7): a
+    span's log-ratio (sum over its tokens) is clipped as one and charged to its last token, and block ends
+    snap to the nearest span end, as in the engine. None: every completion token ends its own span.
 
     Computed in float64, returned as float32, no loop over tokens or rows: the completion tokens are
     packed left into a [B, Tmax] completion space where every suffix sum is a difference of one
@@ -204,7 +208,8 @@ def pear_weights(
 
     lt = packed(target_logprobs[b_idx, pos])
     lb = packed(behavior_logprobs[b_idx, pos])
-    valid = torch.arange(t_max, device=device)[None, :] < lengths[:, None]
+    i_all = torch.arange(t_max, device=device)[None, :]
+    valid = i_all < lengths[:, None]
     t = lengths.to(f64).clamp(min=1)[:, None]
 
     # 3.1 per-token log-ratio (optionally centered per row), clipped.
@@ -212,7 +217,16 @@ def pear_weights(
     if config.center:
         r = r - (torch.where(valid, r, 0.0).sum(dim=1, keepdim=True) / t)
     lo, hi = config.log_ratio_clip
+    ends = None
+    if shared_boundary is not None:
+        ends = packed(shared_boundary[b_idx, pos].to(f64)) > 0
+        ends |= i_all == (lengths[:, None] - 1)  # a row's last token closes its last span
+        span = (ends.long().cumsum(dim=1) - ends.long()).clamp(max=max(t_max - 1, 0))  # span of each token
+        span_sum = torch.zeros_like(r).scatter_add_(1, span, torch.where(valid, r, 0.0))
+        r = torch.where(ends, span_sum.gather(1, span), 0.0)
     d = torch.where(valid, r.clamp(lo, hi), 0.0)
+    if ends is not None:
+        d = torch.where(ends, d, 0.0)
     bad = valid & (lb.isnan() | (lb > 0) | ~d.isfinite())
     if bool(bad.any()):
         b, k = (int(v) for v in bad.nonzero()[0])
@@ -237,8 +251,10 @@ def pear_weights(
             start = i + 1  # the suffix excludes token k itself
             if config.horizon is not None:  # a horizon past the longest row changes nothing (and cannot overflow)
                 end = torch.minimum(end, i + 1 + min(config.horizon, t_max))
-        else:
+        elif ends is None:
             start = torch.minimum((i // config.block_size + 1) * config.block_size, end)  # first k after the block
+        else:
+            start = _snapped_block_ends(ends, valid, lengths, config.block_size) + 1
         logw = cs.gather(1, end.expand(batch, t_max)) - cs.gather(1, torch.minimum(start, end).expand(batch, t_max))
     else:
         raise ValueError(f"granularity must be token, block or sequence, got {granularity!r}")
@@ -269,6 +285,28 @@ def pear_weights(
         at_lower=unpacked(at_lower, torch.bool),
         at_upper=unpacked(at_upper, torch.bool),
     )
+
+
+def _next_true(flags: torch.Tensor) -> torch.Tensor:
+    """[B, T]: the smallest j >= i with flags[b, j] (T where there is none)."""
+    t_max = flags.shape[1]
+    idx = torch.where(flags, torch.arange(t_max, device=flags.device)[None, :], t_max)
+    return idx.flip(1).cummin(dim=1).values.flip(1)
+
+
+def _snapped_block_ends(ends: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[B, T]: the last k of each token's block, block ends snapped to the nearest span end (ties: the later),
+    as `pear_data.weights.block_ends`."""
+    batch, t_max = ends.shape
+    i = torch.arange(t_max, device=ends.device)[None, :].expand(batch, t_max)
+    nominal = valid & (((i + 1) % block_size == 0) | (i == lengths[:, None] - 1))
+    after = _next_true(ends).clamp(max=t_max - 1)
+    before = torch.where(ends, i, -1).cummax(dim=1).values
+    use_before = (before >= 0) & (i - before < after - i)
+    snapped = torch.where(use_before, before, after)
+    boundary = torch.zeros_like(ends)
+    boundary[nominal.nonzero(as_tuple=True)[0], snapped[nominal]] = True
+    return _next_true(boundary).clamp(max=t_max - 1)
 
 
 # --------------------------------------------------------------------------- the loss
@@ -305,6 +343,7 @@ def pear_loss_from_logprobs(
     config: "WeightConfig | None" = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     normalize: LossNormalize = "tokens",
+    shared_boundary: torch.Tensor | None = None,
 ) -> PearLossOutput:
     """The weighted loss from label log-probs already computed (e.g. TRL's fused LM head).
 
@@ -330,7 +369,8 @@ def pear_loss_from_logprobs(
         if behavior_logprobs.shape != labels.shape:
             raise ValueError(f"behavior_logprobs has shape {tuple(behavior_logprobs.shape)}, labels "
                              f"{tuple(labels.shape)}: both must be [B, L] aligned with input_ids")
-        online = pear_weights(logp.detach(), behavior_logprobs, label_mask, config or _default_config())
+        online = pear_weights(logp.detach(), behavior_logprobs, label_mask, config or _default_config(),
+                              shared_boundary=shared_boundary)
         w = online.weights
         n = label_mask.sum().clamp(min=1)
         diagnostics["log_ratio_mean"] = online.log_ratio.sum() / n
@@ -369,11 +409,13 @@ def pear_loss_output(
     num_items_in_batch: int | torch.Tensor | None = None,
     normalize: LossNormalize = "tokens",
     chunk_tokens: int | None = None,
+    shared_boundary: torch.Tensor | None = None,
 ) -> PearLossOutput:
     """`pear_loss` with the weights, live log-probs and diagnostics (see `PearLossOutput`)."""
     logp = label_logprobs(logits, labels, chunk_tokens=chunk_tokens)
     return pear_loss_from_logprobs(logp, labels, weights, behavior_logprobs=behavior_logprobs, config=config,
-                                   num_items_in_batch=num_items_in_batch, normalize=normalize)
+                                   num_items_in_batch=num_items_in_batch, normalize=normalize,
+                                   shared_boundary=shared_boundary)
 
 
 def pear_loss(
@@ -385,6 +427,7 @@ def pear_loss(
     config: "WeightConfig | None" = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     normalize: LossNormalize = "tokens",
+    shared_boundary: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PEAR-weighted causal-LM NLL, a scalar: sum_i w_i * nll_i / normalizer (module docstring).
 
@@ -398,6 +441,9 @@ def pear_loss(
     num_items_in_batch: label tokens of the whole accumulated batch (transformers' gradient-accumulation
         convention) for normalize="tokens"; ignored with normalize="weights".
     normalize: "tokens" divides by the label-token count, "weights" by the sum of the weights.
+    shared_boundary: int/bool [B, L], the dataset column (padded), for online PEAR on rows whose behavior
+        was aligned from another tokenizer (design 3.7); None treats every label token as its own span.
     """
     return pear_loss_output(logits, labels, weights, behavior_logprobs=behavior_logprobs, config=config,
-                            num_items_in_batch=num_items_in_batch, normalize=normalize).loss
+                            num_items_in_batch=num_items_in_batch, normalize=normalize,
+                            shared_boundary=shared_boundary).loss

@@ -156,7 +156,7 @@ def reweight(src: str | Path, out: str | Path, config: WeightConfig, options: Re
         "warnings": degeneracy_warnings(summary),
         "dataset_means": means,
     }
-    for key in ("models", "tokenizer", "behavior", "license", "corpus"):
+    for key in ("models", "tokenizer", "behavior", "alignment", "license", "corpus"):  # as scored
         if key in source:
             manifest[key] = source[key]
     return writer.finalize(manifest, render_card)

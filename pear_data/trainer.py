@@ -33,7 +33,7 @@ from .loss import PearLossOutput, pear_loss_from_logprobs, pear_loss_output
 from .weights import WeightConfig
 
 PearMode = Literal["static", "online"]
-_BATCH_COLUMNS = ("labels", "pear_weights", "behavior_logprobs")
+_BATCH_COLUMNS = ("labels", "pear_weights", "behavior_logprobs", "shared_boundary")
 _REDUCE = {"pear/weight_min": min, "pear/weight_max": max}  # everything else is averaged over the logged steps
 
 
@@ -83,6 +83,7 @@ class PearLossMixin:
         super()._set_signature_columns_if_needed()
         extra = getattr(self.data_collator, "columns", ("input_ids", "completion_mask", "pear_token_weight",
                                                          "pear_block_weight", "pear_seq_weight", "behavior_logprobs"))
+        extra = [*extra, *getattr(self.data_collator, "optional_columns", ("shared_boundary",))]
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *extra]))
 
     def _pear_batch(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor | None,
@@ -112,6 +113,7 @@ class PearLossMixin:
         by_tokens = self.pear_normalize == "tokens" and num_items_in_batch is not None
         result, outputs = self._pear_forward(
             model, model_inputs, labels, weights=weights, behavior_logprobs=behavior, config=self.pear_config,
+            shared_boundary=inputs.get("shared_boundary") if behavior is not None else None,
             num_items_in_batch=num_items_in_batch if by_tokens else None, normalize=self.pear_normalize,
         )
         loss = result.loss

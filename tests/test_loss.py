@@ -179,13 +179,23 @@ def _scored_batch(seed: int, batch: int = 6, length: int = 50):
     return lengths, mask, lt.astype(np.float32), lb.astype(np.float32)
 
 
-def _engine(lengths, mask, lt, lb, config):
+def _spans(mask: np.ndarray, seed: int) -> np.ndarray:
+    """A cross-tokenizer shared_boundary column for the batch: random span ends, each row's last one set."""
+    rng = np.random.default_rng(seed + 1)
+    shared = ((rng.random(mask.shape) < 0.5) & (mask == 1)).astype(np.int8)
+    for b in range(len(mask)):
+        shared[b, np.flatnonzero(mask[b])[-1]] = 1
+    return shared
+
+
+def _engine(lengths, mask, lt, lb, config, shared=None):
     """The numpy engine on the same rows (dataset normalization over exactly these rows)."""
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     rows = TokenRows(offsets=offsets,
                      completion_mask=np.concatenate([m[:n] for m, n in zip(mask, lengths)]),
                      target_logprobs=np.concatenate([x[:n] for x, n in zip(lt, lengths)]),
-                     behavior_logprobs=np.concatenate([x[:n] for x, n in zip(lb, lengths)]))
+                     behavior_logprobs=np.concatenate([x[:n] for x, n in zip(lb, lengths)]),
+                     shared_boundary=None if shared is None else np.concatenate([x[:n] for x, n in zip(shared, lengths)]))
     means = weight_sums(rows, config).means() if config.normalize == "dataset" else None
     return offsets, weigh(rows, config, means)
 
@@ -200,14 +210,18 @@ FLAGS = list(itertools.product(
 ))
 
 
+@pytest.mark.parametrize("spans", [False, True], ids=["direct", "cross-tokenizer"])
 @pytest.mark.parametrize("granularity,horizon,block_size,center,normalize,cap", FLAGS)
-def test_online_weights_equal_the_numpy_engine(granularity, horizon, block_size, center, normalize, cap):
-    lengths, mask, lt, lb = _scored_batch(seed=FLAGS.index((granularity, horizon, block_size, center, normalize, cap)))
+def test_online_weights_equal_the_numpy_engine(granularity, horizon, block_size, center, normalize, cap, spans):
+    seed = FLAGS.index((granularity, horizon, block_size, center, normalize, cap))
+    lengths, mask, lt, lb = _scored_batch(seed=seed)
+    shared = _spans(mask, seed) if spans else None
     config = WeightConfig(granularity=granularity, horizon=horizon, block_size=block_size, center=center,
                           normalize=normalize, max_weight=cap, length_normalize=granularity == "sequence" and center,
                           gamma=0.98, log_ratio_clip=(-0.4, 0.5), weight_clip=(0.02, 40.0))
-    ours = pear_weights(torch.from_numpy(lt), torch.from_numpy(lb), torch.from_numpy(mask), config).weights.numpy()
-    offsets, expected = _engine(lengths, mask, lt, lb, config)
+    ours = pear_weights(torch.from_numpy(lt), torch.from_numpy(lb), torch.from_numpy(mask), config,
+                        shared_boundary=None if shared is None else torch.from_numpy(shared)).weights.numpy()
+    offsets, expected = _engine(lengths, mask, lt, lb, config, shared)
     for b, n in enumerate(lengths):
         if granularity == "sequence":
             want = np.where(mask[b, :n] == 1, expected.sequence[b], 0.0)

@@ -17,7 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT / "examples" / "data" / "gsm8k_sample.jsonl"
 FIELDS = ["--prompt-field", "question", "--completion-field", "answer"]
-SCORED = ["input_ids", "completion_mask", "target_logprobs", "behavior_logprobs",
+SELF = ["--behavior", "smollm2-135m-instruct"]  # behavior = the target itself (at --behavior-temperature)
+SCORED = ["input_ids", "completion_mask", "target_logprobs", "behavior_logprobs", "shared_boundary",
           "pear_token_weight", "pear_block_weight", "pear_seq_weight"]
 
 pytestmark = pytest.mark.slow
@@ -52,7 +53,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def scored(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("score") / "out"
-    result = run(corpus, "--out", out, *FIELDS, "--behavior-temperature", "0.7", "--shard-rows", "4",
+    result = run(corpus, "--out", out, *FIELDS, *SELF, "--behavior-temperature", "0.7", "--shard-rows", "4",
                  "--device", "cpu", "--license", "mit")
     assert result.returncode == 0, result.stderr
     return out
@@ -99,6 +100,7 @@ def test_score_manifest_records_models_tokenizer_and_behavior(scored):
     assert manifest["models"]["target"]["spec"] == "smollm2-135m-instruct"
     assert len(manifest["models"]["target"]["fingerprint"]) >= 16
     assert manifest["behavior"] == {"temperature": 0.7, "top_p": 1.0}
+    assert manifest["alignment"] == {"mode": "direct"}
     assert manifest["tokenizer"]["fingerprint"] and manifest["tokenizer"]["chat_template_hash"]
     assert manifest["license"] == "mit"
     assert set(manifest["diagnostics"]) >= {"token", "block", "sequence", "mean_log_ratio"}
@@ -109,7 +111,7 @@ def test_score_manifest_records_models_tokenizer_and_behavior(scored):
 def test_kill_and_resume_gives_the_same_bytes(corpus, scored, tmp_path):
     out = tmp_path / "killed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    args = command(corpus, "--out", out, *FIELDS, "--behavior-temperature", "0.7", "--shard-rows", "4",
+    args = command(corpus, "--out", out, *FIELDS, *SELF, "--behavior-temperature", "0.7", "--shard-rows", "4",
                    "--device", "cpu", "--license", "mit")
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     progress = out / ".pear" / "progress.json"
@@ -122,21 +124,21 @@ def test_kill_and_resume_gives_the_same_bytes(corpus, scored, tmp_path):
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (out / "manifest.json").exists()
-    result = run(corpus, "--out", out, *FIELDS, "--behavior-temperature", "0.7", "--shard-rows", "4",
+    result = run(corpus, "--out", out, *FIELDS, *SELF, "--behavior-temperature", "0.7", "--shard-rows", "4",
                  "--device", "cpu", "--license", "mit", "--resume")
     assert result.returncode == 0, result.stderr
     assert output_files(out) == output_files(scored)
 
 
 def test_resume_with_other_flags_is_refused(corpus, scored):
-    result = run(corpus, "--out", scored, *FIELDS, "--behavior-temperature", "0.9", "--shard-rows", "4",
+    result = run(corpus, "--out", scored, *FIELDS, *SELF, "--behavior-temperature", "0.9", "--shard-rows", "4",
                  "--device", "cpu", "--resume")
     assert result.returncode == 2
     assert "temperature" in result.stderr
 
 
 def test_over_length_rows_are_skipped_or_stop_the_run(corpus, tmp_path):
-    skipped = run(corpus, "--out", tmp_path / "skip", *FIELDS, "--max-length", "90", "--on-overflow", "skip",
+    skipped = run(corpus, "--out", tmp_path / "skip", *FIELDS, *SELF, "--max-length", "90", "--on-overflow", "skip",
                   "--device", "cpu")
     assert skipped.returncode == 0, skipped.stderr
     rejects = pq.read_table(tmp_path / "skip" / "rejects.parquet").to_pylist()
@@ -145,13 +147,13 @@ def test_over_length_rows_are_skipped_or_stop_the_run(corpus, tmp_path):
     manifest = json.loads((tmp_path / "skip" / "manifest.json").read_text())
     assert manifest["rows"]["in"] == manifest["rows"]["out"] + manifest["rows"]["rejected"] == 13
 
-    truncated = run(corpus, "--out", tmp_path / "trunc", *FIELDS, "--max-length", "90", "--device", "cpu")
+    truncated = run(corpus, "--out", tmp_path / "trunc", *FIELDS, *SELF, "--max-length", "90", "--device", "cpu")
     assert truncated.returncode == 0, truncated.stderr
     manifest = json.loads((tmp_path / "trunc" / "manifest.json").read_text())
     assert manifest["tokens"]["rows_truncated"] > 0
     assert all(len(r["input_ids"]) <= 90 for r in read_data(tmp_path / "trunc"))
 
-    error = run(corpus, "--out", tmp_path / "err", *FIELDS, "--max-length", "90", "--on-overflow", "error",
+    error = run(corpus, "--out", tmp_path / "err", *FIELDS, *SELF, "--max-length", "90", "--on-overflow", "error",
                 "--device", "cpu")
     assert error.returncode == 2
     assert "max length" in error.stderr
@@ -164,7 +166,7 @@ def test_recorded_behavior_logprobs_of_the_wrong_length_are_rejected(tmp_path):
     rows[2]["behavior"] = None
     corpus = tmp_path / "recorded.jsonl"
     corpus.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    first = run(GSM8K, "--out", tmp_path / "plain", *FIELDS, "--device", "cpu", "--shard-rows", "2")
+    first = run(corpus, "--out", tmp_path / "plain", *FIELDS, *SELF, "--device", "cpu", "--shard-rows", "2")
     assert first.returncode == 0, first.stderr
     row1 = read_data(tmp_path / "plain")[1]
     mask = np.array(row1["completion_mask"])
@@ -184,3 +186,104 @@ def test_missing_corpus_and_bad_flags_exit_2(tmp_path):
     assert run(tmp_path / "nope.jsonl", "--out", tmp_path / "o").returncode == 2
     bad = run(GSM8K, "--out", tmp_path / "o", *FIELDS, "--behavior-top-p", "1.5")
     assert bad.returncode == 2 and "top" in bad.stderr
+
+
+# --------------------------------------------------------------------------- cross-tokenizer behavior (design 3.7)
+
+
+def test_default_pair_is_gemma_behavior_aligned_to_smollm2_targets(tmp_path):
+    """No model flags: target SmolLM2-135M-Instruct (ChatML), behavior Gemma-3-270M base (raw template)."""
+    corpus = tmp_path / "gsm8k6.jsonl"
+    corpus.write_text("".join(line + "\n" for line in GSM8K.read_text().splitlines()[:6]))
+    out = tmp_path / "out"
+    result = run(corpus, "--out", out, *FIELDS, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "aligned by character offsets" in result.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows"] == {"in": 6, "out": 6, "rejected": 0}
+    assert manifest["models"]["target"]["spec"] == "smollm2-135m-instruct"
+    assert manifest["models"]["behavior"]["spec"] == "gemma-3-270m"
+    assert manifest["behavior"]["template"] == "raw"
+    assert manifest["behavior"]["tokenizer"]["fingerprint"] != manifest["tokenizer"]["fingerprint"]
+    alignment = manifest["alignment"]
+    assert alignment["mode"] == "char-offsets" and alignment["rows"] == 6
+    answers = [json.loads(line)["answer"] for line in corpus.read_text().splitlines()]
+    assert alignment["completion_chars"] == sum(len(a) for a in answers)
+    assert alignment["chars_in_one_token_spans"] + alignment["chars_in_multi_token_spans"] == alignment["completion_chars"]
+    assert 0.8 < alignment["share_chars_in_one_token_spans"] < 1.0
+    assert "char-offsets" in (out / "README.md").read_text()
+    for row in read_data(out):
+        mask = np.array(row["completion_mask"])
+        shared = np.array(row["shared_boundary"])
+        behavior = np.array(row["behavior_logprobs"])
+        assert shared[mask == 0].sum() == 0 and shared[np.flatnonzero(mask)[-1]] == 1
+        assert np.all(behavior[(mask == 1) & (shared == 0)] == 0)  # a span's log-prob sits on its last token
+        assert np.all(behavior[shared == 1] < 0)
+    assert read_data(out)[0]["shared_boundary"].count(0) > len(read_data(out)[0]["input_ids"]) // 2  # prompt + inner
+
+
+def test_same_tokenizer_through_the_alignment_path_equals_the_direct_path(corpus, scored, tmp_path):
+    """SmolLM2 against itself at T=0.7, forced through character-offset alignment: the same bytes of data."""
+    out = tmp_path / "aligned"
+    result = run(corpus, "--out", out, *FIELDS, *SELF, "--behavior-temperature", "0.7", "--shard-rows", "4",
+                 "--device", "cpu", "--license", "mit", "--alignment", "char-offsets")
+    assert result.returncode == 0, result.stderr
+    direct, aligned = pq.read_table(scored / "data"), pq.read_table(out / "data")
+    for name in SCORED:
+        assert aligned.column(name).equals(direct.column(name)), name
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["alignment"]["mode"] == "char-offsets"
+    assert manifest["alignment"]["chars_in_multi_token_spans"] == 0
+
+
+def test_recorded_logprobs_in_coarser_tokens_are_exact_at_shared_boundaries(scored, smollm2_tokenizer, tmp_path):
+    """A behavior whose tokens merge 1-3 consecutive target tokens (log-probs added: the chain rule), recorded
+    as {text_offsets, logprobs}: sequence weights equal the direct path's, and token weights equal at every
+    shared boundary (unclipped flags, where the span rule is the only difference)."""
+    from pear_data.align import turn_tokens
+    from pear_data.tokenize import ConversationTokenizer
+
+    unclipped = ["--log-ratio-clip=-inf,inf", "--weight-clip", "0,inf"]
+    direct_out = tmp_path / "direct"
+    reweighted = subprocess.run([sys.executable, "-m", "pear_data.cli", "reweight", str(scored), "--out",
+                                 str(direct_out), *unclipped], capture_output=True, text=True)
+    assert reweighted.returncode == 0, reweighted.stderr
+    direct = read_data(direct_out)
+
+    rng = np.random.default_rng(0)
+    tokenizer = ConversationTokenizer(smollm2_tokenizer)
+    records = []
+    for row in direct:
+        conversation = [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]
+        (turn,) = turn_tokens(tokenizer(conversation), [row["answer"]], "target")
+        behavior = np.array(row["behavior_logprobs"], dtype=np.float64)[turn.positions]
+        L = len(row["answer"])
+        content = int(np.sum(turn.starts < L))  # the rest is the end marker <|im_end|>
+        starts, logprobs, k = [], [], 0
+        while k < content:
+            stop = min(k + int(rng.integers(1, 4)), content)
+            starts.append(int(turn.starts[k]))
+            logprobs.append(float(behavior[k:stop].sum()))
+            k = stop
+        starts.append(L)  # a recorded stop token: offsets at the end of the text are the end marker
+        logprobs.append(float(behavior[content:].sum()))
+        records.append({"question": row["question"], "answer": row["answer"],
+                        "recorded": {"text_offsets": starts, "logprobs": logprobs}})
+    recorded_corpus = tmp_path / "recorded.jsonl"
+    recorded_corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "recorded"
+    result = run(recorded_corpus, "--out", out, *FIELDS, "--behavior-logprobs-field", "recorded", "--device", "cpu",
+                 *unclipped)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["alignment"]["mode"] == "char-offsets"
+    assert manifest["alignment"]["target_tokens_in_multi_token_spans"] > 0
+    aligned = read_data(out)
+    assert len(aligned) == len(direct)
+    for a, d in zip(aligned, direct):
+        shared = np.array(a["shared_boundary"]) == 1
+        assert shared.sum() < np.sum(a["completion_mask"])  # the merges left multi-token spans
+        np.testing.assert_allclose(a["pear_seq_weight"], d["pear_seq_weight"], rtol=1e-5)
+        np.testing.assert_allclose(np.array(a["pear_token_weight"])[shared], np.array(d["pear_token_weight"])[shared],
+                                   rtol=1e-5)
+        assert not np.allclose(a["pear_token_weight"], d["pear_token_weight"], rtol=1e-5)  # inside spans: the rule

@@ -40,18 +40,16 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def scored_dir(one_torch_thread, tmp_path_factory, smollm2_source) -> Path:
-    """`pear-data score` output (weights unnormalized) for 4 GSM8K rows, target SmolLM2, behavior = target at T=0.7."""
+def _score_gsm8k(tmp: Path, behavior: str, temperature: float) -> Path:
+    """`pear-data score` output (weights unnormalized) for the 4 shortest GSM8K rows, target SmolLM2."""
     from pear_data.score import BehaviorSpec, ScoreOptions, score
 
-    tmp = tmp_path_factory.mktemp("scored")
     lines = GSM8K.read_text().splitlines()
     corpus = tmp / "gsm8k4.jsonl"
     corpus.write_text("".join(lines[i] + "\n" for i in SHORTEST_ROWS))
     options = ScoreOptions(
         target="smollm2-135m-instruct",
-        behavior=BehaviorSpec(model=None, logprobs_field=None, temperature=0.7, top_p=1.0),
+        behavior=BehaviorSpec(model=behavior, logprobs_field=None, temperature=temperature, top_p=1.0),
         weights=WeightConfig(normalize="none"),
         shape={"prompt_field": "question", "completion_field": "answer", "messages_field": None, "system_field": None},
         shard_rows=64,
@@ -61,12 +59,28 @@ def scored_dir(one_torch_thread, tmp_path_factory, smollm2_source) -> Path:
     return tmp / "out"
 
 
-@pytest.fixture(scope="module")
-def scored(scored_dir, tmp_path_factory):
+def _load(scored_dir: Path, cache: Path):
     import datasets
 
-    return datasets.load_dataset("parquet", data_dir=str(scored_dir / "data"), split="train",
-                                 cache_dir=str(tmp_path_factory.mktemp("hf-cache")))
+    return datasets.load_dataset("parquet", data_dir=str(scored_dir / "data"), split="train", cache_dir=str(cache))
+
+
+@pytest.fixture(scope="module")
+def scored_dir(one_torch_thread, tmp_path_factory, smollm2_source) -> Path:
+    """Behavior = the target itself at T=0.7 (same tokens: every completion token is a shared boundary)."""
+    return _score_gsm8k(tmp_path_factory.mktemp("scored"), "smollm2-135m-instruct", 0.7)
+
+
+@pytest.fixture(scope="module")
+def scored(scored_dir, tmp_path_factory):
+    return _load(scored_dir, tmp_path_factory.mktemp("hf-cache"))
+
+
+@pytest.fixture(scope="module")
+def cross_scored(one_torch_thread, tmp_path_factory, smollm2_source, gemma_source):
+    """Behavior = Gemma-3-270M (another tokenizer, raw template), aligned by character offsets."""
+    out = _score_gsm8k(tmp_path_factory.mktemp("cross"), "gemma-3-270m", 1.0)
+    return _load(out, tmp_path_factory.mktemp("hf-cache"))
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +129,8 @@ def test_collator_names_a_misaligned_or_missing_column(scored):
         PearCollator(pad_token_id=0)([row])
 
 
-def test_online_weights_at_the_starting_checkpoint_equal_the_scored_columns(scored, smollm2_model):
+@pytest.mark.parametrize("dataset", ["scored", "cross_scored"])
+def test_online_weights_at_the_starting_checkpoint_equal_the_scored_columns(dataset, request, smollm2_model):
     """Online PEAR from live logits == the static columns `pear-data score` wrote, same model and config.
 
     Tolerance: the scorer ran the rows in a padded, length-sorted batch, so its
@@ -126,9 +141,11 @@ def test_online_weights_at_the_starting_checkpoint_equal_the_scored_columns(scor
     the per-row relative tolerance is expm1 of that sum (+ float32 storage rounding).
     A misalignment by one position would move lt by whole nats and fail the first check.
     """
-    rows = list(scored)
+    rows = list(request.getfixturevalue(dataset))
     batch = PearCollator(pad_token_id=0, weights=None, behavior=True)(rows)
-    labels, behavior = batch["labels"], batch["behavior_logprobs"]
+    labels, behavior, shared = batch["labels"], batch["behavior_logprobs"], batch["shared_boundary"]
+    if dataset == "cross_scored":  # Gemma's tokens differ: some spans hold several SmolLM2 tokens
+        assert (shared[labels != -100] == 0).any()
     with torch.no_grad():
         logits = smollm2_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     mask = labels != -100
@@ -142,11 +159,12 @@ def test_online_weights_at_the_starting_checkpoint_equal_the_scored_columns(scor
         config = WeightConfig(normalize="none", granularity=granularity)
         column = WEIGHT_COLUMNS[granularity]
         stored = PearCollator(pad_token_id=0, weights=column)(rows)["pear_weights"].double()
-        online = pear_loss_output(logits, labels, behavior_logprobs=behavior, config=config).weights.double()
+        online = pear_loss_output(logits, labels, behavior_logprobs=behavior, config=config,
+                                  shared_boundary=shared).weights.double()
         relative = torch.where(mask, (online - stored).abs() / stored.clamp(min=1e-30), 0.0)
         assert (relative.amax(dim=1) <= row_tolerance).all(), (granularity, relative.amax(dim=1), row_tolerance)
         # The torch math itself on the *stored* target log-probs reproduces the columns to float32 rounding.
-        twin = pear_weights(stored_lt, behavior, mask, config).weights.double()
+        twin = pear_weights(stored_lt, behavior, mask, config, shared_boundary=shared).weights.double()
         torch.testing.assert_close(twin, stored, rtol=2e-6, atol=0)
 
 
