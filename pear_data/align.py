@@ -1,4 +1,7 @@
-"""Cross-tokenizer alignment: behavior log-probs in the behavior's own tokens -> target tokens (design 3.7).
+"""Cross-tokenizer alignment: behavior log-probs in the behavior's own tokens -> target tokens.
+
+"design 3.7" is the contract section this module implements, written up in
+docs/design-changes.md until design.md takes it in.
 
 When the behavior policy tokenizes the completion differently from the
 target (a teacher from another model family, or log-probs recorded by an

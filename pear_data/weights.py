@@ -12,7 +12,8 @@ suffix sum is a difference of one cumulative sum:
 Everything is float64 inside and float32 out. There is no Python loop over
 tokens or rows.
 
-Cross-tokenizer rows (a behavior with another tokenizer, design section 3.7)
+Cross-tokenizer rows (a behavior with another tokenizer, design section 3.7 in
+docs/design-changes.md)
 carry `shared_boundary`: 1 on the completion tokens that end at a character
 position where both tokenizations have a token boundary. The tokens from one
 shared boundary to the next form a *span*; the span's log-ratio
