@@ -282,8 +282,18 @@ def test_recorded_logprobs_in_coarser_tokens_are_exact_at_shared_boundaries(scor
     assert len(aligned) == len(direct)
     for a, d in zip(aligned, direct):
         shared = np.array(a["shared_boundary"]) == 1
-        assert shared.sum() < np.sum(a["completion_mask"])  # the merges left multi-token spans
-        np.testing.assert_allclose(a["pear_seq_weight"], d["pear_seq_weight"], rtol=1e-5)
+        mask = np.array(a["completion_mask"]) == 1
+        assert shared.sum() < mask.sum()  # the merges left multi-token spans
+        # Exact up to float32 storage: the span sums are stored as float32 (|error| <= |lb_S| 2^-24 each), and
+        # the two runs batch the target differently (the target log-probs drift by float rounding); every step
+        # after the log-ratio is 1-Lipschitz in log space, so |log W_a - log W_d| is at most the sum of both.
+        drift = np.abs(np.array(a["target_logprobs"], np.float64) - np.array(d["target_logprobs"], np.float64)).sum()
+        rounding = np.abs(np.array(a["behavior_logprobs"], np.float64)[shared]).sum() * 2.0**-23
+        tolerance = np.expm1(drift + rounding) + 1e-6
+        assert tolerance < 1e-3  # tight enough to catch a misplaced span (whole nats)
+        np.testing.assert_allclose(a["pear_seq_weight"], d["pear_seq_weight"], rtol=tolerance)
         np.testing.assert_allclose(np.array(a["pear_token_weight"])[shared], np.array(d["pear_token_weight"])[shared],
-                                   rtol=1e-5)
-        assert not np.allclose(a["pear_token_weight"], d["pear_token_weight"], rtol=1e-5)  # inside spans: the rule
+                                   rtol=tolerance)
+        inside = mask & ~shared
+        assert not np.allclose(np.array(a["pear_token_weight"])[inside], np.array(d["pear_token_weight"])[inside],
+                               rtol=1e-3)  # inside a span: the span rule, not the per-token suffix
