@@ -191,12 +191,11 @@ def recorded_turn_tokens(value: Any, content: str, name: str) -> tuple[TurnToken
         starts = np.concatenate(([0], np.cumsum(lengths)[:-1])) if len(tokens) else np.zeros(0, np.int64)
         joined = "".join(tokens)
         lead = len(content) - len(content.lstrip())
-        spelled = joined[: L - lead] == content[lead:] and (joined[:L] == content or lead > 0)
-        if not spelled:
-            first = next((i for i, (a, b) in enumerate(zip(joined, content)) if a != b), min(len(joined), L))
-            raise RowError(f"{name!r}['tokens'] do not spell the completion text: they differ at character {first} "
-                           f"({joined[first:first + 12]!r} vs {content[first:first + 12]!r})")
         if joined[:L] != content:
+            if not (lead and joined[: L - lead] == content[lead:]):
+                first = next((i for i, (a, b) in enumerate(zip(joined, content)) if a != b), min(len(joined), L))
+                raise RowError(f"{name!r}['tokens'] do not spell the completion text: they differ at character "
+                               f"{first} ({joined[first:first + 12]!r} vs {content[first:first + 12]!r})")
             starts = starts + lead  # the recording left out the content's leading whitespace
         ends = starts + lengths
     else:

@@ -193,7 +193,10 @@ class Policies:
         self.dtype = scoring_dtype(self.device)
         self.sources = sources
         self.tokenizer = load_tokenizer(sources.target, trust_remote_code=options.trust_remote_code)
-        self.target_tokenizer = ConversationTokenizer(self.tokenizer, options.tokenize)
+        try:
+            self.target_tokenizer = ConversationTokenizer(self.tokenizer, options.tokenize)
+        except ValueError as exc:
+            raise UsageError(f"--target {sources.target.spec}: {exc} (--template)") from None
         self.target_policy = SamplingParams()
         self.behavior_policy = SamplingParams(spec.temperature, spec.top_p)
 
@@ -234,8 +237,9 @@ class Policies:
 
     def _probe(self, name: str) -> None:
         """Align a probe row once, so that a tokenizer whose offsets are unusable stops the run (exit 2)."""
+        whole = ConversationTokenizer(self.tokenizer, dataclasses.replace(self.target_tokenizer.config, max_length=None))
         try:
-            self.align(PROBE, self.target_tokenizer(PROBE))
+            self.align(PROBE, whole(PROBE))
         except RowError as exc:
             raise UsageError(f"--behavior {name}: cannot align its tokens to the target's by character offsets: "
                              f"{exc.reason}") from None

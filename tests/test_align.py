@@ -249,6 +249,13 @@ def test_recorded_tokens_spell_the_content() -> None:
     assert logprobs.tolist() == [-1.0, -0.5, -0.25, -0.1]
 
 
+def test_recorded_tokens_with_or_without_the_leading_whitespace() -> None:
+    with_space, _ = recorded_turn_tokens({"tokens": ["  Na", "t"], "logprobs": [-1.0, -0.5]}, "  Nat", "lp")
+    assert with_space.starts.tolist() == [0, 4] and with_space.ends.tolist() == [4, 5]
+    without, _ = recorded_turn_tokens({"tokens": ["Na", "t"], "logprobs": [-1.0, -0.5]}, "  Nat", "lp")
+    assert without.starts.tolist() == [2, 4] and without.ends.tolist() == [4, 5]
+
+
 def test_recorded_tokens_that_do_not_spell_the_content_are_a_reject() -> None:
     with pytest.raises(RowError, match="differ at character 3"):
         recorded_turn_tokens({"tokens": ["Nat", "ilia"], "logprobs": [-1.0, -0.5]}, "Natalia", "lp")
@@ -273,3 +280,33 @@ def test_locate_content_finds_trimmed_content() -> None:
     assert locate_content(text, start, len(text), "the answer") == (start, start + 10, 0)
     with pytest.raises(RowError, match="alters the assistant content"):
         locate_content(text, start, len(text), "another answer")
+
+
+def _policies(monkeypatch, **behavior):
+    """Build pear_data.score.Policies for SmolLM2 <- Gemma; fails before any model is loaded."""
+    from pear_data import models
+    from pear_data.score import BehaviorSpec, ModelSources, Policies, ScoreOptions
+
+    options = ScoreOptions(behavior=BehaviorSpec(**behavior), device="cpu")
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("no model may load before the checks"))
+    return Policies(options, ModelSources.resolve(options), None)
+
+
+def test_unusable_behavior_offsets_stop_the_run_before_scoring(monkeypatch, gemma_source) -> None:
+    from pear_data import models
+    from pear_data.reweight import UsageError
+
+    real = models.load_tokenizer
+    monkeypatch.setattr(models, "load_tokenizer", lambda source, **k: (
+        BrokenOffsets(real(source, **k)) if source.spec == "gemma-3-270m" else real(source, **k)))
+    with pytest.raises(UsageError, match=r"--behavior gemma-3-270m: .*offset mapping does not cover"):
+        _policies(monkeypatch, model="gemma-3-270m")
+
+
+def test_direct_alignment_with_another_tokenizer_is_a_usage_error(monkeypatch, gemma_source) -> None:
+    from pear_data.reweight import UsageError
+
+    with pytest.raises(UsageError, match="--alignment direct"):
+        _policies(monkeypatch, model="gemma-3-270m", alignment="direct")
+    with pytest.raises(UsageError, match="no chat template"):
+        _policies(monkeypatch, model="gemma-3-270m", template="chat")
