@@ -69,16 +69,20 @@ def weight_config(granularity, gamma, horizon, block_size, log_ratio_clip, weigh
         raise typer.BadParameter(str(exc)) from None
 
 
-def _report(manifest: dict, out_dir: Path) -> None:
-    from .stats import print_table
-
-    rows = manifest["rows"]
-    out.print(f"[bold]{out_dir}[/]: {rows['out']:,} rows written, {rows['rejected']:,} rejected (of {rows['in']:,})")
+def _print_alignment(manifest: dict) -> None:
     alignment = manifest.get("alignment") or {}
     if alignment.get("mode") == "char-offsets":
         out.print(f"behavior aligned by character offsets: {alignment['spans']:,} spans, "
                   f"{alignment['share_chars_in_one_token_spans']:.1%} of {alignment['completion_chars']:,} completion "
                   "characters in spans of one target token")
+
+
+def _report(manifest: dict, out_dir: Path) -> None:
+    from .stats import print_table
+
+    rows = manifest["rows"]
+    out.print(f"[bold]{out_dir}[/]: {rows['out']:,} rows written, {rows['rejected']:,} rejected (of {rows['in']:,})")
+    _print_alignment(manifest)
     print_table(manifest.get("diagnostics", {}), manifest.get("weights", {}).get("granularity"), out)
     for warning in manifest.get("warnings", []):
         err.print(f"[yellow]warning:[/] {warning}")
@@ -213,6 +217,7 @@ def stats(
             rows = manifest["rows"]
             out.print(f"[bold]{src}[/]: {rows['out']:,} rows, {rows['rejected']:,} rejected; "
                       f"weights {json.dumps(manifest.get('weights', {}), sort_keys=True)}")
+            _print_alignment(manifest)
         print_table(summary, manifest.get("weights", {}).get("granularity"), out)
     for warning in degeneracy_warnings(summary):
         err.print(f"[yellow]warning:[/] {warning}")

@@ -310,3 +310,13 @@ def test_direct_alignment_with_another_tokenizer_is_a_usage_error(monkeypatch, g
         _policies(monkeypatch, model="gemma-3-270m", alignment="direct")
     with pytest.raises(UsageError, match="no chat template"):
         _policies(monkeypatch, model="gemma-3-270m", template="chat")
+
+
+def test_same_tokenizer_with_another_template_aligns_by_characters(target, smollm2_tokenizer) -> None:
+    """SmolLM2 rendering raw text against SmolLM2's chat template: the same tokenizer, different contexts;
+    the content tokenizes alike, so nearly every span is one target token."""
+    raw = ConversationTokenizer(smollm2_tokenizer, TokenizeConfig(template="raw"))
+    t_row, b_row, alignment = aligned(target, raw, conversation(GSM8K_ANSWER))
+    check_invariants(t_row, b_row, alignment)
+    assert_same_texts(span_texts(t_row, b_row, alignment, target.tokenizer, raw.tokenizer))
+    assert alignment.stats.chars_in_multi_token_spans == 0
