@@ -9,10 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def scored_table(num_rows: int = 40, seed: int = 0, max_len: int = 60) -> pa.Table:
-    """Valid scored rows: prompt, then one or two completion segments; an extra `text` column to keep."""
+def scored_table(num_rows: int = 40, seed: int = 0, max_len: int = 60, spans: bool = False) -> pa.Table:
+    """Valid scored rows: prompt, then one or two completion segments; an extra `text` column to keep.
+
+    spans: add a cross-tokenizer `shared_boundary` column (random span ends, each row's last token one).
+    """
     rng = np.random.default_rng(seed)
-    ids, masks, target, behavior, texts = [], [], [], [], []
+    ids, masks, target, behavior, texts, boundaries = [], [], [], [], [], []
     for r in range(num_rows):
         n = int(rng.integers(4, max_len))
         prompt = int(rng.integers(1, n - 1))
@@ -29,13 +32,20 @@ def scored_table(num_rows: int = 40, seed: int = 0, max_len: int = 60) -> pa.Tab
         target.append(lt.tolist())
         behavior.append(lb.tolist())
         texts.append(f"row {r}")
-    return pa.table({
+        if spans:  # drawn only then, so that the rows without spans stay what they were
+            shared = ((rng.random(n) < 0.5) & (mask == 1)).astype(np.int8)
+            shared[np.flatnonzero(mask)[-1]] = 1
+            boundaries.append(shared.tolist())
+    columns = {
         "text": pa.array(texts, pa.string()),
         "input_ids": pa.array(ids, pa.list_(pa.int32())),
         "completion_mask": pa.array(masks, pa.list_(pa.int8())),
         "target_logprobs": pa.array(target, pa.list_(pa.float32())),
         "behavior_logprobs": pa.array(behavior, pa.list_(pa.float32())),
-    })
+    }
+    if spans:
+        columns["shared_boundary"] = pa.array(boundaries, pa.list_(pa.int8()))
+    return pa.table(columns)
 
 
 def corrupt(table: pa.Table) -> tuple[pa.Table, dict[int, str]]:

@@ -107,6 +107,25 @@ def test_reweight_flags_reach_the_engine(scored, tmp_path, flags):
         assert np.concatenate(table.column("pear_token_weight").to_pylist())[mask].mean() == pytest.approx(1, rel=1e-6)
 
 
+def test_reweight_keeps_cross_tokenizer_spans(tmp_path):
+    """Rows with a shared_boundary column (behavior from another tokenizer): the column is kept and the
+    weights are the engine's span math, not the per-token one."""
+    source = scored_table(30, seed=5, spans=True)
+    src = write_parquet(source, tmp_path / "spans.parquet")
+    out = tmp_path / "out"
+    result = cli("reweight", src, "--out", out, "--granularity", "block")
+    assert result.returncode == 0, result.stderr
+    table = read_output(out)
+    assert table.num_rows == 30 and table.column("shared_boundary").equals(source.column("shared_boundary"))
+    rows = token_rows(source)
+    assert rows.shared_boundary is not None
+    expected = weigh(rows, WeightConfig(granularity="block"))
+    for name, column in (("pear_token_weight", expected.token), ("pear_block_weight", expected.block)):
+        np.testing.assert_array_equal(np.concatenate(table.column(name).to_pylist()), column)
+    per_token = weigh(token_rows(source.drop(["shared_boundary"])), WeightConfig())
+    assert not np.array_equal(np.concatenate(table.column("pear_token_weight").to_pylist()), per_token.token)
+
+
 def test_bad_rows_go_to_rejects_with_reasons(tmp_path):
     table, expected = corrupt(scored_table(20, seed=2))
     src = write_parquet(table, tmp_path / "bad.parquet")

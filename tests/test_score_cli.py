@@ -220,6 +220,8 @@ def test_default_pair_is_gemma_behavior_aligned_to_smollm2_targets(tmp_path):
         assert np.all(behavior[(mask == 1) & (shared == 0)] == 0)  # a span's log-prob sits on its last token
         assert np.all(behavior[shared == 1] < 0)
     assert read_data(out)[0]["shared_boundary"].count(0) > len(read_data(out)[0]["input_ids"]) // 2  # prompt + inner
+    stats = subprocess.run([sys.executable, "-m", "pear_data.cli", "stats", str(out)], capture_output=True, text=True)
+    assert stats.returncode == 0 and "aligned by character offsets" in stats.stdout
 
 
 def test_same_tokenizer_through_the_alignment_path_equals_the_direct_path(corpus, scored, tmp_path):
