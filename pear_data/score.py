@@ -183,7 +183,7 @@ class Policies:
 
     def __init__(self, options: ScoreOptions, sources: "ModelSources",
                  progress: Callable[[int, int], None] | None) -> None:
-        from .models import load_model, load_tokenizer, tokenizer_fingerprint
+        from .models import load_model, load_tokenizer
         from .scoring import SamplingParams, TorchScorer, resolve_device, scoring_dtype
 
         if options.backend != "torch":
@@ -204,36 +204,29 @@ class Policies:
             model = load_model(source, device=self.device, dtype=self.dtype, trust_remote_code=options.trust_remote_code)
             return TorchScorer(model, device=self.device, batch_tokens=options.batch_tokens, progress=report)
 
-        self.behavior = None  # None: the target's forward pass also gives the behavior log-probs
-        self.behavior_tokenizer: ConversationTokenizer | None = None  # set: align by character offsets
         self.recorded = sources.behavior is None
-        self.alignment = "direct"
-        if not self.recorded and sources.behavior.fingerprint != sources.target.fingerprint:
-            tokenizer = load_tokenizer(sources.behavior, trust_remote_code=options.trust_remote_code)
+        other_model = not self.recorded and sources.behavior.fingerprint != sources.target.fingerprint
+        self.behavior_tokenizer: ConversationTokenizer | None = None  # set: align by character offsets
+        if not self.recorded:
+            tokenizer = (load_tokenizer(sources.behavior, trust_remote_code=options.trust_remote_code)
+                         if other_model else self.tokenizer)
             try:
                 behavior_tokenizer = ConversationTokenizer(tokenizer, TokenizeConfig(template=spec.template))
             except ValueError as exc:
                 raise UsageError(f"--behavior {sources.behavior.spec}: {exc} (--behavior-template)") from None
-            same_tokens = (tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(self.tokenizer)
-                           and behavior_tokenizer.mode == self.target_tokenizer.mode
-                           and chat_template_hash(tokenizer) == chat_template_hash(self.tokenizer))
-            if spec.alignment == "direct" and not same_tokens:
-                raise UsageError(
-                    f"--alignment direct: --behavior {sources.behavior.spec} does not render rows into the target's "
-                    "tokens (another tokenizer or template); use --alignment auto or char-offsets")
-            if spec.alignment == "char-offsets" or not same_tokens:
+            if aligns_by_characters(spec.alignment, self.target_tokenizer, behavior_tokenizer, sources.behavior.spec):
                 self.behavior_tokenizer = behavior_tokenizer
-        elif not self.recorded and spec.alignment == "char-offsets":
-            # the target itself, aligned by characters anyway (a check of the alignment path)
-            self.behavior_tokenizer = ConversationTokenizer(self.tokenizer, TokenizeConfig(template=spec.template))
-        if self.behavior_tokenizer is not None:
-            self.alignment = "char-offsets"
-            self._probe(sources.behavior.spec)
+                self._probe(sources.behavior.spec)
         self.target = scorer(sources.target, progress)
-        if not self.recorded and sources.behavior.fingerprint != sources.target.fingerprint:
+        self.behavior = None  # None: the target's forward pass also gives the behavior log-probs
+        if other_model:
             self.behavior = scorer(sources.behavior, None)
         elif self.behavior_tokenizer is not None:
             self.behavior = self.target  # the target model on its own re-rendering of the row
+
+    @property
+    def alignment(self) -> str:
+        return "direct" if self.behavior_tokenizer is None else "char-offsets"
 
     def _probe(self, name: str) -> None:
         """Align a probe row once, so that a tokenizer whose offsets are unusable stops the run (exit 2)."""
@@ -315,6 +308,25 @@ class Policies:
             "tokenizer": {"fingerprint": tokenizer_fingerprint(self.tokenizer),
                           "chat_template_hash": chat_template_hash(self.tokenizer)},
         }
+
+
+def aligns_by_characters(alignment: str, target: ConversationTokenizer, behavior: ConversationTokenizer,
+                         name: str) -> bool:
+    """Whether behavior log-probs must be aligned by character offsets (`--alignment`, BehaviorSpec).
+
+    "auto": when the behavior does not render rows into the target's exact tokens (another tokenizer,
+    template mode or chat template); "direct" with such a behavior is a UsageError.
+    """
+    from .models import tokenizer_fingerprint
+
+    same_tokens = (behavior.mode == target.mode
+                   and (behavior.tokenizer is target.tokenizer
+                        or (tokenizer_fingerprint(behavior.tokenizer) == tokenizer_fingerprint(target.tokenizer)
+                            and chat_template_hash(behavior.tokenizer) == chat_template_hash(target.tokenizer))))
+    if alignment == "direct" and not same_tokens:
+        raise UsageError(f"--alignment direct: --behavior {name} does not render rows into the target's tokens "
+                         "(another tokenizer or template); use --alignment auto or char-offsets")
+    return alignment == "char-offsets" or not same_tokens
 
 
 def completion_contents(conversation: Conversation) -> list[str]:

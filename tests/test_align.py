@@ -320,3 +320,20 @@ def test_same_tokenizer_with_another_template_aligns_by_characters(target, smoll
     check_invariants(t_row, b_row, alignment)
     assert_same_texts(span_texts(t_row, b_row, alignment, target.tokenizer, raw.tokenizer))
     assert alignment.stats.chars_in_multi_token_spans == 0
+
+
+def test_alignment_mode_follows_the_tokens_the_behavior_renders(target, behavior, smollm2_tokenizer) -> None:
+    """auto: direct only when the behavior renders the target's exact tokens; the behavior's own template counts
+    even when it is the target model (SmolLM2 rendering raw text is aligned by characters)."""
+    from pear_data.reweight import UsageError
+    from pear_data.score import aligns_by_characters
+
+    same = ConversationTokenizer(smollm2_tokenizer)
+    raw = ConversationTokenizer(smollm2_tokenizer, TokenizeConfig(template="raw"))
+    assert not aligns_by_characters("auto", target, same, "smollm2")
+    assert aligns_by_characters("char-offsets", target, same, "smollm2")
+    assert aligns_by_characters("auto", target, raw, "smollm2")
+    assert aligns_by_characters("auto", target, behavior, "gemma")
+    for other in (raw, behavior):
+        with pytest.raises(UsageError, match="--alignment direct"):
+            aligns_by_characters("direct", target, other, "x")
