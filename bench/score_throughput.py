@@ -61,6 +61,7 @@ import torch
 
 from pear_data.models import load_model, load_tokenizer, resolve_model
 from pear_data.scoring import SamplingParams, TorchScorer, model_flops_per_token, plan_batches
+from pear_data.tokenize import ConversationTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 GSM8K_FILES = [REPO / "examples" / "data" / "gsm8k_sample.jsonl", Path("/work/shared/data/gsm8k/train.jsonl")]
@@ -70,25 +71,17 @@ GSM8K_FILES = [REPO / "examples" / "data" / "gsm8k_sample.jsonl", Path("/work/sh
 
 
 def gsm8k_rows(tokenizer: Any, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Chat-templated GSM8K rows: (input_ids int32 [n], completion_mask int8 [n]) per row."""
+    """Chat-templated GSM8K rows as `pear-data score` tokenizes them: (input_ids int32 [n], completion_mask int8 [n])."""
     path = next(p for p in GSM8K_FILES if p.is_file())
-    records = []
-    with path.open() as handle:
-        for line in handle:
-            records.append(json.loads(line))
-            if len(records) == count:
-                break
+    to_tokens = ConversationTokenizer(tokenizer)
     sequences, masks = [], []
-    for record in records:
-        user = [{"role": "user", "content": record["question"]}]
-        prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": record["answer"]}], tokenize=False)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-        mask = np.zeros(len(ids), dtype=np.int8)
-        mask[len(prompt_ids) :] = 1
-        sequences.append(np.asarray(ids, dtype=np.int32))
-        masks.append(mask)
+    with path.open() as handle:
+        for line, _ in zip(handle, range(count)):
+            record = json.loads(line)
+            row = to_tokens([{"role": "user", "content": record["question"]},
+                             {"role": "assistant", "content": record["answer"]}])
+            sequences.append(row.input_ids)
+            masks.append(row.completion_mask)
     return sequences, masks
 
 

@@ -26,24 +26,14 @@ from pear_data.diagnostics import (
 )
 from pear_data.weights import GRANULARITIES, CompletionIndex, TokenRows, WeightConfig, weigh, weight_sums
 
-try:  # the reference lives next to the engine's property tests (pytest's default "prepend" import mode)
-    from test_weights import (
-        engine_columns,
-        make_rows,
-        reference_log_bounds,
-        reference_weights,
-        scored_rows,
-        weight_configs,
-    )
-except ImportError:  # tests/ turned into a package
-    from tests.test_weights import (
-        engine_columns,
-        make_rows,
-        reference_log_bounds,
-        reference_weights,
-        scored_rows,
-        weight_configs,
-    )
+from .test_weights import (  # the plain-loop reference lives next to the engine's property tests
+    engine_columns,
+    make_rows,
+    reference_log_bounds,
+    reference_weights,
+    scored_rows,
+    weight_configs,
+)
 
 # Finite weight bounds keep every W in (0, inf) and ln W inside the histogram range [-40, 40].
 FINITE_WEIGHT_CLIPS = [(math.exp(-10.0), math.exp(5.0)), (0.5, 2.0), (math.exp(-3.0), 1.0)]
