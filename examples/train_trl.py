@@ -33,7 +33,8 @@ HERE = Path(__file__).resolve().parent
 
 def score_sample(rows: int, out: Path) -> Path:
     """Score the first `rows` GSM8K sample rows with the embedded model (behavior: the target at T=0.7)."""
-    from pear_data.score import BehaviorSpec, ScoreOptions, score
+    from pear_data.behavior import BehaviorSpec
+    from pear_data.score import ScoreOptions, score
 
     corpus = out.parent / "gsm8k_head.jsonl"
     lines = (HERE / "data" / "gsm8k_sample.jsonl").read_text().splitlines()[:rows]

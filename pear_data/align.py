@@ -1,7 +1,6 @@
 """Cross-tokenizer alignment: behavior log-probs in the behavior's own tokens -> target tokens.
 
-"design 3.7" is the contract section this module implements, written up in
-docs/design-changes.md until design.md takes it in.
+This module implements docs/design.md section 3.7 ("design 3.7").
 
 When the behavior policy tokenizes the completion differently from the
 target (a teacher from another model family, or log-probs recorded by an
@@ -96,7 +95,7 @@ class AlignmentStats:
     target_tokens: int = 0
     behavior_tokens: int = 0
 
-    def add(self, other: "AlignmentStats") -> None:
+    def add(self, other: AlignmentStats) -> None:
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 

@@ -8,7 +8,7 @@ Manifest keys read (all optional; `DatasetWriter.finalize` fills `rows` and
 `bytes`): `license`, `tags`, `models`, `weights` (WeightConfig.to_dict(), with
 `granularity` = the primary granularity), `granularity` (fallback),
 `diagnostics` (pear_data.diagnostics: {granularity: {tokens, mean,
-ess_fraction, min, p01, p50, p99, max, share_at_bound, ...}} plus run-wide
+ess_fraction, min, p01, p50, p99, max, share_at_*_bound, ...}} plus run-wide
 scalars such as mean_log_ratio), `warnings`, `rows`, `bytes`. The
 `pear_data:` YAML block copies PEAR_BLOCK_KEYS verbatim. Render the card
 after `rows` is known (pass `render_card` itself to `finalize`): a card
@@ -27,6 +27,8 @@ from typing import Any
 
 import pyarrow as pa
 import yaml
+
+from .schema import ADDED, WEIGHT_COLUMNS
 
 BASE_TAGS = ("pear-data", "sft", "importance-weighting")
 
@@ -51,20 +53,6 @@ PEAR_BLOCK_KEYS = (
     "bytes",
 )
 
-COLUMN_DOCS = {
-    "input_ids": ("list<int32>", "prompt + completion tokens (target tokenizer, chat template applied)"),
-    "completion_mask": ("list<int8>", "1 on completion (policy) tokens, the ones trained on; 0 elsewhere; position 0 is 0"),
-    "target_logprobs": ("list<float32>", "log pi_target(input_ids[i] given input_ids[:i]); 0.0 where completion_mask is 0"),
-    "behavior_logprobs": ("list<float32>", "the same under the behavior (sampling) policy; behavior from another "
-                          "tokenizer: the log-prob of a whole span's text, on the span's last token (0.0 inside)"),
-    "shared_boundary": ("list<int8>", "1 on completion tokens that end at a token boundary shared by target and "
-                        "behavior tokenizations (every completion token when they share the tokenizer)"),
-    "pear_token_weight": ("list<float32>", "token-level PEAR weight per position; 0.0 where completion_mask is 0"),
-    "pear_block_weight": ("list<float32>", "block-level PEAR weight per position; 0.0 where completion_mask is 0"),
-    "pear_seq_weight": ("float32", "sequence-level PEAR weight"),
-}
-
-WEIGHT_COLUMN = {"token": "pear_token_weight", "block": "pear_block_weight", "sequence": "pear_seq_weight"}
 
 _FLOAT_NAMES = {"halffloat": "float16", "float": "float32", "double": "float64"}
 
@@ -127,7 +115,7 @@ def card_metadata(manifest: dict, schema: pa.Schema | None) -> dict:
     tags = list(BASE_TAGS) + sorted({str(t) for t in manifest.get("tags") or []} - set(BASE_TAGS))
     block = {key: manifest[key] for key in PEAR_BLOCK_KEYS if key in manifest}
     block["primary_granularity"] = _primary_granularity(manifest)
-    block["primary_weight_column"] = WEIGHT_COLUMN.get(block["primary_granularity"])
+    block["primary_weight_column"] = WEIGHT_COLUMNS.get(block["primary_granularity"])
     # `datasets` needs name/num_examples/num_bytes per split; num_bytes is the uncompressed size from the
     # Parquet footers (the Hub's own cards put the Arrow size there; both are estimates of memory use).
     # Without `rows` (a card rendered before finalize) no split sizes are claimed: `datasets` verifies them.
@@ -158,7 +146,8 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None else str(value)
 
 
-DIAGNOSTIC_COLUMNS = ("tokens", "mean", "ess_fraction", "min", "p01", "p50", "p99", "max", "share_at_bound", "mean_log_ratio")
+DIAGNOSTIC_COLUMNS = ("tokens", "mean", "ess_fraction", "min", "p01", "p50", "p99", "max", "share_at_lower_bound",
+                      "share_at_upper_bound", "mean_log_ratio")
 
 
 def _diagnostics_lines(diagnostics: dict) -> list[str]:
@@ -209,7 +198,8 @@ def _alignment_lines(alignment: dict) -> list[str]:
         f"- in spans of one target token: {alignment.get('chars_in_one_token_spans', 0):,} "
         f"({alignment.get('share_chars_in_one_token_spans', 0):.1%})",
         f"- in spans of several target tokens (no shared boundary inside; the span rule applies): "
-        f"{alignment.get('chars_in_multi_token_spans', 0):,} ({alignment.get('share_chars_in_multi_token_spans', 0):.1%})",
+        f"{alignment.get('chars_in_multi_token_spans', 0):,} "
+        f"({alignment.get('share_chars_in_multi_token_spans', 0):.1%})",
         f"- spans: {alignment.get('spans', 0):,} over {alignment.get('target_tokens', 0):,} target and "
         f"{alignment.get('behavior_tokens', 0):,} behavior completion tokens",
     ]
@@ -253,8 +243,8 @@ def render_card(manifest: dict, schema: pa.Schema | None) -> str:
         "| column | type | meaning |",
         "|---|---|---|",
     ]
-    names = set(schema.names) if schema is not None else set(COLUMN_DOCS)
-    body += [f"| `{c}` | {t} | {doc} |" for c, (t, doc) in COLUMN_DOCS.items() if c in names]
+    names = set(schema.names) if schema is not None else {c.name for c in ADDED}
+    body += [f"| `{c.name}` | {c.type_name} | {c.doc} |" for c in ADDED if c.name in names]
     body += [
         "",
         "## Weights (PEAR)",
@@ -283,9 +273,10 @@ def render_card(manifest: dict, schema: pa.Schema | None) -> str:
             "",
             "## Weight diagnostics",
             "",
-            "Over completion tokens. `ess_fraction` = (sum W)^2 / (n sum W^2); `share_at_bound` = share of tokens "
-            "at a weight-clip bound; `mean_log_ratio` = mean d_k (about minus the per-token KL from behavior to "
-            "target on this data).",
+            "Over completion tokens. `ess_fraction` = (sum W)^2 / (n sum W^2); `share_at_lower_bound` / "
+            "`share_at_upper_bound` = share of tokens at the lower / upper weight-clip bound (the cap counts as "
+            "upper); `mean_log_ratio` = mean d_k (about minus the per-token KL from behavior to target on this "
+            "data).",
             "",
         ] + _diagnostics_lines(manifest["diagnostics"])
     if manifest.get("warnings"):
@@ -310,7 +301,7 @@ def render_card(manifest: dict, schema: pa.Schema | None) -> str:
         "```python",
         "from pear_data.loss import pear_loss",
         "",
-        f"loss = pear_loss(logits, labels, weights)   # weights: `{weight_column}`, padded like labels",
+        f"loss = pear_loss(labels, logits=logits, weights=weights).loss   # weights: `{weight_column}`, padded",
         "```",
         "",
         "`pear_seq_weight` is one number per row: repeat it over the row's tokens.",

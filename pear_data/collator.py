@@ -1,4 +1,4 @@
-"""Batch weighted-dataset rows for training: pad, build labels, carry the PEAR columns (design.md section 4).
+"""Batch weighted-dataset rows for training: pad, build labels, carry the PEAR columns (docs/design.md section 4).
 
 Input rows are the dicts a `datasets.Dataset` of `pear-data score` output
 yields (lists, numpy arrays or tensors; extra columns such as the original
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .loss import IGNORE_INDEX
-from .weights import WEIGHT_COLUMNS
+from .schema import BEHAVIOR_LOGPROBS, COMPLETION_MASK, INPUT_IDS, SHARED_BOUNDARY, WEIGHT_COLUMNS
 
 
 @dataclass
@@ -61,17 +61,17 @@ class PearCollator:
     @property
     def columns(self) -> list[str]:
         """Dataset columns this collator reads (a Trainer must not drop them); see also optional_columns."""
-        names = ["input_ids", "completion_mask"]
+        names = [INPUT_IDS, COMPLETION_MASK]
         if self.weights is not None:
             names.append(self.weights)
         if self.behavior:
-            names.append("behavior_logprobs")
+            names.append(BEHAVIOR_LOGPROBS)
         return names
 
     @property
     def optional_columns(self) -> list[str]:
         """Columns read when present: shared_boundary (online PEAR on cross-tokenizer rows)."""
-        return ["shared_boundary"] if self.behavior else []
+        return [SHARED_BOUNDARY] if self.behavior else []
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not rows:
@@ -83,7 +83,7 @@ class PearCollator:
                     "written by `pear-data score` / `reweight`, and keep the column (transformers/TRL: "
                     "remove_unused_columns=False, or the pear_data.trainer classes that keep it)"
                 )
-        ids = [np.asarray(row["input_ids"], dtype=np.int64) for row in rows]
+        ids = [self._values(row, INPUT_IDS, b).astype(np.int64) for b, row in enumerate(rows)]
         full_lengths = [len(x) for x in ids]
         ids = [x[: self.max_length] for x in ids]
         lengths = np.array([len(x) for x in ids], dtype=np.int64)
@@ -95,38 +95,48 @@ class PearCollator:
         completion = np.zeros((batch, length), dtype=bool)
         weights = np.zeros((batch, length), dtype=np.float32) if self.weights is not None else None
         behavior = np.zeros((batch, length), dtype=np.float32) if self.behavior else None
-        shared = np.zeros((batch, length), dtype=np.int8) if self.behavior and "shared_boundary" in rows[0] else None
+        shared = np.zeros((batch, length), dtype=np.int8) if self.behavior and SHARED_BOUNDARY in rows[0] else None
         for b, row in enumerate(rows):
             n = lengths[b]
             input_ids[b, :n] = ids[b]
-            completion[b, :n] = self._column(row, "completion_mask", b, n, full_lengths[b]) != 0
+            completion[b, :n] = self._column(row, COMPLETION_MASK, b, n, full_lengths[b]) != 0
             if weights is not None:
                 value = row[self.weights]
-                if np.ndim(value) == 0:  # pear_seq_weight: one weight for the whole completion
+                if value is not None and np.ndim(value) == 0:  # pear_seq_weight: one weight for the completion
                     weights[b, :n] = np.where(completion[b, :n], np.float32(value), 0.0)
                 else:
                     weights[b, :n] = self._column(row, self.weights, b, n, full_lengths[b])
             if behavior is not None:
-                behavior[b, :n] = self._column(row, "behavior_logprobs", b, n, full_lengths[b])
+                behavior[b, :n] = self._column(row, BEHAVIOR_LOGPROBS, b, n, full_lengths[b])
             if shared is not None:
-                shared[b, :n] = self._column(row, "shared_boundary", b, n, full_lengths[b])
+                shared[b, :n] = self._column(row, SHARED_BOUNDARY, b, n, full_lengths[b])
         attention_mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int64)
         out = {
-            "input_ids": torch.from_numpy(input_ids),
+            INPUT_IDS: torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(attention_mask),
             "labels": torch.from_numpy(np.where(completion, input_ids, IGNORE_INDEX)),
         }
         if weights is not None:
             out["pear_weights"] = torch.from_numpy(np.where(completion, weights, np.float32(0.0)))
         if behavior is not None:
-            out["behavior_logprobs"] = torch.from_numpy(behavior)
+            out[BEHAVIOR_LOGPROBS] = torch.from_numpy(behavior)
         if shared is not None:
-            out["shared_boundary"] = torch.from_numpy(shared)
+            out[SHARED_BOUNDARY] = torch.from_numpy(shared)
         return out
 
     @staticmethod
-    def _column(row: Mapping[str, Any], name: str, b: int, n: int, full: int) -> np.ndarray:
-        values = np.asarray(row[name])
+    def _values(row: Mapping[str, Any], name: str, b: int) -> np.ndarray:
+        """A list column of one row as a numeric array; a null (the row or an element) is a clear error."""
+        value = row[name]
+        values = np.asarray([] if value is None else value)
+        if value is None or values.dtype == object:
+            raise ValueError(f"batch row {b}: {name} is null or holds nulls; pear-data writes every list column in "
+                             "full, so this row was not written by `pear-data score` / `reweight` (or was edited)")
+        return values
+
+    @classmethod
+    def _column(cls, row: Mapping[str, Any], name: str, b: int, n: int, full: int) -> np.ndarray:
+        values = cls._values(row, name, b)
         if values.ndim != 1 or len(values) != full:
             raise ValueError(f"batch row {b}: {name} has shape {values.shape} but input_ids has {full} tokens "
                              "(every list column is aligned with input_ids)")

@@ -1,4 +1,4 @@
-"""Input corpus: read rows in input order and normalize row shapes (design.md section 2).
+"""Input corpus: read rows in input order and normalize row shapes (docs/design.md section 2).
 
 Sources (auto-detected from `source`):
 
@@ -53,6 +53,8 @@ from typing import Any, BinaryIO, Literal
 
 import pyarrow.parquet as pq
 
+from .errors import CorpusError, RowError
+
 SourceKind = Literal["jsonl", "parquet", "datasets", "hub"]
 ShapeKind = Literal["messages", "prompt_completion"]
 Message = dict[str, Any]  # {"role": str, "content": str[, "train": False]}
@@ -63,18 +65,6 @@ PARQUET_SUFFIXES = (".parquet",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _ROLE_ASSISTANT = "assistant"
 _STARTS_WITH_ASSISTANT = "starts with an assistant turn: a completion needs a prompt before it"
-
-
-class CorpusError(Exception):
-    """The corpus as a whole cannot be read or understood (the CLI exits with code 2)."""
-
-
-class RowError(Exception):
-    """One row cannot be processed; `reason` goes to the `reject_reason` column of rejects.parquet."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -150,6 +140,11 @@ class Corpus:
     files: tuple[Path, ...] = ()
     root: Path | None = None
     split: str | None = None
+
+    @property
+    def name(self) -> str:
+        """How the manifest names the input: the Hub id, or the file or directory name (never a local path)."""
+        return self.source if self.kind == "hub" else Path(self.source).expanduser().resolve().name
 
     def rows(self, batch_size: int = 1024) -> Iterator[CorpusRow]:
         """Yield every row in input order; `batch_size` rows are decoded at a time (Parquet/datasets)."""

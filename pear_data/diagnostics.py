@@ -1,4 +1,4 @@
-"""Weight diagnostics of design.md section 3.5, accumulated chunk by chunk.
+"""Weight diagnostics of docs/design.md section 3.5, accumulated chunk by chunk.
 
 Everything is a running sum or a fixed histogram, so the accumulator uses
 bounded memory on any input size, merges across shards and is deterministic.
@@ -22,6 +22,7 @@ POSITION_BINS = 20
 
 # design 3.5: when to warn that the weights degenerate
 LOWER_BOUND_SHARE_LIMIT = 0.5
+UPPER_BOUND_SHARE_LIMIT = 0.5
 ESS_FRACTION_LIMIT = 0.05
 
 
@@ -70,7 +71,7 @@ class WeightStats:
         value = math.sqrt(lower * upper) if math.isfinite(upper) else self.max_w
         return min(max(value, self.min_w), self.max_w)
 
-    def merge(self, other: "WeightStats") -> None:
+    def merge(self, other: WeightStats) -> None:
         self.count += other.count
         self.sum_w += other.sum_w
         self.sum_w2 += other.sum_w2
@@ -100,6 +101,7 @@ class WeightStats:
         if self.bounds_known:
             out["share_at_bound"] = (self.at_lower + self.at_upper) / self.count
             out["share_at_lower_bound"] = self.at_lower / self.count
+            out["share_at_upper_bound"] = self.at_upper / self.count
         return {k: _round(v) for k, v in out.items()}
 
 
@@ -130,7 +132,8 @@ class Diagnostics(WeightObserver):
         self.log_ratio_count = 0
         self.positions = positions
 
-    def observe(self, granularity: Granularity, w: np.ndarray, at_bound: np.ndarray | None, index: CompletionIndex) -> None:
+    def observe(self, granularity: Granularity, w: np.ndarray, at_bound: np.ndarray | None,
+                index: CompletionIndex) -> None:
         relative = relative_positions(index) if self.positions else None
         self.stats[granularity].update(w, at_bound, relative)
 
@@ -138,7 +141,7 @@ class Diagnostics(WeightObserver):
         self.sum_log_ratio += float(d.sum())
         self.log_ratio_count += len(d)
 
-    def merge(self, other: "Diagnostics") -> None:
+    def merge(self, other: Diagnostics) -> None:
         """Add another accumulator's data (e.g. another shard's)."""
         for g in GRANULARITIES:
             self.stats[g].merge(other.stats[g])
@@ -159,18 +162,34 @@ def relative_positions(index: CompletionIndex) -> np.ndarray:
     return (np.arange(index.num_tokens) - row_start) / np.repeat(index.lengths, index.lengths)
 
 
+# What to try when a granularity's weights degenerate: never the granularity itself.
+REMEDIES = {
+    "token": "try --center, a shorter --horizon, or --granularity block or sequence",
+    "block": "try --center, a larger --block-size, or --granularity token (with a short --horizon) or sequence",
+    "sequence": "try --center, --length-normalize, or --granularity token (with a short --horizon) or block",
+}
+
+
 def degeneracy_warnings(summary: dict) -> list[str]:
-    """design 3.5: warn, naming the remedy, when weights collapse."""
-    remedy = "try --center, a shorter --horizon, or --granularity block/sequence"
+    """design 3.5: warn, naming the remedy, when weights collapse: most tokens at the lower bound (SFT
+    trains only the ends of the traces), most at the upper bound (rows are no longer told apart), or an
+    ESS fraction under ESS_FRACTION_LIMIT."""
     warnings = []
     for g in GRANULARITIES:
         s = summary.get(g)
         if not s or not s.get("tokens"):
             continue
-        lower = s.get("share_at_lower_bound")
+        remedy = REMEDIES[g]
+        lower, upper = s.get("share_at_lower_bound"), s.get("share_at_upper_bound")
         if lower is not None and lower > LOWER_BOUND_SHARE_LIMIT:
             warnings.append(
                 f"{g} weights: {lower:.0%} of completion tokens sit at the lower weight bound; {remedy}"
+            )
+        if upper is not None and upper > UPPER_BOUND_SHARE_LIMIT:
+            warnings.append(
+                f"{g} weights: {upper:.0%} of completion tokens sit at the upper weight bound (or the cap), so the "
+                "weights no longer tell them apart (the target finds this data much likelier than the behavior); "
+                f"{remedy}, or a narrower --log-ratio-clip"
             )
         if s["ess_fraction"] < ESS_FRACTION_LIMIT:
             warnings.append(f"{g} weights: ESS fraction {s['ess_fraction']:.3f} < {ESS_FRACTION_LIMIT}; {remedy}")

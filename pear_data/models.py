@@ -1,4 +1,4 @@
-"""Resolve and load the causal LMs that score a corpus (design.md sections 5 and 6).
+"""Resolve and load the causal LMs that score a corpus (docs/design.md sections 5 and 7).
 
 A model spec (what the user passes to `--target` / `--behavior`) is one of, in
 this order of precedence:
@@ -57,6 +57,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from pear_data.errors import ModelSpecError
+
 # Re-exported: one definition of the chat-template hash ("sha256:<hex>", None without a template) for the manifest.
 from pear_data.tokenize import chat_template_hash
 
@@ -85,10 +87,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _CACHE_MARKER = "pear_cache.json"
 _CONVERTED_WEIGHTS = "model.safetensors"
-
-
-class ModelSpecError(ValueError):
-    """A model spec that cannot be resolved or loaded; the message says what to do (CLI exit code 2)."""
 
 
 @dataclass(frozen=True)
@@ -150,11 +148,15 @@ class ModelSource:
         return self.gguf_file or self.path.name
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready record for manifest.json."""
+        """JSON-ready record for manifest.json: what the model is, never where it lies on this machine.
+
+        An alias or a Hub id is recorded as given; a local directory or GGUF file by its name only, so
+        that a published card leaks no local path and the same run gives the same manifest anywhere.
+        The fingerprint identifies the weights.
+        """
         return {
-            "spec": self.spec,
+            "spec": self.spec if self.kind in ("alias", "hub") else self.name,
             "kind": self.kind,
-            "path": str(self.path),
             "gguf_file": self.gguf_file,
             "fingerprint": self.fingerprint,
             "revision": self.revision,
@@ -571,7 +573,8 @@ def _check_reload(model: PreTrainedModel, entry: Path, tokenizer: PreTrainedToke
     if not torch.equal(expected, got):
         diff = (expected - got).abs().max().item()
         raise RuntimeError(f"the converted cache of {type(model).__name__} does not reproduce the GGUF model's logits "
-                           f"(max abs diff {diff:.3g}); nothing was cached. Please report this with the GGUF file name.")
+                           f"(max abs diff {diff:.3g}); nothing was cached. Please report this with the GGUF file "
+                           "name.")
 
 
 def _estimate(source: ModelSource) -> str:

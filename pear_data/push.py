@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pear_data.errors import PushError
 from pear_data.writer import (
     CARD_FILE,
     DATA_DIR,
@@ -29,10 +30,6 @@ from pear_data.writer import (
 )
 
 REPO_TYPE = "dataset"
-
-
-class PushError(Exception):
-    """The output directory cannot be pushed (unfinished, incomplete, or the repo id is invalid)."""
 
 
 @dataclass(frozen=True)

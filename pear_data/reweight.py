@@ -1,120 +1,46 @@
-"""`pear-data reweight`: new weight hyperparameters on already-scored rows, no model.
+"""`pear-data reweight`: new weight hyperparameters on already-scored rows, no model (docs/design.md 5).
 
-Streams the source in record batches, so memory is bounded by the batch, not
-the input. Dataset normalization needs the global mean of W first: that is a
-first pass over the source (cheap: log-probs only), then the writing pass.
+    read the scored files in row order -> weigh (weigh.py) -> commit shards of --shard-rows rows
+
+Streams the source one Parquet row group at a time (memory is a row group, not
+the input). Dataset normalization needs the global mean of W first: that is a
+first pass over the engine columns only (cheap: log-probs, no other column),
+then the writing pass.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import itertools
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import __version__
 from .card import render_card
+from .dataset import check_scored, files_fingerprint, source_files
 from .diagnostics import Diagnostics, degeneracy_warnings
-from .validate import missing_columns, token_rows, validate, weight_columns, with_columns
-from .weights import WeightConfig, WeightSums, weigh, weight_sums
-from .writer import DatasetWriter
-
-
-class UsageError(Exception):
-    """Bad input or flags for the whole run: the CLI prints it and exits 2."""
+from .schema import ENGINE_COLUMNS, INPUT_IDS, REJECT_REASON, ROW_INDEX
+from .weigh import weigh_table
+from .weights import WeightConfig, WeightSums
+from .writer import MANIFEST_FILE, DatasetWriter, read_manifest
 
 
 @dataclass(frozen=True)
 class ReweightOptions:
     shard_rows: int = 10_000
-    batch_rows: int = 256
+    batch_rows: int = 1024
     overwrite: bool = False
 
 
-def source_files(src: str | Path) -> list[Path]:
-    """Parquet files of SRC in order: a pear-data output dir (its data/), a dir of Parquet files, or one file."""
-    src = Path(src)
-    if src.is_file():
-        return [src]
-    if not src.is_dir():
-        raise UsageError(f"{src}: no such file or directory")
-    root = src / "data" if (src / "manifest.json").exists() and (src / "data").is_dir() else src
-    files = sorted(p for p in root.rglob("*.parquet") if ".pear" not in p.parts and p.name != "rejects.parquet")
-    if not files:
-        raise UsageError(f"{src}: no Parquet files found")
-    return files
-
-
-def files_fingerprint(files: list[Path]) -> str:
-    """sha256 over the files' names (relative order) and bytes."""
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def _check_schema(files: list[Path]) -> pa.Schema:
-    schema = pq.read_schema(files[0])
-    for path in files:
-        missing = missing_columns(pq.read_schema(path))
-        if missing:
-            raise UsageError(
-                f"{path}: missing column(s) {', '.join(missing)}; reweight needs "
-                "input_ids, completion_mask, target_logprobs, behavior_logprobs (run `pear-data score` first)"
-            )
-    return schema
-
-
-def iter_batches(files: list[Path], batch_rows: int) -> Iterator[pa.Table]:
-    for path in files:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
-            yield pa.Table.from_batches([batch])
-
-
-def _shard_slices(tables: Iterator[pa.Table], shard_rows: int) -> Iterator[tuple[int, int, pa.Table]]:
-    """(shard number, first input row, table slice): batches cut at every shard_rows input rows."""
-    row = 0
-    for table in tables:
-        while len(table):
-            take = min(len(table), shard_rows - row % shard_rows)
-            yield row // shard_rows, row, table.slice(0, take)
-            row += take
-            table = table.slice(take)
-
-
-def _split(reasons: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
-    bad = np.array([r is not None for r in reasons], dtype=bool)
-    return np.flatnonzero(~bad), np.flatnonzero(bad)
-
-
-def dataset_means(files: list[Path], config: WeightConfig, batch_rows: int) -> dict[str, float]:
-    """First pass of `--normalize dataset`: mean bounded W per granularity over valid rows."""
-    sums = WeightSums()
-    for table in iter_batches(files, batch_rows):
-        good, _ = _split(validate(table, config))
-        if len(good):
-            sums.add(weight_sums(token_rows(table.take(pa.array(good))), config))
-    return sums.means()
-
-
-def _source_manifest(src: Path) -> dict:
-    path = src / "manifest.json"
-    return json.loads(path.read_text()) if src.is_dir() and path.exists() else {}
-
-
-def reweight(src: str | Path, out: str | Path, config: WeightConfig, options: ReweightOptions = ReweightOptions()) -> dict:
+def reweight(src: str | Path, out: str | Path, config: WeightConfig,
+             options: ReweightOptions = ReweightOptions()) -> dict:
     """Recompute the weight columns of SRC into OUT; returns the manifest."""
     files = source_files(src)
-    schema = _check_schema(files)
+    check_scored(files)
     fingerprint = files_fingerprint(files)
     run_key = {"command": "reweight", "input_fingerprint": fingerprint, "weights": config.to_dict(),
                "shard_rows": options.shard_rows}
@@ -123,33 +49,27 @@ def reweight(src: str | Path, out: str | Path, config: WeightConfig, options: Re
 
     diagnostics = Diagnostics()
     tokens = completion_tokens = 0
-    slices = _shard_slices(iter_batches(files, options.batch_rows), options.shard_rows)
+    slices = shard_slices(batches(files, options.batch_rows), options.shard_rows)
     for _, group in itertools.groupby(slices, key=lambda item: item[0]):
         with writer.shard() as handle:
             for _, start, part in group:
-                reasons = validate(part, config)
-                good, bad = _split(reasons)
-                if len(bad):
-                    rejects = part.take(pa.array(bad))
-                    rejects = rejects.append_column("row_index", pa.array(start + bad, pa.int64()))
-                    rejects = rejects.append_column("reject_reason", pa.array([reasons[i] for i in bad], pa.string()))
-                    handle.reject(rejects)
-                if len(good):
-                    kept = part.take(pa.array(good)) if len(good) < len(part) else part
-                    rows = token_rows(kept)
-                    weights = weigh(rows, config, means, observer=diagnostics)
-                    handle.write(with_columns(kept, weight_columns(rows, weights)))
-                    tokens += int(rows.offsets[-1])
-                    completion_tokens += int(np.count_nonzero(rows.completion_mask == 1))
+                weighed = weigh_table(part, config, means, diagnostics)
+                if len(weighed.rejected_rows):
+                    rejected = part.take(pa.array(weighed.rejected_rows))
+                    rejected = rejected.append_column(ROW_INDEX, pa.array(start + weighed.rejected_rows, pa.int64()))
+                    handle.reject(rejected.append_column(REJECT_REASON, pa.array(weighed.reasons, pa.string())))
+                handle.write(weighed.kept)
+                tokens += weighed.tokens
+                completion_tokens += weighed.completion_tokens
                 end = start + len(part)
             handle.commit(end)
 
     summary = diagnostics.summary()
-    source = _source_manifest(Path(src))
+    source = read_manifest(src) if Path(src).is_dir() and (Path(src) / MANIFEST_FILE).is_file() else {}
     manifest = {
         "tool": {"name": "pear-data", "version": __version__},
         "command": "reweight",
-        "input": {"path": str(src), "fingerprint": fingerprint, "files": len(files)},
+        "input": {"name": Path(src).resolve().name, "fingerprint": fingerprint, "files": len(files)},
         "weights": config.to_dict(),
         "tokens": {"total": tokens, "completion": completion_tokens},
         "diagnostics": summary,
@@ -160,3 +80,34 @@ def reweight(src: str | Path, out: str | Path, config: WeightConfig, options: Re
         if key in source:
             manifest[key] = source[key]
     return writer.finalize(manifest, render_card)
+
+
+def batches(files: list[Path], batch_rows: int, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """The rows of `files` in order, `batch_rows` at a time (or a row group, when row groups are smaller)."""
+    for path in files:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns):
+            yield pa.Table.from_batches([batch])
+
+
+def shard_slices(tables: Iterator[pa.Table], shard_rows: int) -> Iterator[tuple[int, int, pa.Table]]:
+    """(shard number, first input row, table slice): batches cut at every shard_rows input rows."""
+    row = 0
+    for table in tables:
+        while len(table):
+            take = min(len(table), shard_rows - row % shard_rows)
+            yield row // shard_rows, row, table.slice(0, take)
+            row += take
+            table = table.slice(take)
+
+
+def dataset_means(files: list[Path], config: WeightConfig, batch_rows: int) -> dict[str, float]:
+    """First pass of `--normalize dataset`: mean bounded W per granularity over the valid rows."""
+    unnormalized = dataclasses.replace(config, normalize="none", max_weight=None)
+    columns = [INPUT_IDS, *ENGINE_COLUMNS]
+    sums = WeightSums()
+    for path in files:
+        names = pq.read_schema(path).names
+        for table in batches([path], batch_rows, [c for c in columns if c in names]):
+            sums.add(weigh_table(table, unnormalized).sums)
+    return sums.means()
+

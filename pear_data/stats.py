@@ -1,4 +1,4 @@
-"""`pear-data stats`: diagnostics table (design 3.5) and a weight plot of an output dir."""
+"""`pear-data stats`: diagnostics table (docs/design.md 3.5) and a weight plot of an output dir."""
 
 from __future__ import annotations
 
@@ -10,23 +10,26 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
+from .dataset import check_scored, source_files
 from .diagnostics import POSITION_BINS, Diagnostics, bin_edges
-from .reweight import source_files
-from .weights import GRANULARITIES, WEIGHT_COLUMNS, CompletionIndex
+from .schema import COMPLETION_MASK, GRANULARITIES, WEIGHT_COLUMNS
+from .weights import CompletionIndex
 
 # (summary key, header): headers stay short so the table fits 80 columns
 COLUMNS = (
     ("ess_fraction", "ESS"), ("mean", "mean"), ("min", "min"), ("p01", "p01"),
-    ("p50", "p50"), ("p99", "p99"), ("max", "max"), ("share_at_bound", "at bound"),
-    ("share_at_lower_bound", "at lower"),
+    ("p50", "p50"), ("p99", "p99"), ("max", "max"), ("share_at_lower_bound", "at lower"),
+    ("share_at_upper_bound", "at upper"),
 )
 
 
 def stored_diagnostics(src: str | Path, batch_rows: int = 1024) -> Diagnostics:
     """Diagnostics of the weights stored in SRC's weight columns (with the position profile)."""
     diagnostics = Diagnostics(positions=True)
-    names = ["completion_mask", *WEIGHT_COLUMNS.values()]
-    for path in source_files(src):
+    names = [COMPLETION_MASK, *WEIGHT_COLUMNS.values()]
+    files = source_files(src)
+    check_scored(files, tuple(names))
+    for path in files:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=names):
             mask = batch.column("completion_mask")
             offsets = np.asarray(mask.offsets, dtype=np.int64)

@@ -1,4 +1,4 @@
-"""Tokenize a normalized conversation with the target tokenizer (design.md section 2).
+"""Tokenize a normalized conversation with the target tokenizer (docs/design.md section 2).
 
 Output per row (`TokenizedRow`):
 
@@ -54,23 +54,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pear_data.corpus import Conversation, RowError, is_completion_turn
+from pear_data.corpus import Conversation, is_completion_turn
+from pear_data.errors import OverflowAbort, RowError
 
 TemplateMode = Literal["chat", "raw"]
 OnOverflow = Literal["truncate", "skip", "error"]
 ON_OVERFLOW: tuple[OnOverflow, ...] = ("truncate", "skip", "error")
-
-
-class OverflowAbort(Exception):
-    """A row is longer than `max_length` and `on_overflow="error"`: stop the run (CLI exit code 2)."""
-
-    def __init__(self, n_tokens: int, max_length: int) -> None:
-        super().__init__(
-            f"over max length: {n_tokens} tokens > {max_length} "
-            "(raise --max-length, or pass --on-overflow truncate or --on-overflow skip)"
-        )
-        self.n_tokens = n_tokens
-        self.max_length = max_length
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""PEAR loss in `transformers.Trainer` and TRL's `SFTTrainer`: one `compute_loss` override (design.md section 4).
+"""PEAR loss in `transformers.Trainer` and TRL's `SFTTrainer`: one `compute_loss` override (docs/design.md section 4).
 
     from pear_data.trainer import PearTrainer, PearSFTTrainer   # PearSFTTrainer imports trl on first use
 
@@ -29,11 +29,12 @@ import torch
 import transformers
 
 from .collator import PearCollator
-from .loss import PearLossOutput, pear_loss_from_logprobs, pear_loss_output
+from .loss import PearLossOutput, pear_loss
+from .schema import ADDED_NAMES, BEHAVIOR_LOGPROBS, SHARED_BOUNDARY
 from .weights import WeightConfig
 
 PearMode = Literal["static", "online"]
-_BATCH_COLUMNS = ("labels", "pear_weights", "behavior_logprobs", "shared_boundary")
+_BATCH_COLUMNS = ("labels", "pear_weights", BEHAVIOR_LOGPROBS, SHARED_BOUNDARY)  # collator outputs, not model inputs
 _REDUCE = {"pear/weight_min": min, "pear/weight_max": max}  # everything else is averaged over the logged steps
 
 
@@ -79,16 +80,16 @@ class PearLossMixin:
         super().__init__(model, args, data_collator, *more, **kwargs)
 
     def _set_signature_columns_if_needed(self) -> None:
-        # remove_unused_columns keeps only these: add what the collator reads.
+        # remove_unused_columns keeps only these: add what the collator reads (all added columns when the
+        # collator does not say).
         super()._set_signature_columns_if_needed()
-        extra = getattr(self.data_collator, "columns", ("input_ids", "completion_mask", "pear_token_weight",
-                                                         "pear_block_weight", "pear_seq_weight", "behavior_logprobs"))
-        extra = [*extra, *getattr(self.data_collator, "optional_columns", ("shared_boundary",))]
+        extra = getattr(self.data_collator, "columns", ADDED_NAMES)
+        extra = [*extra, *getattr(self.data_collator, "optional_columns", ())]
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *extra]))
 
     def _pear_batch(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor | None,
                                                             torch.Tensor | None]:
-        missing = "behavior_logprobs" if self.pear_mode == "online" else "pear_weights"
+        missing = BEHAVIOR_LOGPROBS if self.pear_mode == "online" else "pear_weights"
         if "labels" not in inputs or missing not in inputs:
             raise KeyError(
                 f"pear_mode={self.pear_mode!r} needs 'labels' and {missing!r} in every batch, got {sorted(inputs)}: "
@@ -105,7 +106,7 @@ class PearLossMixin:
                       ) -> tuple[PearLossOutput, Any]:
         """Forward + PEAR loss. Here: from the full logits; PearSFTTrainer uses TRL's fused head instead."""
         outputs = model(**model_inputs)
-        return pear_loss_output(outputs.logits, labels, **loss_kwargs), outputs
+        return pear_loss(labels, logits=outputs.logits, **loss_kwargs), outputs
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
@@ -172,7 +173,7 @@ def _sft_trainer_class() -> type:
             if not fused:
                 return super()._pear_forward(model, model_inputs, labels, **loss_kwargs)
             outputs = model(**model_inputs, labels=labels, fused_lm_head=True)  # log_probs [B, L - 1], shifted
-            return pear_loss_from_logprobs(outputs.log_probs, labels, **loss_kwargs), outputs
+            return pear_loss(labels, logprobs=outputs.log_probs, logprobs_layout="shifted", **loss_kwargs), outputs
 
     PearSFTTrainer.__module__ = __name__
     return PearSFTTrainer

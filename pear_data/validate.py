@@ -1,4 +1,4 @@
-"""Row validation for scored data (design.md 3.1, 3.3) and Arrow <-> engine conversion.
+"""Row validation for scored data (docs/design.md 3.1, 3.3, 3.7).
 
 A scored row is valid when its four list columns are non-null and of equal
 length, completion_mask holds only 0/1 with position 0 equal to 0 and at
@@ -24,19 +24,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .weights import RowWeights, TokenRows, WeightConfig
+from .schema import LOGPROB_COLUMNS, REQUIRED_SCORED, SHARED_BOUNDARY
+from .weights import WeightConfig
 
-SCORED_COLUMNS = ("input_ids", "completion_mask", "target_logprobs", "behavior_logprobs")
-LOGPROB_COLUMNS = ("target_logprobs", "behavior_logprobs")
-SPAN_COLUMN = "shared_boundary"
-
-
-def missing_columns(schema: pa.Schema) -> list[str]:
-    """Required scored columns absent from a schema (a usage error for the whole input)."""
-    return [name for name in SCORED_COLUMNS if name not in schema.names]
+SPAN_COLUMN = SHARED_BOUNDARY
 
 
-def _flat(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+def flat_list(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """(offsets int64 [R+1], values ndarray [N]) of a list column without nulls."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
@@ -68,7 +62,7 @@ def validate(batch: pa.RecordBatch | pa.Table, config: WeightConfig) -> list[str
                 reasons[row] = text
 
     has_spans = SPAN_COLUMN in batch.schema.names
-    list_columns = SCORED_COLUMNS + ((SPAN_COLUMN,) if has_spans else ())
+    list_columns = REQUIRED_SCORED + ((SPAN_COLUMN,) if has_spans else ())
     lengths = {}
     for name in list_columns:
         column = batch.column(name)
@@ -80,7 +74,8 @@ def validate(batch: pa.RecordBatch | pa.Table, config: WeightConfig) -> list[str
     for name in list_columns[1:]:
         differ = np.flatnonzero(lengths[name] != lengths["input_ids"])
         flag(differ, [
-            f"lengths differ: input_ids has {lengths['input_ids'][r]} tokens, {name} has {lengths[name][r]}" for r in differ
+            f"lengths differ: input_ids has {lengths['input_ids'][r]} tokens, {name} has {lengths[name][r]}"
+            for r in differ
         ])
 
     # Token-level checks on the rows that passed the row-level ones.
@@ -89,23 +84,24 @@ def validate(batch: pa.RecordBatch | pa.Table, config: WeightConfig) -> list[str
         return reasons
     keep = np.flatnonzero(ok)
     sub = batch.take(pa.array(keep)) if len(keep) < num_rows else batch
-    offsets, mask = _flat(sub.column("completion_mask"))
+    offsets, mask = flat_list(sub.column("completion_mask"))
 
     rows, pos = _first_per_row((mask != 0) & (mask != 1), offsets)
     flag(keep[rows], [f"completion_mask[{p}] = {mask[offsets[r] + p]} (must be 0 or 1)" for r, p in zip(rows, pos)])
     nonempty = np.flatnonzero(offsets[:-1] < offsets[1:])
     first_is_one = nonempty[mask[offsets[nonempty]] == 1]
-    flag(keep[first_is_one], ["completion_mask[0] = 1 (position 0 has no context and cannot be a completion token)"] * len(first_is_one))
+    flag(keep[first_is_one],
+         ["completion_mask[0] = 1 (position 0 has no context and cannot be a completion token)"] * len(first_is_one))
     completion = mask == 1
-    counts = np.add.reduceat(completion.astype(np.int64), offsets[:-1]) if len(mask) else np.zeros(len(keep), np.int64)
-    counts[offsets[:-1] == offsets[1:]] = 0  # reduceat quirk on empty rows
+    cumulative = np.concatenate(([0], np.cumsum(completion, dtype=np.int64)))
+    counts = cumulative[offsets[1:]] - cumulative[offsets[:-1]]  # completion tokens per row (empty rows too)
     empty = np.flatnonzero(counts == 0)
     flag(keep[empty], ["empty completion: completion_mask has no 1"] * len(empty))
 
     # Spans: span_end[i] is True on the completion tokens that close a span.
     span_end = completion
     if has_spans:
-        _, shared = _flat(sub.column(SPAN_COLUMN))
+        _, shared = flat_list(sub.column(SPAN_COLUMN))
         rows, pos = _first_per_row((shared != 0) & (shared != 1), offsets)
         flag(keep[rows], [f"{SPAN_COLUMN}[{p}] = {shared[offsets[r] + p]} (must be 0 or 1)" for r, p in zip(rows, pos)])
         rows, pos = _first_per_row((shared == 1) & ~completion, offsets)
@@ -121,7 +117,7 @@ def validate(batch: pa.RecordBatch | pa.Table, config: WeightConfig) -> list[str
     lo, hi = config.log_ratio_clip
     values = {}
     for name in LOGPROB_COLUMNS:
-        _, lp = _flat(sub.column(name))
+        _, lp = flat_list(sub.column(name))
         values[name] = lp
         for bad, describe in (
             (np.isnan(lp), lambda v: "is NaN"),
@@ -134,13 +130,14 @@ def validate(batch: pa.RecordBatch | pa.Table, config: WeightConfig) -> list[str
     # -inf: the log-ratio is +-inf; only a finite clip bound on that side absorbs it (design 3.1).
     target_ninf = (values["target_logprobs"] == -np.inf) & completion
     behavior_ninf = (values["behavior_logprobs"] == -np.inf) & completion
-    checks = [
-        (_in_span(target_ninf, span_end, completion) & _in_span(behavior_ninf, span_end, completion),
-         "target_logprobs and behavior_logprobs are both -inf in the span ending at position {p} "
-         "(log-ratio undefined)"),
-    ]
+    checks = []
+    if target_ninf.any() and behavior_ninf.any():  # -inf is rare: skip the span bookkeeping without it
+        checks.append((_in_span(target_ninf, span_end, completion) & _in_span(behavior_ninf, span_end, completion),
+                       "target_logprobs and behavior_logprobs are both -inf in the span ending at position {p} "
+                       "(log-ratio undefined)"))
     if config.center:
-        checks.append((target_ninf | behavior_ninf, "{col}[{p}] is -inf: an infinite log-ratio cannot be centered (--center)"))
+        checks.append((target_ninf | behavior_ninf,
+                       "{col}[{p}] is -inf: an infinite log-ratio cannot be centered (--center)"))
     if lo == -math.inf:
         checks.append((target_ninf, "target_logprobs[{p}] is -inf and --log-ratio-clip has no finite lower bound"))
     if hi == math.inf:
@@ -161,33 +158,3 @@ def _in_span(flags: np.ndarray, span_end: np.ndarray, completion: np.ndarray) ->
     out = np.zeros(len(flags), dtype=bool)
     out[np.flatnonzero(span_end)] = hit[: int(span_end.sum())]
     return out
-
-
-def token_rows(batch: pa.RecordBatch | pa.Table) -> TokenRows:
-    """Flat engine view of a batch of *valid* rows (zero-copy where Arrow allows)."""
-    offsets, mask = _flat(batch.column("completion_mask"))
-    _, target = _flat(batch.column("target_logprobs"))
-    _, behavior = _flat(batch.column("behavior_logprobs"))
-    shared = _flat(batch.column(SPAN_COLUMN))[1] if SPAN_COLUMN in batch.schema.names else None
-    return TokenRows(offsets=offsets, completion_mask=mask, target_logprobs=target, behavior_logprobs=behavior,
-                     shared_boundary=shared)
-
-
-def weight_columns(rows: TokenRows, weights: RowWeights) -> dict[str, pa.Array]:
-    """The three weight columns of design section 2 as Arrow arrays aligned with the rows."""
-    offsets = pa.array(rows.offsets.astype(np.int32))
-    return {
-        "pear_token_weight": pa.ListArray.from_arrays(offsets, pa.array(weights.token, type=pa.float32())),
-        "pear_block_weight": pa.ListArray.from_arrays(offsets, pa.array(weights.block, type=pa.float32())),
-        "pear_seq_weight": pa.array(weights.sequence, type=pa.float32()),
-    }
-
-
-def with_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
-    """Set (replace in place, or append) columns of a table, keeping every other column."""
-    for name, array in columns.items():
-        if name in table.column_names:
-            table = table.set_column(table.column_names.index(name), name, array)
-        else:
-            table = table.append_column(name, array)
-    return table

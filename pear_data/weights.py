@@ -1,4 +1,4 @@
-"""PEAR weight engine: design.md section 3, vectorized over flat token arrays.
+"""PEAR weight engine: docs/design.md section 3, vectorized over flat token arrays.
 
 A batch of rows is held Arrow-style: one flat array per list column plus
 `offsets` (row r owns flat positions offsets[r]:offsets[r+1]). The math runs
@@ -12,8 +12,7 @@ suffix sum is a difference of one cumulative sum:
 Everything is float64 inside and float32 out. There is no Python loop over
 tokens or rows.
 
-Cross-tokenizer rows (a behavior with another tokenizer, design section 3.7 in
-docs/design-changes.md)
+Cross-tokenizer rows (a behavior with another tokenizer, design section 3.7)
 carry `shared_boundary`: 1 on the completion tokens that end at a character
 position where both tokenizations have a token boundary. The tokens from one
 shared boundary to the next form a *span*; the span's log-ratio
@@ -34,21 +33,14 @@ from typing import Literal
 
 import numpy as np
 
-Granularity = Literal["token", "block", "sequence"]
-Normalize = Literal["dataset", "sequence", "none"]
-GRANULARITIES: tuple[Granularity, ...] = ("token", "block", "sequence")
+from .schema import GRANULARITIES, Granularity
 
-# Column names of the data contract (design.md section 2).
-WEIGHT_COLUMNS: dict[Granularity, str] = {
-    "token": "pear_token_weight",
-    "block": "pear_block_weight",
-    "sequence": "pear_seq_weight",
-}
+Normalize = Literal["dataset", "sequence", "none"]
 
 
 @dataclass(frozen=True)
 class WeightConfig:
-    """Every hyperparameter of design.md section 3 (defaults: section 3.4)."""
+    """Every hyperparameter of docs/design.md section 3 (defaults: section 3.4)."""
 
     granularity: Granularity = "token"
     gamma: float = 0.999
@@ -96,7 +88,7 @@ class WeightConfig:
         return {key: plain(value) for key, value in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "WeightConfig":
+    def from_dict(cls, data: dict) -> WeightConfig:
         def num(value):
             return float(value) if isinstance(value, str) else value
 
@@ -153,7 +145,7 @@ class CompletionIndex:
     @classmethod
     def from_mask(
         cls, offsets: np.ndarray, completion_mask: np.ndarray, shared_boundary: np.ndarray | None = None
-    ) -> "CompletionIndex":
+    ) -> CompletionIndex:
         mask = completion_mask.astype(bool, copy=False)
         positions = np.flatnonzero(mask)
         # Completion tokens before each row start, from a searchsorted on the
@@ -295,7 +287,7 @@ class WeightSums:
     sums: dict[str, float] = field(default_factory=lambda: {g: 0.0 for g in GRANULARITIES})
     count: int = 0
 
-    def add(self, other: "WeightSums") -> None:
+    def add(self, other: WeightSums) -> None:
         for g in GRANULARITIES:
             self.sums[g] += other.sums[g]
         self.count += other.count
@@ -312,11 +304,15 @@ class RowWeights:
 
     token, block:   float32 [N], 0.0 where completion_mask == 0 (None if not asked for)
     sequence:       float32 [R] (None if not asked for)
+    sums:           sum of the bounded W (design 3.3 steps 1-2, before normalization and cap) per
+                    granularity over the completion tokens, and their count: what dataset
+                    normalization needs (`WeightSums.means` over the whole output)
     """
 
     token: np.ndarray | None
     block: np.ndarray | None
     sequence: np.ndarray | None
+    sums: WeightSums = field(default_factory=WeightSums)
 
     def column(self, granularity: Granularity) -> np.ndarray | None:
         return getattr(self, granularity)
@@ -330,9 +326,18 @@ def granularity_weights(
     dataset_mean: float | None = None,
     *,
     with_bounds: bool = True,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Final W (design 3.2 then 3.3) for one granularity in completion space, and its at-bound flags."""
+) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """Final W (design 3.2 then 3.3) for one granularity in completion space, its at-bound flags, and the
+    sum of the bounded W before normalization and cap."""
     w, at_bound = bounded_weights(log_weights(d, index, config, granularity), config, with_bounds=with_bounds)
+    bounded_sum = float(w.sum())
+    return normalized_weights(w, at_bound, index, config, dataset_mean), at_bound, bounded_sum
+
+
+def normalized_weights(w: np.ndarray, at_bound: np.ndarray | None, index: CompletionIndex, config: WeightConfig,
+                       dataset_mean: float | None = None) -> np.ndarray:
+    """Steps 3-4 of design 3.3 (in place): normalize (dataset mean, or per row), then the cap, which counts as
+    the upper bound in `at_bound`."""
     if config.normalize == "dataset":
         if dataset_mean is None:
             raise ValueError("normalize='dataset' needs the dataset mean of W (a first pass: weight_sums)")
@@ -341,9 +346,9 @@ def granularity_weights(
         w /= np.repeat(_row_sums(w, index) / index.lengths, index.lengths)
     if config.max_weight is not None:
         if at_bound is not None:
-            at_bound[w >= config.max_weight] = 2  # the cap counts as the upper bound
+            at_bound[w >= config.max_weight] = 2
         np.minimum(w, config.max_weight, out=w)
-    return w, at_bound
+    return w
 
 
 # Rows are processed in chunks of about this many tokens: every step is
@@ -401,7 +406,7 @@ def weigh(
     dataset_means: dict[str, float] | None = None,
     *,
     granularities: tuple[Granularity, ...] = GRANULARITIES,
-    observer: "WeightObserver | None" = None,
+    observer: WeightObserver | None = None,
 ) -> RowWeights:
     """PEAR weights (design section 3) for a batch of valid rows (every row T >= 1).
 
@@ -423,26 +428,30 @@ def weigh(
         r0, r1 = bounds
         index, d = _prepare(_chunk(rows, r0, r1), config)
         a = int(rows.offsets[r0])
-        seen = []
+        seen, sums = [], {}
         for g in granularities:
             mean = None if dataset_means is None else dataset_means[g]
-            w, at_bound = granularity_weights(d, index, config, g, mean, with_bounds=observer is not None)
+            w, at_bound, sums[g] = granularity_weights(d, index, config, g, mean, with_bounds=observer is not None)
             if g == "sequence":
                 out[g][r0:r1] = w[index.offsets[:-1]]
             else:
                 out[g][a + index.positions] = w
             if observer is not None:
                 seen.append((g, w, at_bound))
-        return index, d, seen
+        return index, d, seen, sums
 
     chunks = row_chunks(rows.offsets)
     results = _pool().map(run, chunks) if len(chunks) > 1 else map(run, chunks)
-    for index, d, seen in results:
+    total = WeightSums()
+    for index, d, seen, sums in results:  # in chunk order: float sums do not depend on the thread count
+        total.count += index.num_tokens
+        for g, value in sums.items():
+            total.sums[g] += value
         if observer is not None:
             for g, w, at_bound in seen:
                 observer.observe(g, w, at_bound, index)
             observer.observe_log_ratio(d)
-    return RowWeights(token=out.get("token"), block=out.get("block"), sequence=out.get("sequence"))
+    return RowWeights(token=out.get("token"), block=out.get("block"), sequence=out.get("sequence"), sums=total)
 
 
 _POOL: ThreadPoolExecutor | None = None

@@ -1,6 +1,6 @@
 """Dataset writer shared by every pear-data command: Parquet shards, rejects, manifest, card, resume.
 
-Output layout (design.md section 2):
+Output layout (docs/design.md section 2):
 
     OUT/data/part-00000.parquet ...   # output rows; row order = input order across parts
     OUT/rejects.parquet               # only if any rejects; sorted by row_index; has row_index (int64),
@@ -28,11 +28,12 @@ Any of these do:
     polars.scan_parquet(f"{OUT}/data/*.parquet")
 
 Crash safety. Every file is written to a temp file in its final directory
-(an open shard's data: in `.pear/`, same filesystem), fsynced, then `os.replace`d; a shard becomes part of the output only when
-`.pear/progress.json` (also replaced atomically) lists it. A run killed at any
-point leaves either the old committed state or the new one, and a resumed run
-first deletes temp files and data/reject files that progress.json does not
-list. Resuming and redoing the same calls gives the same bytes as a run that
+(an open shard's data: in `.pear/`, same filesystem), fsynced, then
+`os.replace`d; a shard becomes part of the output only when
+`.pear/progress.json` (also replaced atomically) lists it. A run killed at
+any point leaves either the old committed state or the new one, and a resumed
+run first deletes temp files and data/reject files that progress.json does
+not list. Resuming and redoing the same calls gives the same bytes as a run that
 was never interrupted.
 
 Determinism. The Parquet writer options are fixed (`PARQUET_OPTIONS`,
@@ -61,6 +62,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import InputError, OutputError, OutputExistsError, ResumeMismatchError, UsageError
+
 DATA_DIR = "data"
 STATE_DIR = ".pear"
 PROGRESS_FILE = "progress.json"
@@ -86,14 +89,6 @@ ROW_GROUP_ROWS = 1024
 
 _DATA_NAME = re.compile(r"^part-(\d{5,})\.parquet$")
 _REJECTS_NAME = re.compile(r"^rejects-(\d{5,})\.parquet$")
-
-
-class OutputExistsError(Exception):
-    """OUT is not empty and neither resume nor overwrite was asked for (or OUT is not a pear-data output)."""
-
-
-class ResumeMismatchError(Exception):
-    """--resume on an OUT written with a different input fingerprint or different flags."""
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -262,7 +257,7 @@ class ShardRecord:
     stats: dict = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ShardRecord":
+    def from_dict(cls, data: dict) -> ShardRecord:
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
@@ -278,7 +273,7 @@ class ShardHandle:
     nothing and removes the temp file; leaving it without `commit` is an error.
     """
 
-    def __init__(self, writer: "DatasetWriter", shard: int, input_start: int) -> None:
+    def __init__(self, writer: DatasetWriter, shard: int, input_start: int) -> None:
         self._writer = writer
         self.shard = shard
         self.input_start = input_start
@@ -291,7 +286,7 @@ class ShardHandle:
         self._generation = 0
         self._done = False
 
-    def __enter__(self) -> "ShardHandle":
+    def __enter__(self) -> ShardHandle:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -342,7 +337,8 @@ class ShardHandle:
         if table.num_rows == 0:
             return
         table = _strip_metadata(table)
-        table = table.set_column(table.schema.get_field_index("row_index"), "row_index", table["row_index"].cast(pa.int64()))
+        table = table.set_column(table.schema.get_field_index("row_index"), "row_index",
+                                 table["row_index"].cast(pa.int64()))
         table = table.set_column(
             table.schema.get_field_index("reject_reason"), "reject_reason", table["reject_reason"].cast(pa.string())
         )
@@ -446,7 +442,7 @@ class DatasetWriter:
 
     def __init__(self, out_dir: str | Path, run_key: dict, *, resume: bool = False, overwrite: bool = False) -> None:
         if resume and overwrite:
-            raise ValueError("--resume and --overwrite exclude each other: pick one")
+            raise UsageError("--resume and --overwrite exclude each other: pick one")
         self.out_dir = Path(out_dir)
         self.run_key: dict = _jsonable(run_key, "run_key")
         self.committed: list[ShardRecord] = []
@@ -517,7 +513,7 @@ class DatasetWriter:
         self.committed.append(record)
 
     def _restore(self) -> None:
-        progress = json.loads(self._progress.read_text(encoding="utf-8"))
+        progress = read_json_file(self._progress, "the resume state")
         old_key = progress.get("run_key", {})
         if old_key != self.run_key:
             raise ResumeMismatchError(
@@ -537,7 +533,7 @@ class DatasetWriter:
             if r.rows_rejected and not (self._state / f"rejects-{r.shard:05d}.parquet").is_file()
         ]
         if missing:
-            raise RuntimeError(
+            raise OutputError(
                 f"--resume: committed file(s) missing from {self.out_dir}: {', '.join(missing)}. "
                 "The output was modified by hand; pass --overwrite to start over."
             )
@@ -577,12 +573,17 @@ class DatasetWriter:
         return self._open
 
     def rewrite_data_files(self, fn: Callable[[pa.Table], pa.Table], *, name: str | None = None) -> None:
-        """`rewrite_data_files(OUT, fn, name=name)` for the files of this writer; see there."""
+        """`rewrite_data_files(OUT, fn, name=name, schema=...)` for the files of this writer; see there.
+
+        Every file is written with the data files' unified schema, so `finalize` has nothing left to rewrite.
+        A rewrite whose `name` is already in `rewrites` (a resumed run that got past its commit point) is a
+        programming error: check `writer.rewrites` first.
+        """
         if self._open is not None:
             raise RuntimeError("rewrite_data_files: a shard is still open")
         if name is not None and name in self.rewrites:
             raise RuntimeError(f"rewrite {name!r} was already applied to {self.out_dir}; check `writer.rewrites`")
-        rewrite_data_files(self.out_dir, fn, name=name)
+        rewrite_data_files(self.out_dir, fn, name=name, schema=self._unified_schema())
         progress = json.loads(self._progress.read_text(encoding="utf-8"))
         self.rewrites = list(progress.get("rewrites", []))
         self.finished = bool(progress.get("finished", False))
@@ -621,7 +622,7 @@ class DatasetWriter:
         rows_out = sum(r.rows_out for r in self.committed)
         rows_rejected = sum(r.rows_rejected for r in self.committed)
         if rows_in != rows_out + rows_rejected:
-            raise RuntimeError(
+            raise OutputError(
                 f"row count check failed in {self.out_dir}: rows_in {rows_in} != rows_out {rows_out} "
                 f"+ rows_rejected {rows_rejected}; the output is incomplete or was edited, rerun with --overwrite"
             )
@@ -662,14 +663,22 @@ class DatasetWriter:
             uncompressed += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
         return {"parquet": sum(p.stat().st_size for p in paths), "uncompressed": uncompressed}
 
-    def _unify_data_files(self) -> pa.Schema | None:
+    def _unified_schema(self) -> pa.Schema | None:
+        """The one schema of all data files: theirs when they agree, else their permissive unification."""
         paths = [self.out_dir / r.data_file for r in self.committed if r.data_file]
         if not paths:
             return None
         schemas = [pq.read_schema(p).remove_metadata() for p in paths]
         if all(s.equals(schemas[0]) for s in schemas[1:]):
             return schemas[0]
-        unified = _unify(schemas, "data files")
+        return _unify(schemas, "data files")
+
+    def _unify_data_files(self) -> pa.Schema | None:
+        unified = self._unified_schema()
+        paths = [self.out_dir / r.data_file for r in self.committed if r.data_file]
+        schemas = [pq.read_schema(p).remove_metadata() for p in paths]
+        if all(s.equals(unified) for s in schemas):
+            return unified
         for path, s in zip(paths, schemas):
             if not s.equals(unified):
                 tmp = _temp_path(path)
@@ -700,21 +709,32 @@ def _key_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 # ----------------------------------------------------------------------------- reading & rewriting
 
 
+def read_json_file(path: Path, what: str) -> dict:
+    """A JSON object from `path`; InputError naming the file when it is unreadable or not a JSON object."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: cannot read {what} ({exc}); restore it, or rerun with --overwrite") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: {what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 def read_manifest(out_dir: str | Path) -> dict:
-    """OUT/manifest.json as a dict; FileNotFoundError naming the path if the run never finished."""
+    """OUT/manifest.json as a dict; InputError naming the path if the run never finished or it is corrupt."""
     path = Path(out_dir) / MANIFEST_FILE
     if not path.is_file():
-        raise FileNotFoundError(
+        raise InputError(
             f"{path} not found: {out_dir} is not a finished pear-data output (run the command to the end, "
             "or --resume it)"
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json_file(path, "the manifest")
 
 
 def read_progress(out_dir: str | Path) -> dict | None:
     """OUT/.pear/progress.json as a dict, or None when OUT has no resume state."""
     path = Path(out_dir) / STATE_DIR / PROGRESS_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return read_json_file(path, "the resume state") if path.is_file() else None
 
 
 def data_files(out_dir: str | Path) -> list[Path]:
@@ -741,7 +761,8 @@ def data_schema(out_dir: str | Path) -> pa.Schema | None:
 
 
 def rewrite_data_files(
-    out_dir: str | Path, fn: Callable[[pa.Table], pa.Table], *, name: str | None = None
+    out_dir: str | Path, fn: Callable[[pa.Table], pa.Table], *, name: str | None = None,
+    schema: pa.Schema | None = None,
 ) -> None:
     """Replace every data file's rows by `fn(rows)`, row group by row group (bounded memory).
 
@@ -759,6 +780,8 @@ def rewrite_data_files(
     that the rewrite was already applied and must not be redone. The run is
     marked unfinished: call `finalize` again after a rewrite.
     Without progress.json each file is still replaced atomically, one by one.
+    `schema`: write every file with it (`fn`'s output is cast to it); None: the first
+    row group's output schema of each file.
     """
     out_dir = Path(out_dir)
     files = data_files(out_dir)
@@ -778,10 +801,10 @@ def rewrite_data_files(
                             f"(row group {i} of {path.name}); it must keep every row, in order"
                         )
                     if writer is None:
-                        writer = _open_parquet(tmp, new.schema)
-                        schema = new.schema
-                    elif not new.schema.equals(schema, check_metadata=False):
-                        new = _conform(new, schema)
+                        file_schema = schema or new.schema
+                        writer = _open_parquet(tmp, file_schema)
+                    if not new.schema.equals(file_schema, check_metadata=False):
+                        new = _conform(new, file_schema)
                     _write_rows(writer, new)
             finally:
                 if writer is not None:
@@ -801,7 +824,8 @@ def rewrite_data_files(
         progress["finished"] = False
         if name is not None:
             progress["rewrites"] = [*progress.get("rewrites", []), name]
-        progress["pending_rewrite"] = [[t.relative_to(out_dir).as_posix(), p.relative_to(out_dir).as_posix()] for t, p in plan]
+        progress["pending_rewrite"] = [[t.relative_to(out_dir).as_posix(), p.relative_to(out_dir).as_posix()]
+                                       for t, p in plan]
         atomic_write_text(progress_path, _dump_json(progress))  # commit point
         _finish_pending_rewrite(out_dir, progress)
         atomic_write_text(progress_path, _dump_json(progress))

@@ -28,8 +28,10 @@ from pear_data.align import (
 from pear_data.corpus import RowError
 from pear_data.tokenize import ConversationTokenizer, TokenizeConfig, locate_content
 
-GSM8K_ANSWER = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
-                "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")
+GSM8K_ANSWER = (
+    "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+    "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72"
+)
 TRICKY = [
     GSM8K_ANSWER,
     "Héllo wörld 😀 naïve café — 中文字符 ok",
@@ -80,7 +82,7 @@ def span_texts(t_row, b_row, alignment, t_tok, b_tok) -> list[tuple[str, str]]:
     for k, p in enumerate(t_pos):
         if not alignment.shared_boundary[p]:
             continue
-        t_ids = t_row.input_ids[t_pos[start:k + 1]].tolist()
+        t_ids = t_row.input_ids[t_pos[start : k + 1]].tolist()
         b_ids = b_row.input_ids[alignment.behavior_positions[alignment.behavior_target == p]].tolist()
         start = k + 1
         if t_ids[-1] in t_tok.all_special_ids or b_ids[-1] in b_tok.all_special_ids:
@@ -126,15 +128,48 @@ def test_gsm8k_calculator_annotations_align_digit_by_digit(target, behavior) -> 
     assert alignment.stats.chars_in_one_token_spans / alignment.stats.completion_chars > 0.9
 
 
-TEXT = st.lists(
-    st.sampled_from(["a", "Z", "7", "42", " ", "  ", "\n", "\n\n", "\t", "é", "ö", "😀", "中", "<<", ">>", "=",
-                     "/", "####", "the", " cat", "ing", ".", ",", "$", "\u00a0"]),
-    min_size=1, max_size=40,
-).map("".join).filter(lambda s: s.strip() != "")
+TEXT = (
+    st.lists(
+        st.sampled_from(
+            [
+                "a",
+                "Z",
+                "7",
+                "42",
+                " ",
+                "  ",
+                "\n",
+                "\n\n",
+                "\t",
+                "é",
+                "ö",
+                "😀",
+                "中",
+                "<<",
+                ">>",
+                "=",
+                "/",
+                "####",
+                "the",
+                " cat",
+                "ing",
+                ".",
+                ",",
+                "$",
+                "\u00a0",
+            ]
+        ),
+        min_size=1,
+        max_size=40,
+    )
+    .map("".join)
+    .filter(lambda s: s.strip() != "")
+)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                 HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(answer=TEXT)
 def test_alignment_invariants_on_random_text(target, behavior, answer) -> None:
     t_row, b_row, alignment = aligned(target, behavior, conversation(answer))
@@ -151,8 +186,12 @@ def test_same_tokenizer_and_template_gives_one_token_per_span(target) -> None:
 
 
 def test_multi_turn_rows_align_turn_by_turn(target, behavior) -> None:
-    conv = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "2+2 = <<2+2=4>>4"},
-            {"role": "user", "content": "And 😀 times 3?"}, {"role": "assistant", "content": "Héllo: 4*3 = 12\n#### 12"}]
+    conv = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "2+2 = <<2+2=4>>4"},
+        {"role": "user", "content": "And 😀 times 3?"},
+        {"role": "assistant", "content": "Héllo: 4*3 = 12\n#### 12"},
+    ]
     t_row, b_row, alignment = aligned(target, behavior, conv)
     check_invariants(t_row, b_row, alignment)
     assert alignment.stats.turns == 2
@@ -243,8 +282,9 @@ def test_whitespace_left_out_of_offsets_still_matches() -> None:
 
 
 def test_recorded_tokens_spell_the_content() -> None:
-    tokens, logprobs = recorded_turn_tokens({"tokens": ["Nat", "alia", " sold", "<|eot|>"],
-                                             "logprobs": [-1.0, -0.5, -0.25, -0.1]}, "Natalia sold", "lp")
+    tokens, logprobs = recorded_turn_tokens(
+        {"tokens": ["Nat", "alia", " sold", "<|eot|>"], "logprobs": [-1.0, -0.5, -0.25, -0.1]}, "Natalia sold", "lp"
+    )
     assert tokens.starts.tolist() == [0, 3, 7, 12] and tokens.ends.tolist() == [3, 7, 12, 13]
     assert logprobs.tolist() == [-1.0, -0.5, -0.25, -0.1]
 
@@ -266,8 +306,9 @@ def test_recorded_tokens_that_do_not_spell_the_content_are_a_reject() -> None:
 
 
 def test_recorded_text_offsets() -> None:
-    tokens, _ = recorded_turn_tokens({"text_offsets": [0, 3, 7, 12], "logprobs": [-1, -1, -1, -1]},
-                                     "Natalia sold", "lp")
+    tokens, _ = recorded_turn_tokens(
+        {"text_offsets": [0, 3, 7, 12], "logprobs": [-1, -1, -1, -1]}, "Natalia sold", "lp"
+    )
     assert tokens.starts.tolist() == [0, 3, 7, 12] and tokens.ends.tolist() == [3, 7, 12, 13]
     with pytest.raises(RowError, match="non-decreasing"):
         recorded_turn_tokens({"text_offsets": [0, 5, 3], "logprobs": [-1, -1, -1]}, "Natalia", "lp")
@@ -283,28 +324,34 @@ def test_locate_content_finds_trimmed_content() -> None:
 
 
 def _policies(monkeypatch, **behavior):
-    """Build pear_data.score.Policies for SmolLM2 <- Gemma; fails before any model is loaded."""
+    """Load pear_data.policies.Policies for SmolLM2 <- Gemma; fails before any model is loaded."""
     from pear_data import models
-    from pear_data.score import BehaviorSpec, ModelSources, Policies, ScoreOptions
+    from pear_data.behavior import BehaviorSpec
+    from pear_data.corpus import RowShape
+    from pear_data.policies import ModelSources, Policies
+    from pear_data.score import ScoreOptions
 
     options = ScoreOptions(behavior=BehaviorSpec(**behavior), device="cpu")
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("no model may load before the checks"))
-    return Policies(options, ModelSources.resolve(options), None)
+    return Policies.load(options, ModelSources.resolve(options), RowShape("messages"))
 
 
 def test_unusable_behavior_offsets_stop_the_run_before_scoring(monkeypatch, gemma_source) -> None:
     from pear_data import models
-    from pear_data.reweight import UsageError
+    from pear_data.errors import UsageError
 
     real = models.load_tokenizer
-    monkeypatch.setattr(models, "load_tokenizer", lambda source, **k: (
-        BrokenOffsets(real(source, **k)) if source.spec == "gemma-3-270m" else real(source, **k)))
+    monkeypatch.setattr(
+        models,
+        "load_tokenizer",
+        lambda source, **k: BrokenOffsets(real(source, **k)) if source.spec == "gemma-3-270m" else real(source, **k),
+    )
     with pytest.raises(UsageError, match=r"--behavior gemma-3-270m: .*offset mapping does not cover"):
         _policies(monkeypatch, model="gemma-3-270m")
 
 
 def test_direct_alignment_with_another_tokenizer_is_a_usage_error(monkeypatch, gemma_source) -> None:
-    from pear_data.reweight import UsageError
+    from pear_data.errors import UsageError
 
     with pytest.raises(UsageError, match="--alignment direct"):
         _policies(monkeypatch, model="gemma-3-270m", alignment="direct")
@@ -325,15 +372,36 @@ def test_same_tokenizer_with_another_template_aligns_by_characters(target, smoll
 def test_alignment_mode_follows_the_tokens_the_behavior_renders(target, behavior, smollm2_tokenizer) -> None:
     """auto: direct only when the behavior renders the target's exact tokens; the behavior's own template counts
     even when it is the target model (SmolLM2 rendering raw text is aligned by characters)."""
-    from pear_data.reweight import UsageError
-    from pear_data.score import aligns_by_characters
+    from pear_data.behavior import (
+        AlignedModel,
+        BehaviorSpec,
+        SameTokensModel,
+        TargetAtTemperature,
+        choose_behavior,
+        renders_target_tokens,
+    )
+    from pear_data.errors import UsageError
 
     same = ConversationTokenizer(smollm2_tokenizer)
     raw = ConversationTokenizer(smollm2_tokenizer, TokenizeConfig(template="raw"))
-    assert not aligns_by_characters("auto", target, same, "smollm2")
-    assert aligns_by_characters("char-offsets", target, same, "smollm2")
-    assert aligns_by_characters("auto", target, raw, "smollm2")
-    assert aligns_by_characters("auto", target, behavior, "gemma")
-    for other in (raw, behavior):
+    assert renders_target_tokens(target, same)
+    assert not renders_target_tokens(target, raw) and not renders_target_tokens(target, behavior)
+
+    def choose(tokenizer, **spec):
+        """tokenizer None: the behavior is the target model itself."""
+        return choose_behavior(
+            BehaviorSpec(**spec),
+            target,
+            load_scorer=lambda: "scorer",
+            behavior_name="x",
+            behavior_tokenizer=None if tokenizer is None else (lambda: tokenizer),
+        )
+
+    assert type(choose(None, temperature=0.7)) is TargetAtTemperature
+    assert type(choose(None, alignment="char-offsets")) is AlignedModel
+    assert type(choose(None, template="raw")) is AlignedModel
+    assert type(choose(smollm2_tokenizer)) is SameTokensModel
+    assert type(choose(behavior.tokenizer)) is AlignedModel
+    for tokenizer, spec in ((None, {"template": "raw"}), (behavior.tokenizer, {})):
         with pytest.raises(UsageError, match="--alignment direct"):
-            aligns_by_characters("direct", target, other, "x")
+            choose(tokenizer, alignment="direct", **spec)

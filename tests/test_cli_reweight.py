@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pear_data.validate import token_rows
+from pear_data.weigh import token_rows
 from pear_data.weights import WeightConfig, weigh, weight_sums
 
 from .scored_data import corrupt, scored_table, write_parquet
@@ -24,7 +24,9 @@ WEIGHT_COLUMNS = ["pear_token_weight", "pear_block_weight", "pear_seq_weight"]
 def cli(*args: str | Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pear_data.cli", *map(str, args)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -74,7 +76,9 @@ def _reference_token_weights(mask, lt, lb, config: WeightConfig) -> list[float]:
 def test_reweight_default_token_weights_match_the_formula(default_run):
     table = read_output(default_run).to_pylist()
     for row in table:
-        expected = _reference_token_weights(row["completion_mask"], row["target_logprobs"], row["behavior_logprobs"], WeightConfig())
+        expected = _reference_token_weights(
+            row["completion_mask"], row["target_logprobs"], row["behavior_logprobs"], WeightConfig()
+        )
         np.testing.assert_allclose(row["pear_token_weight"], expected, rtol=2e-6)
 
 
@@ -152,12 +156,15 @@ def test_missing_column_is_a_usage_error(tmp_path):
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
-@pytest.mark.parametrize("flags, fragment", [
-    (["--gamma", "1.5"], "--gamma"),
-    (["--log-ratio-clip", "abc"], "--log-ratio-clip"),
-    (["--weight-clip", "5,1"], "--weight-clip"),
-    (["--normalize", "global"], "--normalize"),
-])
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--gamma", "1.5"], "--gamma"),
+        (["--log-ratio-clip", "abc"], "--log-ratio-clip"),
+        (["--weight-clip", "5,1"], "--weight-clip"),
+        (["--normalize", "global"], "--normalize"),
+    ],
+)
 def test_bad_flags_exit_2_naming_the_flag(scored, tmp_path, flags, fragment):
     result = cli("reweight", scored, "--out", tmp_path / "out", *flags)
     assert result.returncode == 2

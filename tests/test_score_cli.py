@@ -162,15 +162,18 @@ def test_over_length_rows_are_skipped_or_stop_the_run(corpus, tmp_path):
 def test_recorded_behavior_logprobs_of_the_wrong_length_are_rejected(tmp_path):
     rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:3]]
     rows[0]["behavior"] = [-0.5] * 3  # far fewer than the completion's tokens
-    # row 1: one recorded log-prob per target token of the whole row is accepted; built from a first run below
+    # row 1: one recorded log-prob per target completion token is accepted; recorded from a first run of row 1
+    # alone, which is also how the second run batches it (rows 0 and 2 are rejected before scoring), so both
+    # runs give the same bits (batch composition changes float rounding)
     rows[2]["behavior"] = None
-    corpus = tmp_path / "recorded.jsonl"
-    corpus.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    first = run(corpus, "--out", tmp_path / "plain", *FIELDS, *SELF, "--device", "cpu", "--shard-rows", "2")
+    alone = tmp_path / "row1.jsonl"
+    alone.write_text(json.dumps(rows[1]) + "\n")
+    first = run(alone, "--out", tmp_path / "plain", *FIELDS, *SELF, "--device", "cpu")
     assert first.returncode == 0, first.stderr
-    row1 = read_data(tmp_path / "plain")[1]
+    row1 = read_data(tmp_path / "plain")[0]
     mask = np.array(row1["completion_mask"])
     rows[1]["behavior"] = np.array(row1["target_logprobs"])[mask == 1].tolist()
+    corpus = tmp_path / "recorded.jsonl"
     corpus.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     result = run(corpus, "--out", tmp_path / "out", *FIELDS, "--behavior-logprobs-field", "behavior", "--device", "cpu")
     assert result.returncode == 0, result.stderr
@@ -180,6 +183,35 @@ def test_recorded_behavior_logprobs_of_the_wrong_length_are_rejected(tmp_path):
     (kept,) = read_data(tmp_path / "out")
     # behavior == target (recorded from the same model): every ratio is 1, weights are the discount alone
     np.testing.assert_allclose(kept["behavior_logprobs"], kept["target_logprobs"], atol=1e-6)
+
+
+def test_dataset_normalization_resumes_after_its_rewrite_and_on_a_finished_run(corpus, tmp_path):
+    """--normalize dataset rewrites the shards once at the end; a run stopped after that rewrite (before the
+    manifest), and a finished run, both --resume to the same bytes."""
+    flags = [*FIELDS, *SELF, "--behavior-temperature", "0.7", "--shard-rows", "4", "--device", "cpu",
+             "--normalize", "dataset", "--max-weight", "2"]
+    out = tmp_path / "norm"
+    result = run(corpus, "--out", out, *flags)
+    assert result.returncode == 0, result.stderr
+    finished = output_files(out)
+    progress = json.loads((out / ".pear" / "progress.json").read_text())
+    assert progress["rewrites"] == ["normalize-dataset"] and progress["finished"]
+    rows = read_data(out)
+    weights = np.concatenate([np.array(r["pear_token_weight"])[np.array(r["completion_mask"]) == 1] for r in rows])
+    assert weights.max() <= 2.0 and 0.5 < weights.mean() <= 1.0 + 1e-6  # normalized to mean 1, then capped
+
+    again = run(corpus, "--out", out, *flags, "--resume")
+    assert again.returncode == 0, again.stderr
+    assert output_files(out) == finished
+
+    # The state right after the rewrite's commit point: shards rewritten, no manifest, card or rejects yet.
+    for name in ("manifest.json", "README.md", "rejects.parquet"):
+        (out / name).unlink()
+    progress["finished"] = False
+    (out / ".pear" / "progress.json").write_text(json.dumps(progress))
+    resumed = run(corpus, "--out", out, *flags, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert output_files(out) == finished
 
 
 def test_missing_corpus_and_bad_flags_exit_2(tmp_path):
@@ -209,7 +241,8 @@ def test_default_pair_is_gemma_behavior_aligned_to_smollm2_targets(tmp_path):
     assert alignment["mode"] == "char-offsets" and alignment["rows"] == 6
     answers = [json.loads(line)["answer"] for line in corpus.read_text().splitlines()]
     assert alignment["completion_chars"] == sum(len(a) for a in answers)
-    assert alignment["chars_in_one_token_spans"] + alignment["chars_in_multi_token_spans"] == alignment["completion_chars"]
+    assert (alignment["chars_in_one_token_spans"] + alignment["chars_in_multi_token_spans"]
+            == alignment["completion_chars"])
     assert 0.8 < alignment["share_chars_in_one_token_spans"] < 1.0
     assert "char-offsets" in (out / "README.md").read_text()
     for row in read_data(out):

@@ -8,7 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pear_data.validate import token_rows, validate
+from pear_data.validate import validate
+from pear_data.weigh import token_rows
 from pear_data.weights import WeightConfig
 
 

@@ -16,10 +16,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from pear_data.errors import OutputError, OutputExistsError, ResumeMismatchError, UsageError
 from pear_data.writer import (
     DatasetWriter,
-    OutputExistsError,
-    ResumeMismatchError,
     data_files,
     read_manifest,
     rewrite_data_files,
@@ -31,13 +30,32 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 N_ROWS = 100
 SHARD_ROWS = 16
 WRITE_ROWS = 5  # several write() calls (row groups) per shard
-RUN_KEY = {"input": {"fingerprint": "sha256:abc"}, "weights": {"gamma": 0.999, "granularity": "token"}, "max_length": 512}
-MANIFEST = {"tool_version": "0.1.0", "input": {"fingerprint": "sha256:abc"}, "weights": {"gamma": 0.999, "granularity": "token"}}
+RUN_KEY = {
+    "input": {"fingerprint": "sha256:abc"},
+    "weights": {"gamma": 0.999, "granularity": "token"},
+    "max_length": 512,
+}
+MANIFEST = {
+    "tool_version": "0.1.0",
+    "input": {"fingerprint": "sha256:abc"},
+    "weights": {"gamma": 0.999, "granularity": "token"},
+}
 
 
 def make_rows(start: int, end: int) -> pa.Table:
     """Synthetic scored rows; every value is a function of the row index only."""
-    cols: dict[str, list] = {k: [] for k in ("row_index", "text", "input_ids", "completion_mask", "target_logprobs", "pear_token_weight", "pear_seq_weight")}
+    cols: dict[str, list] = {
+        k: []
+        for k in (
+            "row_index",
+            "text",
+            "input_ids",
+            "completion_mask",
+            "target_logprobs",
+            "pear_token_weight",
+            "pear_seq_weight",
+        )
+    }
     for r in range(start, end):
         rng = np.random.default_rng(r)
         n = int(rng.integers(3, 12))
@@ -78,7 +96,9 @@ def process_shard(shard, start: int, end: int) -> None:
     if rejected.num_rows:
         reasons = pa.array([f"bad row {r}" for r in rejected["row_index"].to_pylist()], pa.string())
         # reverse order on purpose: the merged rejects.parquet must be sorted anyway
-        shard.reject(rejected.append_column("reject_reason", reasons).take(pa.array(range(rejected.num_rows - 1, -1, -1))))
+        shard.reject(
+            rejected.append_column("reject_reason", reasons).take(pa.array(range(rejected.num_rows - 1, -1, -1)))
+        )
     tokens = int(pc.sum(pc.list_value_length(good["input_ids"])).as_py() or 0)
     shard.commit(end, {"tokens": tokens, "weight_sum": float(pc.sum(good["pear_seq_weight"]).as_py() or 0.0)})
 
@@ -168,7 +188,12 @@ def test_exception_inside_shard_commits_nothing_then_resume_is_identical(tmp_pat
             shard.reject(make_rows(53, 54).select(["row_index"]).append_column("reject_reason", pa.array(["x"])))
             raise ValueError("boom")
     assert len(writer.committed) == 3 and writer.next_input_row == 48
-    assert sorted(p.name for p in (out / ".pear").iterdir()) == ["progress.json", "rejects-00000.parquet", "rejects-00001.parquet", "rejects-00002.parquet"]
+    assert sorted(p.name for p in (out / ".pear").iterdir()) == [
+        "progress.json",
+        "rejects-00000.parquet",
+        "rejects-00001.parquet",
+        "rejects-00002.parquet",
+    ]
     assert len(list((out / "data").iterdir())) == 3
     del writer
 
@@ -277,10 +302,18 @@ print("not killed")
 
 # What the killed run must have left behind, so each case really tests its crash point.
 KILLED_STATE = {
-    "mid_shard": lambda out, progress: len(progress["shards"]) == 2 and (out / ".pear" / "shard-00002.parquet.tmp").exists(),
-    "before_progress": lambda out, progress: len(progress["shards"]) == 2 and (out / "data" / "part-00002.parquet").exists(),
-    "rewrite_before_commit": lambda out, progress: progress["rewrites"] == [] and (out / "data" / ".part-00000.parquet.tmp").exists(),
-    "rewrite_after_commit": lambda out, progress: len(progress["pending_rewrite"]) == 7 and (out / "data" / ".part-00006.parquet.tmp").exists(),
+    "mid_shard": lambda out, progress: (
+        len(progress["shards"]) == 2 and (out / ".pear" / "shard-00002.parquet.tmp").exists()
+    ),
+    "before_progress": lambda out, progress: (
+        len(progress["shards"]) == 2 and (out / "data" / "part-00002.parquet").exists()
+    ),
+    "rewrite_before_commit": lambda out, progress: (
+        progress["rewrites"] == [] and (out / "data" / ".part-00000.parquet.tmp").exists()
+    ),
+    "rewrite_after_commit": lambda out, progress: (
+        len(progress["pending_rewrite"]) == 7 and (out / "data" / ".part-00006.parquet.tmp").exists()
+    ),
     "finalize_before_card": lambda out, progress: (out / "manifest.json").exists() and not (out / "README.md").exists(),
 }
 
@@ -329,7 +362,7 @@ def test_output_exists_error(tmp_path):
     full_run(out)
     with pytest.raises(OutputExistsError, match="--resume .* or --overwrite"):
         DatasetWriter(out, RUN_KEY)
-    with pytest.raises(ValueError, match="exclude each other"):
+    with pytest.raises(UsageError, match="exclude each other"):
         DatasetWriter(out, RUN_KEY, resume=True, overwrite=True)
 
     # overwrite deletes what pear-data wrote and nothing else
@@ -378,7 +411,7 @@ def test_finalize_checks_row_conservation(tmp_path):
     progress = json.loads(progress_path.read_text())
     progress["shards"][0]["input_end"] += 1
     progress_path.write_text(json.dumps(progress))
-    with pytest.raises(RuntimeError, match=r"rows_in 17 != rows_out \d+ \+ rows_rejected \d+"):
+    with pytest.raises(OutputError, match=r"rows_in 17 != rows_out \d+ \+ rows_rejected \d+"):
         DatasetWriter(out, RUN_KEY, resume=True).finalize(MANIFEST)
     assert not (out / "manifest.json").exists()
 
@@ -388,7 +421,9 @@ def test_rejects_are_merged_sorted_and_schema_promoted(tmp_path):
     writer = DatasetWriter(out, RUN_KEY)
     with writer.shard() as shard:
         shard.write(make_rows(0, 1))
-        shard.reject(pa.table({"row_index": pa.array([3, 1], pa.int32()), "reject_reason": ["too long", "empty completion"]}))
+        shard.reject(
+            pa.table({"row_index": pa.array([3, 1], pa.int32()), "reject_reason": ["too long", "empty completion"]})
+        )
         shard.reject(pa.table({"row_index": [2], "reject_reason": ["nan logprob"], "text": [None]}))
         shard.commit(4)
     with writer.shard() as shard:  # all rows of this shard rejected: no data file
@@ -462,7 +497,9 @@ def test_rewrite_data_files_keeps_rows_and_row_groups(tmp_path):
     groups = pq.ParquetFile(data_files(out)[0]).metadata.num_row_groups
     writer.rewrite_data_files(halve_seq_weight, name="halve")
     after = pq.read_table(data_files(out)[0])
-    np.testing.assert_array_equal(after["pear_seq_weight"].to_numpy(), before["pear_seq_weight"].to_numpy() * np.float32(0.5))
+    np.testing.assert_array_equal(
+        after["pear_seq_weight"].to_numpy(), before["pear_seq_weight"].to_numpy() * np.float32(0.5)
+    )
     assert after.drop_columns(["pear_seq_weight"]).equals(before.drop_columns(["pear_seq_weight"]))
     assert pq.ParquetFile(data_files(out)[0]).metadata.num_row_groups == groups
     assert writer.rewrites == ["halve"] and writer.finished is False

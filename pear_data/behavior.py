@@ -1,0 +1,294 @@
+"""Where behavior log-probs come from: four sources behind one interface (docs/design.md 3.6, 3.7, 5).
+
+    RecordedLogprobs     log-probs recorded with the data (--behavior-logprobs-field), on the target's
+                         tokens, or in the behavior's own tokens aligned by character offsets
+    TargetAtTemperature  the target model itself sampled at another temperature / top-p: the target's
+                         forward pass gives both distributions (one pass)
+    SameTokensModel      another model that renders every row into the target's exact tokens
+    AlignedModel         a model on its own tokens and template, aligned by character offsets (align.py)
+
+Every source does the same two steps:
+
+    prepare(record, conversation, target) -> BehaviorRow     per row, CPU only; RowError rejects the row
+    logprobs(rows, target_extra) -> [float32 [n_target]]     per batch: behavior log-probs on the target tokens
+
+`target_extra` holds the log-probs of the source's `target_policies`, computed
+in the target's own forward pass (TargetAtTemperature asks for one; the
+others for none). `choose_behavior` picks the source once, from the flags and
+the tokenizers, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .align import RowAlignment, TurnTokens, align_row, recorded_turn_tokens, turn_tokens
+from .corpus import Conversation, is_completion_turn
+from .errors import RowError, UsageError
+from .scoring import SamplingParams, Scorer
+from .tokenize import ConversationTokenizer, TokenizeConfig, TokenizedRow, chat_template_hash
+
+DEFAULT_BEHAVIOR = "gemma-3-270m"
+ALIGNMENTS = ("auto", "direct", "char-offsets")
+TEMPLATES = ("auto", "chat", "raw")
+
+
+@dataclass(frozen=True)
+class BehaviorSpec:
+    """What the user said about the behavior policy (the `score` flags).
+
+    model:          None = DEFAULT_BEHAVIOR (unless logprobs_field is set); the target's own spec = the
+                    target itself
+    logprobs_field: column with recorded behavior log-probs (exclusive with model)
+    temperature, top_p: how the behavior sampled (design 3.6)
+    template:       how a behavior model renders a row: "auto" (its chat template if it has one, else raw),
+                    "chat" or "raw" (base models)
+    alignment:      "auto" (direct when the behavior renders the target's exact tokens, else by character
+                    offsets), "direct", or "char-offsets" (always by characters)
+    """
+
+    model: str | None = None
+    logprobs_field: str | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    template: str = "auto"
+    alignment: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise UsageError(f"--behavior-template must be auto, chat or raw, got {self.template!r}")
+        if self.alignment not in ALIGNMENTS:
+            raise UsageError(f"--alignment must be one of {', '.join(ALIGNMENTS)}, got {self.alignment!r}")
+        if self.model is not None and self.logprobs_field is not None:
+            raise UsageError("--behavior and --behavior-logprobs-field are exclusive: pick one source of "
+                             "behavior log-probs")
+        try:
+            SamplingParams(self.temperature, self.top_p)
+        except ValueError as exc:
+            raise UsageError(f"--behavior-temperature / --behavior-top-p: {exc}") from None
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_p)
+
+
+@dataclass
+class BehaviorRow:
+    """What a source prepared for one row (all None: the behavior scores the target's own tokens).
+
+    tokens:    the row in the behavior's own tokens (AlignedModel)
+    recorded:  recorded log-probs: on the target tokens (alignment None) or in the behavior's own tokens
+    alignment: how the behavior's tokens map onto the target's (align.py); None: the same tokens
+    """
+
+    tokens: TokenizedRow | None = None
+    recorded: np.ndarray | None = None
+    alignment: RowAlignment | None = None
+
+
+class BehaviorSource:
+    """The interface of a behavior source (module docstring). `alignment` is "direct" or "char-offsets"."""
+
+    alignment: str = "direct"
+    target_policies: tuple[SamplingParams, ...] = ()
+
+    def prepare(self, record: dict, conversation: Conversation, target: TokenizedRow) -> BehaviorRow:
+        return BehaviorRow()
+
+    def logprobs(self, targets: Sequence[TokenizedRow], rows: Sequence[BehaviorRow],
+                 target_extra: Sequence[list[np.ndarray]]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """Manifest `behavior` entries beyond temperature and top-p."""
+        return {}
+
+
+def completion_contents(conversation: Conversation) -> list[str]:
+    """The content strings of the trained assistant turns, in order (the text alignment works on)."""
+    return [m["content"] for m in conversation if is_completion_turn(m)]
+
+
+class RecordedLogprobs(BehaviorSource):
+    """Behavior log-probs recorded with the data (`recorded_logprobs` says which shapes)."""
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+
+    def prepare(self, record: dict, conversation: Conversation, target: TokenizedRow) -> BehaviorRow:
+        values, alignment = recorded_logprobs(record, self.field, target, completion_contents(conversation))
+        return BehaviorRow(recorded=values, alignment=alignment)
+
+    def logprobs(self, targets, rows, target_extra):
+        return [r.recorded if r.alignment is None else r.alignment.behavior_logprobs(r.recorded) for r in rows]
+
+    def describe(self) -> dict:
+        return {"recorded_field": self.field}
+
+
+class TargetAtTemperature(BehaviorSource):
+    """The target model itself, sampled at another temperature / top-p: read off the target's forward pass."""
+
+    def __init__(self, sampling: SamplingParams) -> None:
+        self.target_policies = (sampling,)
+
+    def logprobs(self, targets, rows, target_extra):
+        return target_extra[0]
+
+
+class SameTokensModel(BehaviorSource):
+    """Another model whose tokenizer and template render every row into the target's exact tokens."""
+
+    def __init__(self, scorer: Scorer, sampling: SamplingParams) -> None:
+        self.scorer = scorer
+        self.sampling = sampling
+
+    def logprobs(self, targets, rows, target_extra):
+        (values,) = self.scorer.score([t.input_ids for t in targets], [t.completion_mask for t in targets],
+                                      [self.sampling])
+        return values
+
+
+class AlignedModel(BehaviorSource):
+    """A model scored on its own tokens and template, aligned to the target's by character offsets."""
+
+    alignment = "char-offsets"
+
+    def __init__(self, tokenizer: ConversationTokenizer, scorer: Scorer, sampling: SamplingParams) -> None:
+        self.tokenizer = tokenizer
+        self.scorer = scorer
+        self.sampling = sampling
+
+    def prepare(self, record: dict, conversation: Conversation, target: TokenizedRow) -> BehaviorRow:
+        return behavior_tokens(self.tokenizer, conversation, target)
+
+    def logprobs(self, targets, rows, target_extra):
+        (own,) = self.scorer.score([r.tokens.input_ids for r in rows], [r.tokens.completion_mask for r in rows],
+                                   [self.sampling])
+        return [r.alignment.behavior_logprobs(values) for r, values in zip(rows, own)]
+
+    def describe(self) -> dict:
+        from .models import tokenizer_fingerprint
+
+        return {"template": self.tokenizer.mode,
+                "tokenizer": {"fingerprint": tokenizer_fingerprint(self.tokenizer.tokenizer),
+                              "chat_template_hash": chat_template_hash(self.tokenizer.tokenizer)}}
+
+
+def behavior_tokens(tokenizer: ConversationTokenizer, conversation: Conversation,
+                    target: TokenizedRow) -> BehaviorRow:
+    """The row in the behavior's own tokens, and their alignment onto the target's (align.py)."""
+    tokens = tokenizer(conversation)
+    contents = completion_contents(conversation)
+    turns = turn_tokens(tokens, contents, "behavior tokenizer")
+    return BehaviorRow(tokens=tokens, alignment=align_row(target, turns, contents, behavior_name="behavior tokenizer"))
+
+
+def recorded_logprobs(
+    record: dict, name: str, tokenized: TokenizedRow, contents: list[str]
+) -> tuple[np.ndarray, RowAlignment | None]:
+    """Behavior log-probs supplied with the data: (log-probs, alignment).
+
+    The field holds one log-prob per completion token of the *target*
+    tokenization (in order), or one per token of the whole row (index i ->
+    input_ids[i], values at prompt positions are ignored): returned placed on
+    the target positions, alignment None. Or, in the behavior's own tokens,
+    `{tokens, logprobs}` / `{text_offsets, logprobs}` (a list of them for
+    several trained assistant turns): returned as recorded, with the
+    character alignment onto the target tokens (align.py).
+    """
+    if name not in record or record[name] is None:
+        raise RowError(f"missing field {name!r} (--behavior-logprobs-field)")
+    value = record[name]
+    if isinstance(value, dict) or (isinstance(value, list) and value and isinstance(value[0], dict)):
+        turns = [value] if isinstance(value, dict) else value
+        if len(turns) != len(contents):
+            raise RowError(f"{name!r} holds {len(turns)} recorded turns for {len(contents)} trained assistant turns")
+        tokens, logprobs, start = [], [], 0
+        for turn, content in zip(turns, contents):
+            recorded, values = recorded_turn_tokens(turn, content, name)
+            tokens.append(TurnTokens(recorded.positions + start, recorded.starts, recorded.ends))
+            logprobs.append(values)
+            start += len(values)
+        alignment = align_row(tokenized, tokens, contents, behavior_name=f"recorded {name!r}")
+        return np.concatenate(logprobs), alignment
+    try:
+        values = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise RowError(f"{name!r} must be a list of numbers") from None
+    if values.ndim != 1:
+        raise RowError(f"{name!r} must be a flat list of numbers, got a nested list of shape {values.shape}")
+    mask = tokenized.completion_mask == 1
+    out = np.zeros(tokenized.num_tokens, dtype=np.float32)
+    if len(values) == int(mask.sum()) + tokenized.truncated_completion_tokens:
+        out[mask] = values[: int(mask.sum())]  # truncation cut completion tokens from the right
+    elif len(values) == tokenized.num_tokens:
+        out[mask] = values[mask]
+    else:
+        raise RowError(f"{name!r} has {values.size} log-probs but the completion has {int(mask.sum())} "
+                       f"target tokens (and the row {tokenized.num_tokens})")
+    return out, None
+
+
+def renders_target_tokens(target: ConversationTokenizer, behavior: ConversationTokenizer) -> bool:
+    """Whether the behavior renders every row into the target's exact tokens: the same tokenizer (or one with
+    the same fingerprint and chat template) in the same template mode."""
+    from .models import tokenizer_fingerprint
+
+    return behavior.mode == target.mode and (
+        behavior.tokenizer is target.tokenizer
+        or (tokenizer_fingerprint(behavior.tokenizer) == tokenizer_fingerprint(target.tokenizer)
+            and chat_template_hash(behavior.tokenizer) == chat_template_hash(target.tokenizer)))
+
+
+# A row the probe aligns at start-up: digits, GSM8K markup, accents, an emoji, tabs and runs of spaces.
+PROBE = [
+    {"role": "user", "content": "Natalia sold clips to 48 of her friends in April. How many?"},
+    {"role": "assistant",
+     "content": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n\n  Héllo wörld 😀\t\tx  ok\n#### 72"},
+]
+
+
+def choose_behavior(
+    spec: BehaviorSpec,
+    target: ConversationTokenizer,
+    *,
+    behavior_tokenizer: Callable[[], Any] | None,
+    load_scorer: Callable[[], Scorer],
+    behavior_name: str,
+) -> BehaviorSource:
+    """The behavior source for these flags, decided once (docs/design.md section 5, "Behavior policy").
+
+    A recorded field -> RecordedLogprobs. Otherwise a model: `behavior_tokenizer()` loads its HF tokenizer
+    (None: the behavior is the target model itself) and `load_scorer()` its scorer (the target's own scorer
+    for the target model). When the behavior renders rows into the target's exact tokens and `--alignment`
+    is not char-offsets: the target model -> TargetAtTemperature, another model -> SameTokensModel. Else
+    AlignedModel, whose tokenizer is first probed on one row so that unusable offsets stop the run
+    (UsageError) before its model loads.
+    """
+    if spec.logprobs_field is not None:
+        return RecordedLogprobs(spec.logprobs_field)
+    same_model = behavior_tokenizer is None
+    try:
+        tokenizer = ConversationTokenizer(target.tokenizer if same_model else behavior_tokenizer(),
+                                          TokenizeConfig(template=spec.template))
+    except ValueError as exc:
+        raise UsageError(f"--behavior {behavior_name}: {exc} (--behavior-template)") from None
+    same_tokens = renders_target_tokens(target, tokenizer)
+    if spec.alignment == "direct" and not same_tokens:
+        raise UsageError(f"--alignment direct: --behavior {behavior_name} does not render rows into the target's "
+                         "tokens (another tokenizer or template); use --alignment auto or char-offsets")
+    if same_tokens and spec.alignment != "char-offsets":
+        return TargetAtTemperature(spec.sampling) if same_model else SameTokensModel(load_scorer(), spec.sampling)
+    whole = ConversationTokenizer(target.tokenizer, dataclasses.replace(target.config, max_length=None))
+    try:
+        behavior_tokens(tokenizer, PROBE, whole(PROBE))
+    except RowError as exc:
+        raise UsageError(f"--behavior {behavior_name}: cannot align its tokens to the target's by character "
+                         f"offsets: {exc.reason}") from None
+    return AlignedModel(tokenizer, load_scorer(), spec.sampling)

@@ -1,0 +1,250 @@
+"""The two policies a corpus is scored under: load them, prepare a shard's rows, score them.
+
+    Policies.load(options)     target tokenizer + target scorer + behavior source (behavior.py)
+    policies.prepare(rows)     CPU: decode, normalize and tokenize each row, prepare it for the behavior
+    policies.score(prepared)   models: log-probs under both policies -> an Arrow table of scored rows
+
+Every input row of a shard ends in the scored table or in the shard's rejects.
+The weigh stage (weigh.py) and the writer take it from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from .align import AlignmentStats
+from .behavior import DEFAULT_BEHAVIOR, BehaviorRow, BehaviorSource, choose_behavior
+from .corpus import CorpusRow, RowShape, to_conversation
+from .errors import RowError, UsageError
+from .schema import BEHAVIOR_LOGPROBS, COLUMNS, COMPLETION_MASK, INPUT_IDS, SHARED_BOUNDARY, TARGET_LOGPROBS
+from .scoring import SamplingParams
+from .tokenize import ConversationTokenizer, TokenizedRow, chat_template_hash
+from .weigh import with_columns
+
+if TYPE_CHECKING:
+    from .models import ModelSource
+    from .score import ScoreOptions
+
+DEFAULT_TARGET = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class ModelSources:
+    """The resolved target and behavior models (behavior None: recorded log-probs)."""
+
+    target: ModelSource
+    behavior: ModelSource | None
+
+    @classmethod
+    def resolve(cls, options: ScoreOptions) -> ModelSources:
+        from .models import resolve_model
+
+        target = resolve_model(options.target)
+        if options.behavior.logprobs_field is not None:
+            return cls(target, None)
+        spec = options.behavior.model or DEFAULT_BEHAVIOR
+        return cls(target, target if spec == options.target else resolve_model(spec))
+
+    @property
+    def behavior_is_target(self) -> bool:
+        return self.behavior is not None and self.behavior.fingerprint == self.target.fingerprint
+
+    def fingerprints(self) -> dict:
+        return {"target": self.target.fingerprint,
+                "behavior": None if self.behavior is None else self.behavior.fingerprint}
+
+
+@dataclass
+class PreparedRow:
+    """One row ready to score: the input row, its target tokens, what the behavior source prepared."""
+
+    row: CorpusRow
+    target: TokenizedRow
+    behavior: BehaviorRow
+
+
+@dataclass
+class PreparedShard:
+    """A shard's rows after preparation: what goes to the models, and what was rejected (row, reason)."""
+
+    rows: list[PreparedRow] = field(default_factory=list)
+    rejects: list[tuple[CorpusRow, str]] = field(default_factory=list)
+
+
+@dataclass
+class ScoredShard:
+    """A shard's rows with their log-probs.
+
+    table:   one row per scored row: the input's own columns + input_ids, completion_mask,
+             target_logprobs, behavior_logprobs, shared_boundary (no weights yet)
+    rows:    the input row behind each table row
+    rejects: (row index, reason, source text) of the rows rejected before scoring
+    """
+
+    table: pa.Table
+    rows: list[PreparedRow]
+    rejects: list[tuple[int, str, str]]
+
+    def reject(self, i: int, reason: str) -> tuple[int, str, str]:
+        """A rejects entry for table row i (rejected by the weigh stage)."""
+        row = self.rows[i].row
+        return row.index, reason, source_text(row)
+
+    def stats(self, kept: np.ndarray) -> dict:
+        """Manifest counts over the kept table rows: truncation and cross-tokenizer alignment."""
+        stats = {"truncated_prompt_tokens": 0, "truncated_completion_tokens": 0, "rows_truncated": 0}
+        aligned = AlignmentStats()
+        for i in kept:
+            target, alignment = self.rows[i].target, self.rows[i].behavior.alignment
+            stats["truncated_prompt_tokens"] += target.truncated_prompt_tokens
+            stats["truncated_completion_tokens"] += target.truncated_completion_tokens
+            stats["rows_truncated"] += int(target.truncated_prompt_tokens + target.truncated_completion_tokens > 0)
+            if alignment is not None:
+                aligned.add(alignment.stats)
+        stats["alignment"] = dataclasses.asdict(aligned)
+        return stats
+
+
+def source_text(row: CorpusRow) -> str:
+    """The input row as rejects.parquet keeps it: JSON of the decoded record, or the raw undecoded line."""
+    if row.record is None:
+        return row.raw or ""
+    return json.dumps(row.record, ensure_ascii=False, sort_keys=True, default=str)
+
+
+class Policies:
+    """The loaded target (tokenizer and scorer) and the behavior source; see the module docstring."""
+
+    def __init__(self, target_tokenizer: ConversationTokenizer, target_scorer: Any, behavior: BehaviorSource,
+                 shape: RowShape, description: dict) -> None:
+        self.target_tokenizer = target_tokenizer
+        self.target_scorer = target_scorer
+        self.behavior = behavior
+        self.shape = shape
+        self.description = description
+
+    @classmethod
+    def load(cls, options: ScoreOptions, sources: ModelSources, shape: RowShape,
+             progress: Callable[[int, int], None] | None = None) -> Policies:
+        """Load tokenizers first (cheap; bad flags fail here), then the models."""
+        from .models import load_model, load_tokenizer, tokenizer_fingerprint
+        from .scoring import TorchScorer, resolve_device, scoring_dtype
+
+        if options.backend != "torch":
+            raise UsageError(f"--backend {options.backend}: only 'torch' is available in this build")
+        try:
+            device = resolve_device(options.device)
+        except ValueError as exc:
+            raise UsageError(f"--device {options.device}: {exc}") from None
+        dtype = scoring_dtype(device)
+        trust = options.trust_remote_code
+        hf_tokenizer = load_tokenizer(sources.target, trust_remote_code=trust)
+        try:
+            target_tokenizer = ConversationTokenizer(hf_tokenizer, options.tokenize)
+        except ValueError as exc:
+            raise UsageError(f"--target {sources.target.spec}: {exc} (--template)") from None
+        scorers: dict[str, Any] = {}
+
+        def scorer(role: str, source: ModelSource, report: Callable | None) -> Any:
+            if role not in scorers:
+                model = load_model(source, device=device, dtype=dtype, trust_remote_code=trust)
+                scorers[role] = TorchScorer(model, device=device, batch_tokens=options.batch_tokens, progress=report)
+            return scorers[role]
+
+        behavior_is_target = sources.behavior_is_target
+        behavior = choose_behavior(
+            options.behavior, target_tokenizer,
+            behavior_tokenizer=None if sources.behavior is None or behavior_is_target
+            else (lambda: load_tokenizer(sources.behavior, trust_remote_code=trust)),
+            load_scorer=(lambda: scorer("target", sources.target, progress)) if behavior_is_target
+            else (lambda: scorer("behavior", sources.behavior, None)),
+            behavior_name=options.behavior.model or DEFAULT_BEHAVIOR,
+        )
+        target_scorer = scorer("target", sources.target, progress)
+
+        dtype_name = str(dtype).removeprefix("torch.")
+        models = {role: {**source.to_dict(), "dtype": dtype_name}
+                  for role, source in (("target", sources.target), ("behavior", sources.behavior)) if source}
+        description = {
+            "models": models,
+            "behavior": {"temperature": options.behavior.temperature, "top_p": options.behavior.top_p,
+                         **behavior.describe()},
+            "tokenizer": {"fingerprint": tokenizer_fingerprint(hf_tokenizer),
+                          "chat_template_hash": chat_template_hash(hf_tokenizer)},
+            "scoring": {"backend": options.backend, "device": device, "batch_tokens": options.batch_tokens},
+            "template": target_tokenizer.mode,
+        }
+        return cls(target_tokenizer, target_scorer, behavior, shape, description)
+
+    def prepare(self, shard: list[CorpusRow]) -> PreparedShard:
+        """Decode, normalize and tokenize a shard's rows; every row lands in `rows` or `rejects`."""
+        prepared = PreparedShard()
+        for row in shard:
+            if row.error is not None:
+                prepared.rejects.append((row, row.error))
+                continue
+            try:
+                conversation = to_conversation(row.record, self.shape)
+                target = self.target_tokenizer(conversation)
+                behavior = self.behavior.prepare(row.record, conversation, target)
+            except RowError as exc:
+                prepared.rejects.append((row, exc.reason))
+                continue
+            prepared.rows.append(PreparedRow(row, target, behavior))
+        return prepared
+
+    def score(self, prepared: PreparedShard) -> ScoredShard:
+        """Log-probs of every prepared row under both policies, as an Arrow table (`ScoredShard`)."""
+        rows = prepared.rows
+        rejects = [(row.index, reason, source_text(row)) for row, reason in prepared.rejects]
+        if not rows:
+            return ScoredShard(pa.table({}), rows, rejects)
+        targets = [r.target for r in rows]
+        policies = [SamplingParams(), *self.behavior.target_policies]  # the target at T=1, then the extra ones
+        target, *extra = self.target_scorer.score([t.input_ids for t in targets],
+                                                  [t.completion_mask for t in targets], policies)
+        behavior = self.behavior.logprobs(targets, [r.behavior for r in rows], extra)
+        return ScoredShard(scored_table(rows, target, behavior), rows, rejects)
+
+
+def scored_table(rows: list[PreparedRow], target: list[np.ndarray], behavior: list[np.ndarray]) -> pa.Table:
+    """The input rows' own columns + the scored columns (schema.py), no weights yet.
+
+    shared_boundary is the completion mask itself when behavior and target share the tokens (every
+    completion token ends its own span).
+    """
+    table = records_table([r.row.record for r in rows])
+    scored = {
+        INPUT_IDS: [r.target.input_ids for r in rows],
+        COMPLETION_MASK: [r.target.completion_mask for r in rows],
+        TARGET_LOGPROBS: target,
+        BEHAVIOR_LOGPROBS: behavior,
+        SHARED_BOUNDARY: [r.target.completion_mask if r.behavior.alignment is None
+                          else r.behavior.alignment.shared_boundary for r in rows],
+    }
+    return with_columns(table, {name: pa.array(values, COLUMNS[name].type) for name, values in scored.items()})
+
+
+def records_table(records: list[dict]) -> pa.Table:
+    """The input rows' own columns, in order of first appearance.
+
+    A column Arrow cannot type (mixed str/int values across rows, say) is kept
+    as JSON text rather than failing the shard.
+    """
+    names = list(dict.fromkeys(key for record in records for key in record))
+    columns = {}
+    for name in names:
+        values = [record.get(name) for record in records]
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            columns[name] = pa.array([None if v is None else json.dumps(v, ensure_ascii=False, sort_keys=True)
+                                      for v in values], pa.string())
+    return pa.table(columns)
