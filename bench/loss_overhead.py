@@ -84,11 +84,11 @@ def main() -> None:
 
     def step_static():
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        pear_loss(logits, labels, weights).backward()
+        pear_loss(labels, logits=logits, weights=weights).loss.backward()
 
     def step_online():
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        pear_loss(logits, labels, behavior_logprobs=behavior, config=config).backward()
+        pear_loss(labels, logits=logits, behavior_logprobs=behavior, config=config).loss.backward()
 
     with torch.no_grad():
         fixed = model(input_ids=input_ids, attention_mask=attention_mask).logits.detach()
@@ -108,8 +108,8 @@ def main() -> None:
         "step": {"plain CE": step_plain, "static": step_static, "online": step_online},
         "loss only": {
             "plain CE": loss_only(ce),
-            "static": loss_only(lambda z: pear_loss(z, labels, weights)),
-            "online": loss_only(lambda z: pear_loss(z, labels, behavior_logprobs=behavior, config=config)),
+            "static": loss_only(lambda z: pear_loss(labels, logits=z, weights=weights).loss),
+            "online": loss_only(lambda z: pear_loss(labels, logits=z, behavior_logprobs=behavior, config=config).loss),
         },
     }
     load_before = os.getloadavg()

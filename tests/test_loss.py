@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pear_data.loss import label_logprobs, pear_loss, pear_loss_from_logprobs, pear_loss_output, pear_weights
+from pear_data.loss import label_logprobs, pear_loss, pear_weights
 from pear_data.weights import GRANULARITIES, TokenRows, WeightConfig, weigh, weight_sums
 
 VOCAB = 11
@@ -49,13 +49,22 @@ def test_static_loss_equals_hand_computed_weighted_nll():
     logits, labels, weights = _batch()
     logits = logits.detach()
     n_labels = int((labels[:, 1:] != -100).sum())
-    assert math.isclose(float(pear_loss(logits, labels, weights)),
-                        _hand_weighted_nll(logits, labels, weights, n_labels), rel_tol=1e-6)
-    assert math.isclose(float(pear_loss(logits, labels, weights, num_items_in_batch=50)),
-                        _hand_weighted_nll(logits, labels, weights, 50), rel_tol=1e-6)
+    assert math.isclose(
+        float(pear_loss(labels, logits=logits, weights=weights).loss),
+        _hand_weighted_nll(logits, labels, weights, n_labels),
+        rel_tol=1e-6,
+    )
+    assert math.isclose(
+        float(pear_loss(labels, logits=logits, weights=weights, num_items_in_batch=50).loss),
+        _hand_weighted_nll(logits, labels, weights, 50),
+        rel_tol=1e-6,
+    )
     w_sum = float(weights[:, 1:][labels[:, 1:] != -100].sum())
-    assert math.isclose(float(pear_loss(logits, labels, weights, normalize="weights", num_items_in_batch=50)),
-                        _hand_weighted_nll(logits, labels, weights, w_sum), rel_tol=1e-6)
+    assert math.isclose(
+        float(pear_loss(labels, logits=logits, weights=weights, normalize="weights", num_items_in_batch=50).loss),
+        _hand_weighted_nll(logits, labels, weights, w_sum),
+        rel_tol=1e-6,
+    )
 
 
 def test_weight_at_index_i_weights_the_prediction_of_token_i_from_logits_i_minus_1():
@@ -66,16 +75,19 @@ def test_weight_at_index_i_weights_the_prediction_of_token_i_from_logits_i_minus
     weights = torch.zeros(labels.shape)
     weights[0, 6] = 2.0
     expected = -2.0 * float(torch.log_softmax(logits[0, 5].detach().double(), 0)[4])
-    assert math.isclose(float(pear_loss(logits, labels, weights)), expected, rel_tol=1e-6)
+    assert math.isclose(float(pear_loss(labels, logits=logits, weights=weights).loss), expected, rel_tol=1e-6)
     weights[0, 6], weights[0, 5] = 0.0, 2.0  # the same weight one position early weights nothing
-    assert float(pear_loss(logits, labels, weights)) == 0.0
+    assert float(pear_loss(labels, logits=logits, weights=weights).loss) == 0.0
 
 
 def test_label_at_position_zero_is_never_a_loss_term():
     logits, labels, weights = _batch()
     with_first = labels.clone()
     with_first[:, 0] = 1
-    assert torch.equal(pear_loss(logits, with_first, weights), pear_loss(logits, labels, weights))
+    assert torch.equal(
+        pear_loss(with_first, logits=logits, weights=weights).loss,
+        pear_loss(labels, logits=logits, weights=weights).loss,
+    )
     assert torch.equal(label_logprobs(logits, with_first)[:, 0], torch.zeros(3))
 
 
@@ -83,7 +95,7 @@ def test_zero_weight_on_a_row_removes_exactly_that_rows_gradient():
     logits, labels, weights = _batch()
     weights[1] = 0.0
     n = int((labels[:, 1:] != -100).sum())
-    pear_loss(logits, labels, weights, num_items_in_batch=n).backward()
+    pear_loss(labels, logits=logits, weights=weights, num_items_in_batch=n).loss.backward()
     grad_zeroed = logits.grad.clone()
     assert torch.count_nonzero(grad_zeroed[1]) == 0
     assert torch.count_nonzero(grad_zeroed[0]) > 0
@@ -92,45 +104,51 @@ def test_zero_weight_on_a_row_removes_exactly_that_rows_gradient():
     logits.grad = None
     dropped = labels.clone()
     dropped[1] = -100
-    pear_loss(logits, dropped, weights, num_items_in_batch=n).backward()
+    pear_loss(dropped, logits=logits, weights=weights, num_items_in_batch=n).loss.backward()
     assert torch.equal(logits.grad, grad_zeroed)
 
 
 def test_all_ones_weights_equal_plain_cross_entropy():
     logits, labels, _ = _batch()
     ones = torch.ones(labels.shape)
-    ours = pear_loss(logits, labels, ones)
+    ours = pear_loss(labels, logits=logits, weights=ones).loss
     (grad_ours,) = torch.autograd.grad(ours, logits)
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
     (grad_ce,) = torch.autograd.grad(ce, logits)
     torch.testing.assert_close(ours, ce, rtol=1e-6, atol=0)
     torch.testing.assert_close(grad_ours, grad_ce, rtol=1e-5, atol=1e-8)
-    assert torch.equal(pear_loss(logits, labels), ours)  # no weights = weights of 1
+    assert torch.equal(pear_loss(labels, logits=logits).loss, ours)  # no weights = weights of 1
     summed = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), reduction="sum")
-    torch.testing.assert_close(pear_loss(logits, labels, ones, num_items_in_batch=40), summed / 40, rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        pear_loss(labels, logits=logits, weights=ones, num_items_in_batch=40).loss, summed / 40, rtol=1e-6, atol=0
+    )
 
 
 def test_per_row_weights_broadcast_over_the_row():
     logits, labels, _ = _batch()
     per_row = torch.tensor([0.5, 2.0, 1.5])
-    torch.testing.assert_close(pear_loss(logits, labels, per_row),
-                               pear_loss(logits, labels, per_row[:, None].expand(labels.shape)), rtol=0, atol=0)
+    torch.testing.assert_close(
+        pear_loss(labels, logits=logits, weights=per_row).loss,
+        pear_loss(labels, logits=logits, weights=per_row[:, None].expand(labels.shape)).loss,
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_chunk_size_changes_nothing_and_bf16_logits_keep_their_dtype():
     logits, labels, weights = _batch(length=40, batch=4)
-    one = pear_loss_output(logits, labels, weights, chunk_tokens=1).loss
+    one = pear_loss(labels, logits=logits, weights=weights, chunk_tokens=1).loss
     (g1,) = torch.autograd.grad(one, logits)
-    whole = pear_loss_output(logits, labels, weights, chunk_tokens=10_000).loss
+    whole = pear_loss(labels, logits=logits, weights=weights, chunk_tokens=10_000).loss
     (g2,) = torch.autograd.grad(whole, logits)
     torch.testing.assert_close(one, whole, rtol=1e-6, atol=0)
     torch.testing.assert_close(g1, g2, rtol=1e-6, atol=1e-9)
 
     half = logits.detach().bfloat16().requires_grad_()
-    loss = pear_loss_output(half, labels, weights, chunk_tokens=7).loss
+    loss = pear_loss(labels, logits=half, weights=weights, chunk_tokens=7).loss
     loss.backward()
     assert loss.dtype == torch.float32 and half.grad.dtype == torch.bfloat16
-    reference = pear_loss(half.detach().float(), labels, weights)
+    reference = pear_loss(labels, logits=half.detach().float(), weights=weights).loss
     torch.testing.assert_close(loss, reference, rtol=1e-6, atol=0)  # float32 math on the bf16 values
 
 
@@ -150,10 +168,11 @@ def test_no_float32_allocation_of_the_full_batch_by_vocab():
 
     full_float32 = batch * (length - 1) * vocab * 4
     # The naive loss upcasts the whole batch: the check below can tell the difference.
-    naive = largest_allocation(lambda: F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(),
-                                                       labels[:, 1:].reshape(-1)))
+    naive = largest_allocation(
+        lambda: F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1))
+    )
     assert naive >= full_float32
-    ours = largest_allocation(lambda: pear_loss_output(logits, labels, weights, chunk_tokens=16).loss)
+    ours = largest_allocation(lambda: pear_loss(labels, logits=logits, weights=weights, chunk_tokens=16).loss)
     # Only the bf16 gradient of the logits (the size of the logits themselves) is batch x seq x vocab.
     assert ours <= batch * length * vocab * 2
 
@@ -191,23 +210,27 @@ def _spans(mask: np.ndarray, seed: int) -> np.ndarray:
 def _engine(lengths, mask, lt, lb, config, shared=None):
     """The numpy engine on the same rows (dataset normalization over exactly these rows)."""
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    rows = TokenRows(offsets=offsets,
-                     completion_mask=np.concatenate([m[:n] for m, n in zip(mask, lengths)]),
-                     target_logprobs=np.concatenate([x[:n] for x, n in zip(lt, lengths)]),
-                     behavior_logprobs=np.concatenate([x[:n] for x, n in zip(lb, lengths)]),
-                     shared_boundary=None if shared is None else np.concatenate([x[:n] for x, n in zip(shared, lengths)]))
+    rows = TokenRows(
+        offsets=offsets,
+        completion_mask=np.concatenate([m[:n] for m, n in zip(mask, lengths)]),
+        target_logprobs=np.concatenate([x[:n] for x, n in zip(lt, lengths)]),
+        behavior_logprobs=np.concatenate([x[:n] for x, n in zip(lb, lengths)]),
+        shared_boundary=None if shared is None else np.concatenate([x[:n] for x, n in zip(shared, lengths)]),
+    )
     means = weight_sums(rows, config).means() if config.normalize == "dataset" else None
     return offsets, weigh(rows, config, means)
 
 
-FLAGS = list(itertools.product(
-    GRANULARITIES,
-    [None, 3],  # horizon
-    [1, 4],  # block size
-    [False, True],  # center
-    ["none", "sequence", "dataset"],
-    [None, 3.0],  # cap
-))
+FLAGS = list(
+    itertools.product(
+        GRANULARITIES,
+        [None, 3],  # horizon
+        [1, 4],  # block size
+        [False, True],  # center
+        ["none", "sequence", "dataset"],
+        [None, 3.0],  # cap
+    )
+)
 
 
 @pytest.mark.parametrize("spans", [False, True], ids=["direct", "cross-tokenizer"])
@@ -216,11 +239,25 @@ def test_online_weights_equal_the_numpy_engine(granularity, horizon, block_size,
     seed = FLAGS.index((granularity, horizon, block_size, center, normalize, cap))
     lengths, mask, lt, lb = _scored_batch(seed=seed)
     shared = _spans(mask, seed) if spans else None
-    config = WeightConfig(granularity=granularity, horizon=horizon, block_size=block_size, center=center,
-                          normalize=normalize, max_weight=cap, length_normalize=granularity == "sequence" and center,
-                          gamma=0.98, log_ratio_clip=(-0.4, 0.5), weight_clip=(0.02, 40.0))
-    ours = pear_weights(torch.from_numpy(lt), torch.from_numpy(lb), torch.from_numpy(mask), config,
-                        shared_boundary=None if shared is None else torch.from_numpy(shared)).weights.numpy()
+    config = WeightConfig(
+        granularity=granularity,
+        horizon=horizon,
+        block_size=block_size,
+        center=center,
+        normalize=normalize,
+        max_weight=cap,
+        length_normalize=granularity == "sequence" and center,
+        gamma=0.98,
+        log_ratio_clip=(-0.4, 0.5),
+        weight_clip=(0.02, 40.0),
+    )
+    ours = pear_weights(
+        torch.from_numpy(lt),
+        torch.from_numpy(lb),
+        torch.from_numpy(mask),
+        config,
+        shared_boundary=None if shared is None else torch.from_numpy(shared),
+    ).weights.numpy()
     offsets, expected = _engine(lengths, mask, lt, lb, config, shared)
     for b, n in enumerate(lengths):
         if granularity == "sequence":
@@ -236,9 +273,9 @@ def test_online_loss_is_static_loss_with_the_detached_online_weights():
     g = torch.Generator().manual_seed(1)
     behavior = torch.where(labels != -100, -torch.rand(labels.shape, generator=g) * 3, 0.0)
     config = WeightConfig(log_ratio_clip=(-1.0, 1.0), gamma=0.9)
-    out = pear_loss_output(logits, labels, behavior_logprobs=behavior, config=config)
+    out = pear_loss(labels, logits=logits, behavior_logprobs=behavior, config=config)
     (grad_online,) = torch.autograd.grad(out.loss, logits)
-    static = pear_loss(logits, labels, out.weights)
+    static = pear_loss(labels, logits=logits, weights=out.weights).loss
     (grad_static,) = torch.autograd.grad(static, logits)
     assert torch.equal(out.loss, static)
     assert torch.equal(grad_online, grad_static)  # the weights carry no gradient
@@ -253,10 +290,12 @@ def test_online_loss_is_static_loss_with_the_detached_online_weights():
 def test_trl_shifted_log_probs_give_the_same_loss():
     logits, labels, weights = _batch()
     aligned = label_logprobs(logits, labels)
-    a = pear_loss_from_logprobs(aligned, labels, weights).loss
-    b = pear_loss_from_logprobs(aligned[:, 1:], labels, weights).loss  # TRL FusedCausalLMOutput layout
+    a = pear_loss(labels, logprobs=aligned, weights=weights).loss
+    b = pear_loss(
+        labels, logprobs=aligned[:, 1:], logprobs_layout="shifted", weights=weights
+    ).loss  # TRL FusedCausalLMOutput layout
     assert torch.equal(a, b)
-    torch.testing.assert_close(a, pear_loss(logits, labels, weights), rtol=0, atol=0)
+    torch.testing.assert_close(a, pear_loss(labels, logits=logits, weights=weights).loss, rtol=0, atol=0)
 
 
 def test_online_rejects_bad_behavior_logprobs_with_their_position():
@@ -264,13 +303,15 @@ def test_online_rejects_bad_behavior_logprobs_with_their_position():
     behavior = torch.where(labels != -100, -1.0, 0.0)
     behavior[0, 4] = float("nan")
     with pytest.raises(ValueError, match=r"behavior_logprobs\[0, 4\]"):
-        pear_loss(logits, labels, behavior_logprobs=behavior)
+        pear_loss(labels, logits=logits, behavior_logprobs=behavior)
     behavior[0, 4] = -math.inf  # probability 0 under behavior: the finite upper clip bound absorbs it
-    assert torch.isfinite(pear_loss(logits, labels, behavior_logprobs=behavior))
+    assert torch.isfinite(pear_loss(labels, logits=logits, behavior_logprobs=behavior).loss)
     with pytest.raises(ValueError, match="finite --log-ratio-clip"):
-        pear_loss(logits, labels, behavior_logprobs=behavior, config=WeightConfig(log_ratio_clip=(-1.0, math.inf)))
+        pear_loss(
+            labels, logits=logits, behavior_logprobs=behavior, config=WeightConfig(log_ratio_clip=(-1.0, math.inf))
+        )
     with pytest.raises(ValueError, match="not both"):
-        pear_loss(logits, labels, torch.ones(labels.shape), behavior_logprobs=behavior)
+        pear_loss(labels, logits=logits, weights=torch.ones(labels.shape), behavior_logprobs=behavior)
 
 
 def test_batch_normalization_replaces_dataset_normalization():
@@ -278,8 +319,12 @@ def test_batch_normalization_replaces_dataset_normalization():
     config = WeightConfig(normalize="dataset")
     w = pear_weights(torch.from_numpy(lt), torch.from_numpy(lb), torch.from_numpy(mask), config).weights
     assert math.isclose(float(w[torch.from_numpy(mask) == 1].double().mean()), 1.0, rel_tol=1e-6)
-    raw = pear_weights(torch.from_numpy(lt), torch.from_numpy(lb), torch.from_numpy(mask),
-                       dataclasses.replace(config, normalize="none")).weights
+    raw = pear_weights(
+        torch.from_numpy(lt),
+        torch.from_numpy(lb),
+        torch.from_numpy(mask),
+        dataclasses.replace(config, normalize="none"),
+    ).weights
     assert not torch.allclose(w, raw)
 
 

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from pear_data.collator import PearCollator
-from pear_data.loss import label_logprobs, pear_loss_output, pear_weights
-from pear_data.weights import GRANULARITIES, WEIGHT_COLUMNS, WeightConfig
+from pear_data.loss import label_logprobs, pear_loss, pear_weights
+from pear_data.schema import GRANULARITIES, WEIGHT_COLUMNS
+from pear_data.weights import WeightConfig
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +43,8 @@ def one_torch_thread():
 
 def _score_gsm8k(tmp: Path, behavior: str, temperature: float) -> Path:
     """`pear-data score` output (weights unnormalized) for the 4 shortest GSM8K rows, target SmolLM2."""
-    from pear_data.score import BehaviorSpec, ScoreOptions, score
+    from pear_data.behavior import BehaviorSpec
+    from pear_data.score import ScoreOptions, score
 
     lines = GSM8K.read_text().splitlines()
     corpus = tmp / "gsm8k4.jsonl"
@@ -159,8 +161,9 @@ def test_online_weights_at_the_starting_checkpoint_equal_the_scored_columns(data
         config = WeightConfig(normalize="none", granularity=granularity)
         column = WEIGHT_COLUMNS[granularity]
         stored = PearCollator(pad_token_id=0, weights=column)(rows)["pear_weights"].double()
-        online = pear_loss_output(logits, labels, behavior_logprobs=behavior, config=config,
-                                  shared_boundary=shared).weights.double()
+        online = pear_loss(
+            labels, logits=logits, behavior_logprobs=behavior, config=config, shared_boundary=shared
+        ).weights.double()
         relative = torch.where(mask, (online - stored).abs() / stored.clamp(min=1e-30), 0.0)
         assert (relative.amax(dim=1) <= row_tolerance).all(), (granularity, relative.amax(dim=1), row_tolerance)
         # The torch math itself on the *stored* target log-probs reproduces the columns to float32 rounding.
@@ -173,9 +176,22 @@ def _sft_args(tmp_path: Path, steps: int, **overrides):
     from trl import SFTConfig
 
     return SFTConfig(
-        output_dir=str(tmp_path / "run"), max_length=MAX_LENGTH, per_device_train_batch_size=4, max_steps=steps,
-        learning_rate=5e-5, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no",
-        report_to=[], use_cpu=True, bf16=False, seed=0, dataloader_num_workers=0, disable_tqdm=True, **overrides,
+        output_dir=str(tmp_path / "run"),
+        max_length=MAX_LENGTH,
+        per_device_train_batch_size=4,
+        max_steps=steps,
+        learning_rate=5e-5,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **overrides,
     )
 
 
@@ -204,15 +220,17 @@ def _stored_weighted_nll(batch, rows, column: str, normalizer: float) -> float:
     return float(-(w * lt).sum() / normalizer)
 
 
-def test_sft_trainer_static_run_lowers_the_loss_and_uses_the_stored_weights(train_rows, smollm2_source,
-                                                                            smollm2_tokenizer, tmp_path):
+def test_sft_trainer_static_run_lowers_the_loss_and_uses_the_stored_weights(
+    train_rows, smollm2_source, smollm2_tokenizer, tmp_path
+):
     from pear_data.trainer import PearSFTTrainer
 
     model = _fresh_model(smollm2_source)
     args = _sft_args(tmp_path, steps=2)
     assert args.remove_unused_columns  # the default: the trainer must keep the PEAR columns by itself
-    trainer = PearSFTTrainer(model=model, args=args, train_dataset=train_rows, processing_class=smollm2_tokenizer,
-                             pear_mode="static")
+    trainer = PearSFTTrainer(
+        model=model, args=args, train_dataset=train_rows, processing_class=smollm2_tokenizer, pear_mode="static"
+    )
 
     # The batch as the trainer builds it (its dataloader, its column removal, its collator) carries the weights...
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
@@ -237,15 +255,20 @@ def test_sft_trainer_static_run_lowers_the_loss_and_uses_the_stored_weights(trai
     assert 0.0 < steps[0]["pear/weight_ess"] <= 1.0
 
 
-def test_sft_trainer_online_run_starts_from_the_scored_weights(train_rows, smollm2_source, smollm2_tokenizer,
-                                                               tmp_path):
+def test_sft_trainer_online_run_starts_from_the_scored_weights(train_rows, smollm2_source, smollm2_tokenizer, tmp_path):
     from pear_data.trainer import PearSFTTrainer
 
     model = _fresh_model(smollm2_source)
     one_row = train_rows.select([0])  # the cheapest real run: 2 steps of 1 row
-    trainer = PearSFTTrainer(model=model, args=_sft_args(tmp_path, steps=2), train_dataset=one_row,
-                             processing_class=smollm2_tokenizer, pear_mode="online",
-                             pear_config=WeightConfig(normalize="none"), pear_normalize="weights")
+    trainer = PearSFTTrainer(
+        model=model,
+        args=_sft_args(tmp_path, steps=2),
+        train_dataset=one_row,
+        processing_class=smollm2_tokenizer,
+        pear_mode="online",
+        pear_config=WeightConfig(normalize="none"),
+        pear_normalize="weights",
+    )
     trainer.train()
     steps = [h for h in trainer.state.log_history if "loss" in h]
     assert len(steps) == 2 and all(math.isfinite(h["loss"]) for h in steps)
@@ -261,10 +284,12 @@ def test_hf_trainer_keeps_the_columns_and_weights_the_loss(train_rows, smollm2_m
 
     from pear_data.trainer import PearTrainer
 
-    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=2, use_cpu=True,
-                             report_to=[], save_strategy="no")
-    trainer = PearTrainer(model=smollm2_model, args=args, train_dataset=train_rows,
-                          pear_config=WeightConfig(granularity="block"))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=2, use_cpu=True, report_to=[], save_strategy="no"
+    )
+    trainer = PearTrainer(
+        model=smollm2_model, args=args, train_dataset=train_rows, pear_config=WeightConfig(granularity="block")
+    )
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     rows = [train_rows[i] for i in _row_order(batch, train_rows)]
     assert torch.equal(batch["pear_weights"], PearCollator(pad_token_id=0, weights="block")(rows)["pear_weights"])
