@@ -25,7 +25,19 @@ from pear_data.writer import DatasetWriter, data_schema  # noqa: E402
 
 RUN_KEY = {"input": {"fingerprint": "sha256:abc"}}
 # The shape of pear_data.diagnostics.Diagnostics.summary(): per granularity, plus run-wide scalars.
-DIAG = {"tokens": 10, "mean": 1.02, "ess_fraction": 0.81, "min": 0.0123, "p01": 0.05, "p50": 0.97, "p99": 3.1, "max": 12.5, "share_at_bound": 0.002}
+DIAG = {
+    "tokens": 10,
+    "mean": 1.02,
+    "ess_fraction": 0.81,
+    "min": 0.0123,
+    "p01": 0.05,
+    "p50": 0.97,
+    "p99": 3.1,
+    "max": 12.5,
+    "share_at_bound": 0.003,
+    "share_at_lower_bound": 0.001,
+    "share_at_upper_bound": 0.002,
+}
 
 
 def scored_table(start: int, end: int) -> pa.Table:
@@ -34,7 +46,10 @@ def scored_table(start: int, end: int) -> pa.Table:
     return pa.table(
         {
             "messages": pa.array(
-                [[{"role": "user", "content": f"q{r}"}, {"role": "assistant", "content": f"a{r}"}] for r in range(start, end)]
+                [
+                    [{"role": "user", "content": f"q{r}"}, {"role": "assistant", "content": f"a{r}"}]
+                    for r in range(start, end)
+                ]
             ),
             "input_ids": pa.array(ids, pa.list_(pa.int32())),
             "completion_mask": pa.array([[0, 0, 1, 1]] * n, pa.list_(pa.int8())),
@@ -56,7 +71,11 @@ def manifest(**extra) -> dict:
             "behavior": {"id": "google/gemma-3-270m", "fingerprint": "sha256:b", "temperature": 1.0, "top_p": 1.0},
         },
         "weights": WeightConfig(granularity="block").to_dict(),
-        "diagnostics": {**{g: dict(DIAG) for g in ("token", "block", "sequence")}, "mean_log_ratio": -0.013, "completion_tokens": 10},
+        "diagnostics": {
+            **{g: dict(DIAG) for g in ("token", "block", "sequence")},
+            "mean_log_ratio": -0.013,
+            "completion_tokens": 10,
+        },
         **extra,
     }
 
@@ -95,12 +114,19 @@ def test_card_parses_as_hub_dataset_card(tmp_path):
     assert block["models"]["target"]["fingerprint"] == "sha256:t"
     assert block["weights"]["gamma"] == 0.999 and block["weights"]["block_size"] == 4
     assert block["diagnostics"]["token"] == DIAG and block["diagnostics"]["mean_log_ratio"] == -0.013
-    assert "| block | 10 | 1.02 | 0.81 | 0.0123 | 0.05 | 0.97 | 3.1 | 12.5 | 0.002 |" in text
+    assert "| block | 10 | 1.02 | 0.81 | 0.0123 | 0.05 | 0.97 | 3.1 | 12.5 | 0.001 | 0.002 |" in text
     assert "- `mean_log_ratio`: -0.013" in text
     assert block["rows"] == written["rows"] == {"in": 6, "out": 5, "rejected": 1}
     assert metadata_load(out / "README.md")["license"] == "other"
     # the body: columns, formula, loading, counts
-    for needle in ("`completion_mask`", "prod_{j=k+1}^{e_k} exp(d_j)", 'load_dataset("parquet"', "pear_data.loss", "rejected rows", "load_from_disk"):
+    for needle in (
+        "`completion_mask`",
+        "prod_{j=k+1}^{e_k} exp(d_j)",
+        'load_dataset("parquet"',
+        "pear_data.loss",
+        "rejected rows",
+        "load_from_disk",
+    ):
         assert needle in text, needle
 
 
@@ -184,7 +210,13 @@ def test_plan_lists_data_manifest_card_rejects_and_excludes_state(tmp_path):
     (out / "notes.txt").write_text("not part of the dataset")
     plan = plan_push(out)
     paths = [f.path_in_repo for f in plan]
-    assert paths == ["README.md", "data/part-00000.parquet", "data/part-00001.parquet", "manifest.json", "rejects.parquet"]
+    assert paths == [
+        "README.md",
+        "data/part-00000.parquet",
+        "data/part-00001.parquet",
+        "manifest.json",
+        "rejects.parquet",
+    ]
     assert any(p.startswith(".pear/") for p in all_files(out))
     for f in plan:
         assert f.size == (out / f.path_in_repo).stat().st_size

@@ -1,4 +1,4 @@
-"""Tests for the weight diagnostics accumulator (pear_data/diagnostics.py), design.md section 3.5.
+"""Tests for the weight diagnostics accumulator (pear_data/diagnostics.py), docs/design.md section 3.5.
 
 Figures are checked against the plain-loop reference of design section 3 in
 test_weights.py (final W, clipped log-weights, d_k), not against the engine's
@@ -37,7 +37,9 @@ from .test_weights import (  # the plain-loop reference lives next to the engine
 
 # Finite weight bounds keep every W in (0, inf) and ln W inside the histogram range [-40, 40].
 FINITE_WEIGHT_CLIPS = [(math.exp(-10.0), math.exp(5.0)), (0.5, 2.0), (math.exp(-3.0), 1.0)]
-DIAG = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+DIAG = settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]
+)
 QUANTILE_REL = 2e-3  # within 0.2%: a bin center is at most half a ~0.1%-wide bin away
 
 
@@ -151,8 +153,13 @@ def test_summary_matches_reference(rows: TokenRows, config: WeightConfig) -> Non
 @DIAG
 @given(
     rows=scored_rows(),
-    config=weight_configs(weight_clip=(math.exp(-10.0), math.exp(5.0)), log_ratio_clip=st.sampled_from([(-1.0, 1.0), (-3.0, 3.0)]),
-                          horizon=st.sampled_from([1, 2, 3]), gamma=1.0, max_weight=None),
+    config=weight_configs(
+        weight_clip=(math.exp(-10.0), math.exp(5.0)),
+        log_ratio_clip=st.sampled_from([(-1.0, 1.0), (-3.0, 3.0)]),
+        horizon=st.sampled_from([1, 2, 3]),
+        gamma=1.0,
+        max_weight=None,
+    ),
 )
 def test_quantiles_match_numpy_inverted_cdf(rows: TokenRows, config: WeightConfig) -> None:
     """p01/p50/p99 within 0.2% of np.quantile(method='inverted_cdf') on spread-out weights (short horizon,
@@ -249,8 +256,11 @@ def assert_summaries_close(got: dict, expected: dict) -> None:
 
 
 @DIAG
-@given(rows=scored_rows(max_rows=8), config=weight_configs(weight_clip=st.sampled_from(FINITE_WEIGHT_CLIPS)),
-       data=st.data())
+@given(
+    rows=scored_rows(max_rows=8),
+    config=weight_configs(weight_clip=st.sampled_from(FINITE_WEIGHT_CLIPS)),
+    data=st.data(),
+)
 def test_one_observer_over_two_shards_equals_one_pass(rows: TokenRows, config: WeightConfig, data) -> None:
     """A Diagnostics passed to weigh() shard after shard accumulates the same figures as one pass over all rows
     (dataset normalization: the means come from the whole input, as a pipeline's first pass gives them)."""
@@ -327,8 +337,12 @@ def test_warns_when_most_tokens_sit_at_the_lower_bound() -> None:
     logW_k = -0.07 (400 - k) <= -10 for k <= 257 (64% of the tokens, no tie: -0.07 * 143 = -10.01);
     the sequence weight e^-28 is at the bound for every token."""
     T = 400
-    rows = TokenRows(np.array([0, T + 1]), np.array([0] + [1] * T, np.int8),
-                     np.array([0.0] + [-1.0] * T, np.float32), np.zeros(T + 1, np.float32))
+    rows = TokenRows(
+        np.array([0, T + 1]),
+        np.array([0] + [1] * T, np.int8),
+        np.array([0.0] + [-1.0] * T, np.float32),
+        np.zeros(T + 1, np.float32),
+    )
     summary = diagnose(rows, WeightConfig(gamma=1.0, log_ratio_clip=(-0.07, 0.3)))
     assert summary["token"]["share_at_lower_bound"] == pytest.approx(257 / 400)
     assert summary["sequence"]["share_at_lower_bound"] == 1.0
@@ -385,3 +399,26 @@ def test_warning_thresholds(ess: float, lower: float | None, fires: list[str]) -
     assert len(warnings) == len(fires)
     for warning, needle in zip(warnings, fires):
         assert warning.startswith("block weights:") and needle in warning and "--center" in warning
+
+
+def test_warns_when_most_tokens_sit_at_the_upper_bound() -> None:
+    """One row, d = +1 clipped to 0.3 on all 400 tokens (the target finds the data much likelier), gamma 1:
+    logW_k = 0.3 (400 - k) >= 5 for k <= 383 (95.75% of the tokens); the sequence weight e^120 is at the upper
+    bound for every token. Each warning names remedies other than its own granularity."""
+    T = 400
+    rows = TokenRows(
+        np.array([0, T + 1]),
+        np.array([0] + [1] * T, np.int8),
+        np.array([0.0] + [-0.1] * T, np.float32),
+        np.array([0.0] + [-1.1] * T, np.float32),
+    )
+    summary = diagnose(rows, WeightConfig(gamma=1.0))
+    assert summary["token"]["share_at_upper_bound"] == pytest.approx(383 / 400)
+    assert summary["sequence"]["share_at_upper_bound"] == 1.0
+    assert summary["sequence"]["share_at_lower_bound"] == 0.0
+    upper = [w for w in degeneracy_warnings(summary) if "upper weight bound" in w]
+    assert {w.split()[0] for w in upper} == {"token", "block", "sequence"}
+    for warning in upper:
+        granularity = warning.split()[0]
+        assert "--center" in warning and "--log-ratio-clip" in warning
+        assert f"--granularity {granularity}" not in warning and f"or {granularity}" not in warning
