@@ -2,7 +2,7 @@
 
 Model: the embedded SmolLM2-135M-Instruct (float32, CPU), loaded through
 `pear_data.models` (the GGUF conversion is cached). Data: GSM8K rows from
-examples/data/gsm8k_sample.jsonl (else /work/shared/data/gsm8k/train.jsonl),
+examples/data/gsm8k_sample.jsonl (repeated when more rows are asked for),
 question as the user turn and answer as the assistant turn of the chat
 template; the assistant turn is the completion.
 
@@ -44,6 +44,7 @@ shows a low load; the load averages are printed with the figures.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -64,24 +65,26 @@ from pear_data.scoring import SamplingParams, TorchScorer, model_flops_per_token
 from pear_data.tokenize import ConversationTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
-GSM8K_FILES = [REPO / "examples" / "data" / "gsm8k_sample.jsonl", Path("/work/shared/data/gsm8k/train.jsonl")]
+GSM8K = REPO / "examples" / "data" / "gsm8k_sample.jsonl"
 
 
 # --------------------------------------------------------------------------- data
 
 
 def gsm8k_rows(tokenizer: Any, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Chat-templated GSM8K rows as `pear-data score` tokenizes them: (input_ids int32 [n], completion_mask int8 [n])."""
-    path = next(p for p in GSM8K_FILES if p.is_file())
+    """Chat-templated GSM8K rows as `pear-data score` tokenizes them.
+
+    Returns (input_ids int32 [n], completion_mask int8 [n]) per row.
+    """
     to_tokens = ConversationTokenizer(tokenizer)
     sequences, masks = [], []
-    with path.open() as handle:
-        for line, _ in zip(handle, range(count)):
-            record = json.loads(line)
-            row = to_tokens([{"role": "user", "content": record["question"]},
-                             {"role": "assistant", "content": record["answer"]}])
-            sequences.append(row.input_ids)
-            masks.append(row.completion_mask)
+    lines = GSM8K.read_text().splitlines()
+    for line, _ in zip(itertools.cycle(lines), range(count)):
+        record = json.loads(line)
+        row = to_tokens([{"role": "user", "content": record["question"]},
+                         {"role": "assistant", "content": record["answer"]}])
+        sequences.append(row.input_ids)
+        masks.append(row.completion_mask)
     return sequences, masks
 
 
@@ -140,7 +143,7 @@ def interleaved_seconds(units: list[tuple[list, list]], variants: dict[str, Any]
         best = dict.fromkeys(variants, float("inf"))
         for _ in range(repeats):
             for name, fn in variants.items():
-                seconds, _ = timed(lambda: fn(unit_sequences, unit_masks), 1)
+                seconds, _ = timed(lambda fn=fn, s=unit_sequences, m=unit_masks: fn(s, m), 1)
                 best[name] = min(best[name], seconds)
         for name in variants:
             total[name] += best[name]
@@ -178,7 +181,10 @@ def memory_child(args: argparse.Namespace) -> None:
         "naive": lambda: naive_score(model, sequences, masks),
     }[args.memory_child]
     warm_ids, warm_masks = [sequences[0][:64]], [masks[0][:64]]  # warm-up: allocator pools, lazy inits
-    scorer_score(scorer, warm_ids, warm_masks) if args.memory_child == "scorer" else naive_score(model, warm_ids, warm_masks)
+    if args.memory_child == "scorer":
+        scorer_score(scorer, warm_ids, warm_masks)
+    else:
+        naive_score(model, warm_ids, warm_masks)
     rss_before = _status_mb("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
@@ -301,12 +307,14 @@ def main() -> None:
           f"lowest {min(peaks) / 1e9:.1f})")
     print(f"batch_tokens={args.batch_tokens}, vocab_chunk_tokens={args.vocab_chunk_tokens}; times are sums over "
           f"units of each unit's best of {args.repeats}, the variants alternating")
-    for title, count, seconds in ((f"GSM8K rows: {len(sequences)} rows, {tokens} tokens", tokens, short_seconds),
-                                  (f"packed rows: {args.long_seqs} x {args.seq_len} tokens", long_tokens, long_seconds)):
+    sections = ((f"GSM8K rows: {len(sequences)} rows, {tokens} tokens", tokens, short_seconds),
+                (f"packed rows: {args.long_seqs} x {args.seq_len} tokens", long_tokens, long_seconds))
+    for title, count, seconds in sections:
         print(title)
         for name, label in (("scorer", "pear-data scorer"), ("naive", "naive per-example")):
             rate = count / seconds[name]
-            print(f"  {label:18s} {rate:8.1f} tokens/s  ({seconds[name]:.2f} s)  MFU {flops_per_token * rate / peak:6.1%}")
+            mfu = flops_per_token * rate / peak
+            print(f"  {label:18s} {rate:8.1f} tokens/s  ({seconds[name]:.2f} s)  MFU {mfu:6.1%}")
         print(f"  speedup scorer / naive: {seconds['naive'] / seconds['scorer']:.2f}x")
     print(f"max |scorer - naive| log-prob on the first {len(units[0][0])} GSM8K rows: {max_diff:.2e}")
     if memory:

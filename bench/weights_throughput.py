@@ -92,7 +92,7 @@ def main() -> None:
     config = WeightConfig()
     rates = {}
     for g in GRANULARITIES:
-        seconds = best_time(lambda: weigh(rows, config, granularities=(g,)), args.repeats)
+        seconds = best_time(lambda g=g: weigh(rows, config, granularities=(g,)), args.repeats)
         rates[g] = completion / seconds
         print(f"engine {g:8s} {rates[g] / 1e6:8.1f} M completion tokens/s  ({seconds:.3f} s)")
     seconds = best_time(lambda: weigh(rows, config), args.repeats)

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 
@@ -34,7 +43,7 @@ class RowProgress:
         self.task = self.progress.add_task(description, total=total_rows, tokens=0)
         self._call_rows = self._call_tokens = 0
 
-    def __enter__(self) -> "RowProgress":
+    def __enter__(self) -> RowProgress:
         self.progress.start()
         return self
 

@@ -244,8 +244,13 @@ def test_plan_batches_is_longest_first_and_stable() -> None:
 @pytest.fixture(scope="module")
 def tiny_llama() -> Any:
     config = transformers.LlamaConfig(
-        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
@@ -348,7 +353,12 @@ def test_scoring_is_deterministic(tiny_llama: Any) -> None:
 
 
 def test_empty_short_and_prompt_only_rows(tiny_llama: Any) -> None:
-    sequences = [np.zeros(0, np.int32), np.array([5], np.int32), np.array([5, 6, 7], np.int32), np.array([1, 2], np.int32)]
+    sequences = [
+        np.zeros(0, np.int32),
+        np.array([5], np.int32),
+        np.array([5, 6, 7], np.int32),
+        np.array([1, 2], np.int32),
+    ]
     masks = [np.zeros(0, np.int8), np.array([1], np.int8), np.zeros(3, np.int8), np.array([0, 1], np.int8)]
     (got,) = TorchScorer(tiny_llama).score(sequences, masks, [SamplingParams()])
     assert [len(g) for g in got] == [0, 1, 3, 2]
@@ -387,8 +397,15 @@ def test_model_flops_per_token_counts_decoder_without_embeddings(tiny_llama: Any
 
 def test_gemma3_final_logit_softcapping_is_applied() -> None:
     config = transformers.Gemma3TextConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=16, max_position_embeddings=256, sliding_window=8,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=256,
+        sliding_window=8,
         final_logit_softcapping=5.0,
     )
     torch.manual_seed(0)
@@ -413,8 +430,13 @@ def test_gemma3_final_logit_softcapping_is_applied() -> None:
 def test_model_that_scales_logits_otherwise_is_refused() -> None:
     # Granite divides its logits by `logits_scaling` after the lm_head; the scorer does not mirror that
     config = transformers.GraniteConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, logits_scaling=4.0,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        logits_scaling=4.0,
     )
     torch.manual_seed(0)
     model = transformers.GraniteForCausalLM(config).eval()
@@ -457,8 +479,9 @@ def smollm2_rows(smollm2_tokenizer: Any) -> tuple[list[np.ndarray], list[np.ndar
 def test_smollm2_matches_full_softmax_forward_in_one_padded_batch(smollm2_model: Any, smollm2_rows: Any) -> None:
     sequences, masks = smollm2_rows
     calls: list[tuple[int, int]] = []
-    scorer = TorchScorer(smollm2_model, batch_tokens=8192, max_padding=math.inf,
-                         progress=lambda r, t: calls.append((r, t)))
+    scorer = TorchScorer(
+        smollm2_model, batch_tokens=8192, max_padding=math.inf, progress=lambda r, t: calls.append((r, t))
+    )
     (got,) = scorer.score(sequences, masks, [SamplingParams()])
     assert calls == [(6, sum(len(s) for s in sequences))]  # one batch, padded to the longest row
     worst = 0.0

@@ -1,8 +1,8 @@
-"""Property tests for the PEAR weight engine (pear_data/weights.py) against design.md section 3.
+"""Property tests for the PEAR weight engine (pear_data/weights.py) against docs/design.md section 3.
 
 The engine is vectorized (one cumulative sum per chunk of rows). The reference
 below is the other way round on purpose: plain Python loops over rows and
-tokens with `math` floats, written straight from the formulas of design.md
+tokens with `math` floats, written straight from the formulas of docs/design.md
 3.1-3.3, so that the two share no code and no trick (no cumulative sums, no
 discount folded into the sums, no repeat/reduceat).
 
@@ -55,7 +55,7 @@ FEW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthChec
 
 
 # --------------------------------------------------------------------------
-# Reference: design.md section 3, literally, with plain loops and math floats
+# Reference: docs/design.md section 3, literally, with plain loops and math floats
 # --------------------------------------------------------------------------
 
 
@@ -690,7 +690,7 @@ def test_row_chunks_cover_rows_in_order(lengths: list[int], chunk_tokens: int) -
         assert chunks == []
         return
     assert chunks[0][0] == 0 and chunks[-1][1] == len(lengths)
-    for (a0, a1), (b0, _) in zip(chunks, chunks[1:]):
+    for (_, a1), (b0, _) in zip(chunks, chunks[1:]):
         assert a1 == b0
     for r0, r1 in chunks:
         assert r1 > r0

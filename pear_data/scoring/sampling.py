@@ -1,4 +1,4 @@
-"""Log-prob of the chosen token under a sampling distribution (design.md section 3.6).
+"""Log-prob of the chosen token under a sampling distribution (docs/design.md section 3.6).
 
 A behavior policy that sampled at temperature tau with nucleus (top-p) p drew
 token x from

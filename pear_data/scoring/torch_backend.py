@@ -1,4 +1,4 @@
-"""Score token rows with a transformers causal LM in plain PyTorch (design.md sections 3.6 and 6).
+"""Score token rows with a transformers causal LM in plain PyTorch (docs/design.md sections 3.6 and 7).
 
 One `TorchScorer.score` call, for every sequence:
 
