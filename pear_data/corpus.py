@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from .errors import CorpusError, RowError
@@ -154,6 +155,50 @@ class Corpus:
             yield from _parquet_rows(self.files, batch_size)
         else:
             yield from _dataset_rows(self._load_dataset(), batch_size)
+
+    def ranges(self, shard_rows: int, start: int = 0) -> Iterator[RowRange]:
+        """The rows from `start` on in ranges of `shard_rows` (boundaries at multiples of shard_rows), each
+        with where its first row lies, so that `read_range` can read it without reading what comes before.
+
+        One streaming pass over JSONL files (byte offsets, no decoding); Parquet file metadata; the length
+        of a `datasets` table. Gzipped JSONL and JSON arrays cannot be sought into: their ranges carry no
+        position and `read_range` reads from the start of the input.
+        """
+        if self.kind == "jsonl" and not any(_strip_gz(f) != f.name.lower() or _is_json_array(f) for f in self.files):
+            yield from _jsonl_ranges(self.files, shard_rows, start)
+            return
+        if self.kind == "parquet":
+            counts = [pq.ParquetFile(f).metadata.num_rows for f in self.files]
+        else:
+            counts = [self.num_rows()]
+            if counts[0] is None:  # gzipped JSONL or a JSON array: count by reading
+                counts = [sum(1 for _ in self.rows())]
+        total, file_starts = sum(counts), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        first = start - start % shard_rows
+        for lo in range(first, total, shard_rows):
+            lo = max(lo, start)
+            hi = min((lo // shard_rows + 1) * shard_rows, total)
+            if lo >= hi:
+                continue
+            file = int(np.searchsorted(file_starts, lo, side="right") - 1)
+            yield RowRange(lo, hi, file, int(lo - file_starts[file]))
+
+    def read_range(self, rows: RowRange, batch_size: int = 1024) -> list[CorpusRow]:
+        """The input rows [rows.start, rows.end), as `rows()` gives them (same indices, same decoding)."""
+        if self.kind == "jsonl" and rows.line:
+            return _jsonl_range(self.files, rows)
+        if self.kind == "parquet":
+            return _parquet_range(self.files, rows, batch_size)
+        if self.kind in ("datasets", "hub"):
+            table = self._load_dataset().select(range(rows.start, rows.end))
+            return [CorpusRow(row.index + rows.start, row.record) for row in _dataset_rows(table, batch_size)]
+        out = []
+        for row in self.rows(batch_size):
+            if row.index >= rows.end:
+                break
+            if row.index >= rows.start:
+                out.append(row)
+        return out
 
     def num_rows(self) -> int | None:
         """Number of rows without decoding them: Parquet metadata, datasets length, non-blank JSONL lines
@@ -288,6 +333,79 @@ def _decode_line(line: bytes, where: str) -> tuple[dict[str, Any] | None, str | 
     if not isinstance(record, dict):
         return None, f"{where}: expected a JSON object, got {type(record).__name__}"
     return record, None
+
+
+@dataclass(frozen=True)
+class RowRange:
+    """Input rows [start, end), and where the first one lies: its file (index into `Corpus.files`) and, in
+    it, the row (Parquet) or the byte offset (JSONL; `line`: its 1-based line number, 0 when unknown)."""
+
+    start: int
+    end: int
+    file: int = 0
+    offset: int = 0
+    line: int = 0
+
+
+def _jsonl_ranges(files: tuple[Path, ...], shard_rows: int, start: int) -> Iterator[RowRange]:
+    """RowRanges of plain JSONL files from one pass over their bytes (lines are counted, not decoded)."""
+    index, pending = 0, None  # pending: (start row, file, offset, line) of the range being collected
+    for file, path in enumerate(files):
+        offset = 0
+        with path.open("rb") as fh:
+            for line_no, line in enumerate(fh, start=1):
+                if line.strip():
+                    if index >= start and (pending is None or index % shard_rows == 0):
+                        if pending is not None:
+                            yield RowRange(pending[0], index, *pending[1:])
+                        pending = (index, file, offset, line_no)
+                    index += 1
+                offset += len(line)
+    if pending is not None:
+        yield RowRange(pending[0], index, *pending[1:])
+
+
+def _jsonl_range(files: tuple[Path, ...], rows: RowRange) -> list[CorpusRow]:
+    """Read a RowRange of plain JSONL files from its byte offset on (see `_jsonl_rows` for the decoding)."""
+    out: list[CorpusRow] = []
+    index, multi = rows.start, len(files) > 1
+    for file in range(rows.file, len(files)):
+        path = files[file]
+        prefix = f"{path.name} " if multi else ""
+        with path.open("rb") as fh:
+            first = file == rows.file
+            fh.seek(rows.offset if first else 0)
+            for line_no, line in enumerate(fh, start=rows.line if first else 1):
+                if index >= rows.end:
+                    return out
+                if not line.strip():
+                    continue
+                record, reason = _decode_line(line, f"{prefix}line {line_no}")
+                raw = None if reason is None else line.decode("utf-8", "replace").rstrip("\r\n")
+                out.append(CorpusRow(index, record, reason, raw))
+                index += 1
+    return out
+
+
+def _parquet_range(files: tuple[Path, ...], rows: RowRange, batch_size: int) -> list[CorpusRow]:
+    """Read a RowRange of Parquet files: only the row groups that hold it."""
+    out: list[CorpusRow] = []
+    index, skip = rows.start, rows.offset
+    for file in range(rows.file, len(files)):
+        parquet = pq.ParquetFile(files[file])
+        sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        first = int(np.searchsorted(starts, skip, side="right") - 1)
+        skip -= int(starts[first])
+        for batch in parquet.iter_batches(batch_size=batch_size, row_groups=range(first, len(sizes))):
+            for record in batch.slice(skip).to_pylist() if skip < len(batch) else []:
+                if index >= rows.end:
+                    return out
+                out.append(CorpusRow(index, record))
+                index += 1
+            skip = max(0, skip - len(batch))
+        skip = 0
+    return out
 
 
 def _jsonl_rows(files: tuple[Path, ...]) -> Iterator[CorpusRow]:
