@@ -7,6 +7,7 @@ flag), 1 internal error.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -247,6 +248,23 @@ def score(
         int, typer.Option(help="Padded tokens per forward pass.", min=1, rich_help_panel="Scoring")
     ] = 8192,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.", rich_help_panel="Scoring")] = "auto",
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="Scoring workers, each with its own copy of the models: one per GPU on a GPU node (cuda:0..N-1), "
+            "N processes sharing the cores on CPU. The output is the same for any N.",
+            min=1,
+            rich_help_panel="Scoring",
+        ),
+    ] = 1,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            help="Run the scoring on a Ray cluster through Ray Data (a CPU stage prepares the rows, --workers "
+            "actors score them): its address, or 'local' to start one here. Needs pear-data[ray].",
+            rich_help_panel="Scoring",
+        ),
+    ] = None,
     backend: Annotated[str, typer.Option(help="torch (vllm: not in this build).", rich_help_panel="Scoring")] = "torch",
     trust_remote_code: Annotated[
         bool, typer.Option(help="Allow model code from the model's repo.", rich_help_panel="Scoring")
@@ -301,6 +319,8 @@ def score(
         device=device,
         backend=backend,
         batch_tokens=batch_tokens,
+        workers=workers,
+        ray=ray,
         shard_rows=shard_rows,
         resume=resume,
         overwrite=overwrite,
@@ -424,6 +444,9 @@ def _root(version: Annotated[bool, typer.Option("--version", help="Print the ver
 
 
 def main() -> None:
+    # MKL's strict reproducible mode, set before torch loads MKL: CPU matmuls give the same bits whatever the
+    # number of threads, so a shard scores to the same bytes with --workers 1 or N (worker processes inherit it).
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     try:
         app(standalone_mode=False)
     except typer.Exit as exc:

@@ -132,15 +132,16 @@ class Policies:
 
     @classmethod
     def load(cls, options: ScoreOptions, sources: ModelSources, shape: RowShape,
-             progress: Callable[[int, int], None] | None = None) -> Policies:
-        """Load tokenizers first (cheap; bad flags fail here), then the models."""
+             progress: Callable[[int, int], None] | None = None, *, models: bool = True) -> Policies:
+        """Load tokenizers first (cheap; bad flags fail here), then the models (not with models=False: such
+        policies only `prepare`, as the CPU stage of a Ray run does)."""
         from .models import load_model, load_tokenizer, tokenizer_fingerprint
         from .scoring import TorchScorer, resolve_device, scoring_dtype
 
         if options.backend != "torch":
             raise UsageError(f"--backend {options.backend}: only 'torch' is available in this build")
         try:
-            device = resolve_device(options.device)
+            device = resolve_device(options.device) if models else "cpu"
         except ValueError as exc:
             raise UsageError(f"--device {options.device}: {exc}") from None
         dtype = scoring_dtype(device)
@@ -153,6 +154,8 @@ class Policies:
         scorers: dict[str, Any] = {}
 
         def scorer(role: str, source: ModelSource, report: Callable | None) -> Any:
+            if not models:
+                return None
             if role not in scorers:
                 model = load_model(source, device=device, dtype=dtype, trust_remote_code=trust)
                 scorers[role] = TorchScorer(model, device=device, batch_tokens=options.batch_tokens, progress=report)
@@ -178,8 +181,11 @@ class Policies:
                          **behavior.describe()},
             "tokenizer": {"fingerprint": tokenizer_fingerprint(hf_tokenizer),
                           "chat_template_hash": chat_template_hash(hf_tokenizer)},
-            "scoring": {"backend": options.backend, "device": device, "batch_tokens": options.batch_tokens},
+            # the device type only: the same manifest whichever GPU (or how many workers) scored the rows
+            "scoring": {"backend": options.backend, "device": device.split(":")[0],
+                        "batch_tokens": options.batch_tokens},
             "template": target_tokenizer.mode,
+            "alignment": behavior.alignment,
         }
         return cls(target_tokenizer, target_scorer, behavior, shape, description)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -29,9 +31,8 @@ class TokensColumn(ProgressColumn):
 class RowProgress:
     """A progress bar over input rows that also counts tokens.
 
-    `scored_batch(rows_done, tokens_done)` takes the cumulative counts a
-    scorer reports within one call (`start_call()` resets them), so it can be
-    passed as a scorer's progress callback directly.
+    `advance(rows, tokens)` adds increments; it may be called from several threads (the driver, and the
+    worker thread that scores with `--workers 1`).
     """
 
     def __init__(self, total_rows: int | None, description: str = "scoring", console: Console | None = None) -> None:
@@ -41,7 +42,8 @@ class RowProgress:
             console=console or Console(stderr=True), transient=False,
         )
         self.task = self.progress.add_task(description, total=total_rows, tokens=0)
-        self._call_rows = self._call_tokens = 0
+        self._tokens = 0
+        self._lock = threading.Lock()
 
     def __enter__(self) -> RowProgress:
         self.progress.start()
@@ -51,12 +53,6 @@ class RowProgress:
         self.progress.stop()
 
     def advance(self, rows: int, tokens: int) -> None:
-        task = self.progress.tasks[0]
-        self.progress.update(self.task, advance=rows, tokens=task.fields.get("tokens", 0) + tokens)
-
-    def start_call(self) -> None:
-        self._call_rows = self._call_tokens = 0
-
-    def scored_batch(self, rows_done: int, tokens_done: int) -> None:
-        self.advance(rows_done - self._call_rows, tokens_done - self._call_tokens)
-        self._call_rows, self._call_tokens = rows_done, tokens_done
+        with self._lock:
+            self._tokens += tokens
+            self.progress.update(self.task, advance=rows, tokens=self._tokens)

@@ -34,7 +34,8 @@ from .behavior import BehaviorSpec
 from .card import render_card
 from .corpus import CorpusRow, detect_shape, open_corpus
 from .diagnostics import Diagnostics, degeneracy_warnings
-from .policies import DEFAULT_TARGET, ModelSources, Policies
+from .engine import Progress, ShardTask, Workers, worker_devices
+from .policies import DEFAULT_TARGET, ModelSources, Policies, ScoredShard
 from .schema import ENGINE_COLUMNS, GRANULARITIES, INPUT_IDS, REJECTS
 from .tokenize import TokenizeConfig
 from .weigh import weigh_table
@@ -58,6 +59,8 @@ class ScoreOptions:
     backend: str = "torch"
     batch_tokens: int = 8192
     shard_rows: int = 1000
+    workers: int = 1  # not part of the run key: the output does not depend on it
+    ray: str | None = None  # a Ray cluster address, or "local"; None: workers on this machine (engine.py)
     resume: bool = False
     overwrite: bool = False
     trust_remote_code: bool = False
@@ -81,41 +84,44 @@ def score(corpus: str | Path, out: str | Path, options: ScoreOptions = ScoreOpti
         "shard_rows": options.shard_rows, "batch_tokens": options.batch_tokens, "device": options.device,
         "backend": options.backend,
     }
+    if options.workers > 1 and not options.ray:
+        worker_devices(options.device, options.workers)  # bad --device / --workers: before anything is written
     writer = DatasetWriter(out, run_key, resume=options.resume, overwrite=options.overwrite)
     meter = progress_factory(source.num_rows()) if progress_factory else None
-    policies = Policies.load(options, sources, shape, meter.scored_batch if meter else None)
+    advance = meter.advance if meter else None
+    if options.ray:
+        from .ray_engine import RayWorkers
+
+        workers = RayWorkers(options.ray, options.workers, options, sources, shape, source, advance)
+        results = workers.map(writer.next_input_row)
+    else:
+        if options.workers == 1:
+            progress = Progress(advance or (lambda rows, tokens: None))
+            policies = Policies.load(options, sources, shape, progress)
+            workers = Workers(1, options, sources, shape, policies=policies, progress=progress, advance=advance)
+        else:
+            workers = Workers(options.workers, options, sources, shape, advance=advance)
+        tasks = (ShardTask(number, rows)
+                 for number, rows in enumerate(shards(source.rows(), writer.next_input_row, options.shard_rows)))
+        results = workers.map(tasks)
     diagnostics = Diagnostics()
     if not dataset_normalization:  # the shards committed before a resume
         observe_files(data_files(out), config, None, diagnostics, by_row_group=False)
     if meter:
         meter.advance(writer.next_input_row, 0)
 
-    for shard in shards(source.rows(), writer.next_input_row, options.shard_rows):
-        prepared = policies.prepare(shard)
-        if meter:
-            meter.start_call()
-            meter.advance(len(prepared.rejects), 0)
-        scored = policies.score(prepared)
-        with writer.shard() as handle:
-            rejects, stats = scored.rejects, {"tokens": 0, "completion_tokens": 0}
-            if scored.rows:
-                weighed = weigh_table(scored.table, shard_config,
-                                      observer=None if dataset_normalization else diagnostics)
-                handle.write(weighed.kept)
-                rejects = rejects + [scored.reject(i, r) for i, r in zip(weighed.rejected_rows, weighed.reasons)]
-                stats = {"tokens": weighed.tokens, "completion_tokens": weighed.completion_tokens,
-                         "weight_sums": weighed.sums.sums if dataset_normalization else None,
-                         **scored.stats(weighed.kept_rows)}
-            if rejects:
-                handle.reject(reject_table(sorted(rejects)))
-            handle.commit(shard[-1].index + 1, stats)
+    with workers:
+        for input_end, scored in results:
+            commit(writer, input_end, scored, shard_config, None if dataset_normalization else diagnostics,
+                   dataset_normalization)
 
     means = normalize_dataset(writer, config, diagnostics) if dataset_normalization else None
+
     totals = {key: sum(r.stats.get(key) or 0 for r in writer.committed)
               for key in ("tokens", "completion_tokens", "truncated_prompt_tokens", "truncated_completion_tokens",
                           "rows_truncated")}
     summary = diagnostics.summary()
-    description = policies.description
+    description = workers.description
     manifest = {
         "tool": {"name": "pear-data", "version": __version__},
         "command": "score",
@@ -123,7 +129,7 @@ def score(corpus: str | Path, out: str | Path, options: ScoreOptions = ScoreOpti
                   "fingerprint": run_key["input_fingerprint"], "shape": shape.describe()},
         **{key: description[key] for key in ("models", "behavior", "tokenizer", "scoring")},
         "tokenize": {**dataclasses.asdict(options.tokenize), "mode": description["template"]},
-        "alignment": alignment_summary(policies.behavior.alignment, writer.committed),
+        "alignment": alignment_summary(description["alignment"], writer.committed),
         "weights": config.to_dict(),
         "tokens": {"total": totals["tokens"], "completion": totals["completion_tokens"],
                    "truncated_prompt": totals["truncated_prompt_tokens"],
@@ -136,6 +142,23 @@ def score(corpus: str | Path, out: str | Path, options: ScoreOptions = ScoreOpti
     if options.license:
         manifest["license"] = options.license
     return writer.finalize(manifest, render_card)
+
+
+def commit(writer: DatasetWriter, input_end: int, scored: ScoredShard, config: WeightConfig,
+           diagnostics: Diagnostics | None, record_sums: bool) -> None:
+    """Weigh a scored shard and commit it: its valid rows to data/, every other row to rejects, with the counts
+    the manifest needs (and the weight sums of dataset normalization when `record_sums`)."""
+    with writer.shard() as handle:
+        rejects, stats = scored.rejects, {"tokens": 0, "completion_tokens": 0}
+        if scored.rows:
+            weighed = weigh_table(scored.table, config, observer=diagnostics)
+            handle.write(weighed.kept)
+            rejects = rejects + [scored.reject(i, r) for i, r in zip(weighed.rejected_rows, weighed.reasons)]
+            stats = {"tokens": weighed.tokens, "completion_tokens": weighed.completion_tokens,
+                     "weight_sums": weighed.sums.sums if record_sums else None, **scored.stats(weighed.kept_rows)}
+        if rejects:
+            handle.reject(reject_table(sorted(rejects)))
+        handle.commit(input_end, stats)
 
 
 def shards(rows: Iterator[CorpusRow], start: int, shard_rows: int) -> Iterator[list[CorpusRow]]:

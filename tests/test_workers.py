@@ -1,0 +1,185 @@
+"""Scale-out: --workers N (processes) and --ray local give the bytes of --workers 1, and resume after a worker or
+the driver is killed. Plus the engine's ordering and backpressure on a stand-in for the policies."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from pear_data.corpus import CorpusRow
+from pear_data.engine import ShardTask, Workers, worker_devices
+from pear_data.errors import UsageError
+from pear_data.policies import PreparedShard, ScoredShard
+
+ROOT = Path(__file__).resolve().parents[1]
+GSM8K = ROOT / "examples" / "data" / "gsm8k_sample.jsonl"
+FLAGS = ["--prompt-field", "question", "--completion-field", "answer", "--behavior", "smollm2-135m-instruct",
+         "--behavior-temperature", "0.7", "--shard-rows", "3", "--device", "cpu"]
+
+
+# --------------------------------------------------------------------------- the engine, no model
+
+
+class StandIn:
+    """What Workers needs of Policies: prepare (here: sleeps a little, longer for early shards so that they
+    finish out of order) and score; records the most shards in flight at once."""
+
+    description = {"stand-in": True}
+
+    def __init__(self) -> None:
+        self.in_flight = self.most = 0
+        self.lock = threading.Lock()
+
+    def prepare(self, rows: list[CorpusRow]) -> PreparedShard:
+        with self.lock:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+        time.sleep(0.002 * (rows[0].index % 3))
+        return PreparedShard(rejects=[(row, f"row {row.index}") for row in rows])
+
+    def score(self, prepared: PreparedShard) -> ScoredShard:
+        with self.lock:
+            self.in_flight -= 1
+        return ScoredShard(pa.table({}), [], [(row.index, reason, "") for row, reason in prepared.rejects])
+
+
+def test_results_come_back_in_shard_order_with_bounded_work_in_flight() -> None:
+    policies = StandIn()
+    tasks = (ShardTask(n, [CorpusRow(n * 2 + i, {}) for i in range(2)]) for n in range(40))
+    workers = Workers(1, None, None, None, policies=policies)
+    with workers:
+        results = list(workers.map(tasks))
+    assert [end for end, _ in results] == [2 * (n + 1) for n in range(40)]
+    assert [s.rejects[0][0] for _, s in results] == [2 * n for n in range(40)]
+    assert policies.most <= 2  # the shard being scored and the one prepared ahead
+
+
+def test_a_worker_error_reaches_the_driver_as_itself() -> None:
+    class Failing(StandIn):
+        def prepare(self, rows):
+            raise UsageError("--max-length 3: over max length")
+
+    workers = Workers(1, None, None, None, policies=Failing())
+    with pytest.raises(UsageError, match="over max length"), workers:
+        list(workers.map([ShardTask(0, [CorpusRow(0, {})])]))
+
+
+def test_one_gpu_cannot_hold_several_workers() -> None:
+    assert worker_devices("cpu", 2)[0] == ["cpu", "cpu"]
+    with pytest.raises(UsageError):
+        worker_devices("mps", 2)
+
+
+# --------------------------------------------------------------------------- end to end on SmolLM2
+
+
+def run(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pear_data.cli", "score", *map(str, args)], capture_output=True,
+                          text=True, timeout=1200, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def output_files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and ".pear" not in p.parts}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """10 GSM8K rows and two rows that are rejected (an undecodable line, a missing answer): 4 shards of 3."""
+    lines = GSM8K.read_text().splitlines()[:10]
+    lines.insert(2, '{"question": "broken')
+    lines.insert(7, json.dumps({"question": "no answer"}))
+    path = tmp_path_factory.mktemp("corpus") / "rows.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory) -> dict[str, bytes]:
+    out = tmp_path_factory.mktemp("one") / "out"
+    result = run(corpus, "--out", out, *FLAGS, "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    files = output_files(out)
+    assert "rejects.parquet" in files and len([f for f in files if f.startswith("data/")]) == 4
+    return files
+
+
+@pytest.mark.slow
+def test_two_worker_processes_write_the_bytes_of_one(corpus, reference, tmp_path) -> None:
+    result = run(corpus, "--out", tmp_path / "two", *FLAGS, "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    assert output_files(tmp_path / "two") == reference
+
+
+def _wait_for_commits(out: Path, process: subprocess.Popen, count: int) -> None:
+    progress = out / ".pear" / "progress.json"
+    deadline = time.time() + 900
+    while time.time() < deadline and process.poll() is None:
+        if progress.exists():
+            try:
+                if len(json.loads(progress.read_text()).get("shards", [])) >= count:
+                    return
+            except json.JSONDecodeError:
+                pass
+        time.sleep(0.05)
+    raise AssertionError(f"the run ended ({process.poll()}) before it committed {count} shard(s)")
+
+
+@pytest.mark.slow
+def test_a_killed_worker_stops_the_run_cleanly_and_resume_finishes_it(corpus, reference, tmp_path) -> None:
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "pear_data.cli", "score", str(corpus), "--out", str(out), *FLAGS, "--workers", "2"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    _wait_for_commits(out, process, 1)
+    children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    workers = [int(pid) for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+    assert workers, children
+    os.kill(workers[-1], signal.SIGKILL)
+    _, stderr = process.communicate(timeout=600)
+    if process.returncode == 0:  # the worker had already finished its last shard: nothing was lost
+        assert output_files(out) == reference
+        return
+    assert process.returncode == 2, stderr
+    assert "died" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    resumed = run(corpus, "--out", out, *FLAGS, "--workers", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert output_files(out) == reference
+
+
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="--ray needs pear-data[ray]")
+
+
+@pytest.mark.slow
+@needs_ray
+def test_ray_local_writes_the_bytes_of_one_worker(corpus, reference, tmp_path) -> None:
+    result = run(corpus, "--out", tmp_path / "ray", *FLAGS, "--ray", "local", "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    assert output_files(tmp_path / "ray") == reference
+
+
+@pytest.mark.slow
+@needs_ray
+def test_ray_run_resumes_after_its_driver_is_killed(corpus, reference, tmp_path) -> None:
+    out = tmp_path / "ray-killed"
+    args = [sys.executable, "-m", "pear_data.cli", "score", str(corpus), "--out", str(out), *FLAGS, "--ray", "local",
+            "--workers", "2"]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    _wait_for_commits(out, process, 1)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "manifest.json").exists()
+    resumed = run(corpus, "--out", out, *FLAGS, "--ray", "local", "--workers", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert output_files(out) == reference
