@@ -7,16 +7,16 @@ Output layout (docs/design.md section 2):
                                       # reject_reason (string) and whatever else the caller put in
     OUT/manifest.json                 # sorted keys, indent 2, no timestamps
     OUT/README.md                     # dataset card (pear_data.card)
-    OUT/.pear/                        # resume state; never uploaded
+    OUT/.pear/                        # resume state and the lock; never uploaded
 
 What `.pear/` holds: `progress.json` (the run key, every committed shard, the
-applied rewrites, `finished`), `rejects-NNNNN.parquet` (rejects of shard NNNNN)
-and, only while a shard is open, `shard-NNNNN.parquet.tmp`. Other temps are
-hidden `.NAME.tmp` files next to their target (data/, OUT). It is kept after
-`finalize` (small: progress.json plus the per-shard rejects that rejects.parquet
-duplicates): that lets `--resume`
-on a finished output redo `finalize` to the same bytes, and lets `push` check
-that the run finished.
+applied rewrites, `finished`), `rejects-NNNNN.parquet` (rejects of shard NNNNN),
+`lock` (the process id of the last run that held it) and, only while a shard
+is open, `shard-NNNNN.parquet.tmp`. Other temps are hidden `.NAME.tmp` files
+next to their target (data/, OUT). It is kept after `finalize` (small:
+progress.json plus the per-shard rejects that rejects.parquet duplicates):
+that lets `--resume` on a finished output redo `finalize` to the same bytes,
+and lets `push` check that the run finished.
 
 How to read the output. It is a directory of Parquet shards, NOT a
 `Dataset.save_to_disk` directory, so `datasets.load_from_disk` does not read it.
