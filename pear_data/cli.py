@@ -1,11 +1,17 @@
 """pear-data command line (docs/design.md section 5): thin Typer commands over the pipeline modules.
 
-Exit codes: 0 ok, 2 usage or bad input (the message names the row, column or
-flag), 1 internal error.
+Exit codes (docs/design.md section 6): 0 ok; 2 for anything the user can fix
+(a `PearDataError`, a click usage error, or an OSError of the environment: a
+full disk, a read-only or forbidden path; the message names the flag, file,
+row or column and says what to do; no traceback); 1 for a bug in pear-data,
+with a traceback. 130 after Ctrl-C. A reader that closes the pipe early
+(`pear-data stats OUT | head`) is not an error: the command finishes its other
+work (a `--plot` is still written) without printing, and exits 0.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -14,10 +20,56 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
-from .errors import PearDataError
+from .errors import OutputError, PearDataError, UsageError
 from .weights import WeightConfig
+
+
+class _PipeSafeStdout:
+    """sys.stdout that goes quiet once the reader has closed the pipe (`pear-data stats OUT | head`).
+
+    Every write is flushed at once, so a closed pipe shows here (not at interpreter exit); from then
+    on the output goes to /dev/null and the command goes on with its other work.
+    """
+
+    closed = False
+
+    def write(self, text: str) -> int:
+        if not self.closed:
+            try:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            except BrokenPipeError:
+                self.silence()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.closed:
+            try:
+                sys.stdout.flush()
+            except BrokenPipeError:
+                self.silence()
+
+    def silence(self) -> None:
+        self.closed = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # what Python flushes at exit goes nowhere
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def isatty(self) -> bool:
+        return sys.stdout.isatty()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(sys.stdout, "encoding", None) or "utf-8"
+
+
+STDOUT = _PipeSafeStdout()
 
 app = typer.Typer(
     name="pear-data",
@@ -27,7 +79,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True)
-out = Console() if sys.stdout.isatty() else Console(width=120)  # logs and pipes get the whole table
+out = Console(file=STDOUT) if sys.stdout.isatty() else Console(file=STDOUT, width=120)  # logs, pipes: whole table
 
 _D = WeightConfig()
 WEIGHTS = "Weight flags (docs/design.md section 3)"
@@ -119,9 +171,10 @@ def weight_config(
     length_normalize,
     center,
 ) -> WeightConfig:
-    """WeightConfig from the CLI flags; a bad value is a usage error naming the flag."""
+    """WeightConfig from the CLI flags; a bad value (or a combination that cannot give finite weights) is a usage
+    error naming the flag."""
     try:
-        return WeightConfig(
+        config = WeightConfig(
             granularity=granularity,
             gamma=gamma,
             horizon=horizon,
@@ -133,6 +186,8 @@ def weight_config(
             length_normalize=length_normalize,
             center=center,
         )
+        config.check_normalizable()
+        return config
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
 
@@ -155,7 +210,7 @@ def _report(manifest: dict, out_dir: Path) -> None:
     _print_alignment(manifest)
     print_table(manifest.get("diagnostics", {}), manifest.get("weights", {}).get("granularity"), out)
     for warning in manifest.get("warnings", []):
-        err.print(f"[yellow]warning:[/] {warning}")
+        err.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 @app.command()
@@ -283,6 +338,9 @@ def score(
     from .score import score as run
     from .tokenize import TokenizeConfig
 
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other: --resume continues the output in --out, "
+                         "--overwrite replaces it; pick one")
     config = weight_config(
         granularity,
         gamma,
@@ -384,11 +442,31 @@ def reweight(
     _report(manifest, out_dir)
 
 
+def _count(value) -> str:
+    return f"{value:,}" if isinstance(value, int) else "?"
+
+
+def plot_path(plot: Path) -> Path:
+    """Where `stats --plot` writes: the path itself when it ends in .png, DIR/weights.png for an existing
+    directory; anything else is a usage error (matplotlib would pick the format from the suffix)."""
+    if plot.is_dir():
+        return plot / "weights.png"
+    if plot.suffix.lower() != ".png":
+        raise UsageError(f"--plot {plot}: the plot is a PNG image; give a file name ending in .png, or an "
+                         "existing directory (the plot is then written as DIR/weights.png)")
+    return plot
+
+
 @app.command()
 def stats(
     src: Annotated[Path, typer.Argument(help="A pear-data output dir (or Parquet with weight columns).")],
     plot: Annotated[
-        Path | None, typer.Option("--plot", help="Write a PNG: weight distribution and mean weight by position.")
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Write a PNG (a .png path, or a directory: DIR/weights.png): weight distribution and mean weight "
+            "by position.",
+        ),
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the diagnostics as JSON instead of a table.")] = False,
 ) -> None:
@@ -398,6 +476,8 @@ def stats(
     from .stats import print_table, stored_diagnostics
     from .writer import read_manifest
 
+    if plot is not None:
+        plot = plot_path(plot)
     manifest = read_manifest(src) if (src / "manifest.json").exists() else {}
     summary = manifest.get("diagnostics")
     stored = None
@@ -405,21 +485,26 @@ def stats(
         stored = stored_diagnostics(src)
         summary = summary or stored.summary()
     if json_out:
-        typer.echo(json.dumps(summary, indent=2, sort_keys=True))
+        STDOUT.write(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     else:
         if manifest:
-            rows = manifest["rows"]
+            rows = manifest.get("rows") or {}
             out.print(
-                f"[bold]{src}[/]: {rows['out']:,} rows, {rows['rejected']:,} rejected; "
-                f"weights {json.dumps(manifest.get('weights', {}), sort_keys=True)}"
+                f"[bold]{escape(str(src))}[/]: {_count(rows.get('out'))} rows, "
+                f"{_count(rows.get('rejected'))} rejected; "
+                f"weights {escape(json.dumps(manifest.get('weights', {}), sort_keys=True))}"
             )
             _print_alignment(manifest)
-        print_table(summary, manifest.get("weights", {}).get("granularity"), out)
+        print_table(summary, (manifest.get("weights") or {}).get("granularity"), out)
     for warning in degeneracy_warnings(summary):
-        err.print(f"[yellow]warning:[/] {warning}")
+        err.print(f"[yellow]warning:[/] {escape(warning)}")
     if plot is not None:
-        draw(stored, plot, title=str(src))
-        err.print(f"wrote {plot}")
+        try:
+            draw(stored, plot, title=str(src))
+        except OSError as exc:
+            raise OutputError(f"--plot {plot}: cannot write the plot ({exc.strerror or exc}); choose another path") \
+                from None
+        err.print(f"wrote {escape(str(plot))}", soft_wrap=True)
 
 
 @app.command()
@@ -443,12 +528,23 @@ def _root(version: Annotated[bool, typer.Option("--version", help="Print the ver
         raise typer.Exit()
 
 
+# OSErrors of the environment, not of pear-data: the user can fix them (exit 2).
+USER_OS_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                            errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR})
+
+
 def main() -> None:
     # MKL's strict reproducible mode, set before torch loads MKL: CPU matmuls give the same bits whatever the
     # number of threads, so a shard scores to the same bytes with --workers 1 or N (worker processes inherit it).
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     try:
-        app(standalone_mode=False)
+        try:
+            app(standalone_mode=False)
+        finally:
+            STDOUT.flush()
+    except BrokenPipeError:
+        STDOUT.silence()  # the reader has what it wanted (`| head`): not an error
+        sys.exit(0)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
@@ -461,11 +557,15 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         if isinstance(exc, PearDataError):
-            err.print(f"[red]error:[/] {exc}")
+            err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
             sys.exit(2)
-        err.print(f"[red]internal error:[/] {type(exc).__name__}: {exc}")
-        if not isinstance(exc, (OSError,)):
-            err.print_exception()
+        if isinstance(exc, OSError) and exc.errno in USER_OS_ERRORS:
+            where = f"{exc.filename}: " if exc.filename else ""
+            err.print(f"[red]error:[/] {escape(where + (exc.strerror or str(exc)))}; fix it (free space, "
+                      "permissions, another path) and rerun", soft_wrap=True)
+            sys.exit(2)
+        err.print(f"[red]internal error:[/] {escape(type(exc).__name__)}: {escape(str(exc))}", soft_wrap=True)
+        err.print_exception()
         sys.exit(1)
 
 

@@ -46,6 +46,10 @@ class OutputExistsError(OutputError):
     """OUT is not empty and neither --resume nor --overwrite applies (or OUT is not a pear-data output)."""
 
 
+class OutputLockedError(OutputError):
+    """Another pear-data process is writing OUT (it holds OUT/.pear/lock)."""
+
+
 class ResumeMismatchError(OutputError):
     """--resume on an OUT written with a different input fingerprint or different flags."""
 

@@ -85,18 +85,20 @@ def plan_push(out_dir: str | Path) -> list[PushFile]:
     `.pear/progress.json` says finished (an output downloaded from the Hub has
     no `.pear/`). Complete means: README.md and every data file the manifest
     lists exist, and rejects.parquet exists iff the manifest counts rejects.
+    Intact means: each data file's Parquet footer counts the rows its shard
+    record in the manifest says (`rows_out`), and rejects.parquet counts
+    `rows.rejected` (a truncated or replaced file is never published).
     """
     out_dir = Path(out_dir)
+    progress = read_progress(out_dir) if (out_dir / STATE_DIR / PROGRESS_FILE).is_file() else None
     if not (out_dir / MANIFEST_FILE).is_file():
         raise PushError(
-            f"{out_dir} has no {MANIFEST_FILE}: not a finished pear-data output. "
-            "Finish the run first (rerun the command with --resume)."
+            f"{out_dir} has no {MANIFEST_FILE}: not a finished pear-data output. {_finish_hint(progress)}"
         )
-    progress = read_progress(out_dir)
     if progress is not None and not progress.get("finished"):
         raise PushError(
             f"{out_dir}/{STATE_DIR}/{PROGRESS_FILE} says the run is not finished (killed, or data rewritten "
-            "after the manifest). Finish it with --resume before pushing."
+            f"after the manifest). {_finish_hint(progress)}"
         )
     manifest = read_manifest(out_dir)
     paths = [CARD_FILE, MANIFEST_FILE]
@@ -107,10 +109,45 @@ def plan_push(out_dir: str | Path) -> list[PushFile]:
         raise PushError(f"{out_dir}/{REJECTS_FILE} exists but the manifest counts no rejects; rerun with --overwrite")
     missing = [p for p in paths if not (out_dir / p).is_file()]
     if missing:
-        raise PushError(f"{out_dir} is incomplete, missing: {', '.join(missing)}. Rerun the command with --resume.")
+        raise PushError(f"{out_dir} is incomplete, missing: {', '.join(missing)}. {AGAIN}")
     if not any(p.startswith(f"{DATA_DIR}/") for p in paths):
         raise PushError(f"{out_dir} has no data files (every row was rejected); nothing to push")
+    expected = {s["data_file"]: s.get("rows_out") for s in manifest.get("shards", []) if s.get("data_file")}
+    if REJECTS_FILE in paths:
+        expected[REJECTS_FILE] = (manifest.get("rows") or {}).get("rejected")
+    for path, rows in expected.items():
+        found = _parquet_rows(out_dir / path, path)
+        if rows is not None and found != rows:
+            raise PushError(
+                f"{out_dir}/{path} holds {found} rows, but {MANIFEST_FILE} records {rows} for it: the file was "
+                f"truncated or replaced after the run, and would publish other data than the card describes. {AGAIN}"
+            )
     return [PushFile(p, (out_dir / p).stat().st_size, _sha256(out_dir / p)) for p in sorted(paths)]
+
+
+def _finish_hint(progress: dict | None) -> str:
+    """How to finish the run that wrote DIR: `score` resumes, `reweight` has no --resume."""
+    command = ((progress or {}).get("run_key") or {}).get("command")
+    if command == "reweight":
+        return "Finish it first: rerun `pear-data reweight` with --overwrite, then push."
+    if command == "score":
+        return "Finish it first: rerun the same `pear-data score` command with --resume, then push."
+    return "Finish the run first (`score`: rerun it with --resume; `reweight`: rerun it with --overwrite)."
+
+
+AGAIN = "Write the output again (`score` with --resume or --overwrite, `reweight` with --overwrite), then push."
+
+
+def _parquet_rows(path: Path, name: str) -> int:
+    """Row count from the Parquet footer (no data read); PushError naming the file when it is not Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(path).num_rows
+    except (OSError, pa.ArrowException) as exc:
+        raise PushError(f"{path}: not a readable Parquet file ({exc}); the file is damaged or truncated. "
+                        f"{AGAIN}") from None
 
 
 
@@ -150,15 +187,22 @@ def push(
     manifest = read_manifest(out_dir)
     rows = (manifest.get("rows") or {}).get("out", "?")
     n_data = sum(f.path_in_repo.startswith(f"{DATA_DIR}/") for f in files)
-    api.create_repo(repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True)
-    info = api.upload_folder(
-        folder_path=str(out_dir),
-        repo_id=repo_id,
-        repo_type=REPO_TYPE,
-        allow_patterns=[f.path_in_repo for f in files],
-        ignore_patterns=[f"{STATE_DIR}/*"],
-        delete_patterns=[f"{DATA_DIR}/*", REJECTS_FILE],
-        commit_message=commit_message or f"pear-data: {rows} rows in {n_data} Parquet shards",
-    )
+    try:
+        api.create_repo(repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True)
+        info = api.upload_folder(
+            folder_path=str(out_dir),
+            repo_id=repo_id,
+            repo_type=REPO_TYPE,
+            allow_patterns=[f.path_in_repo for f in files],
+            ignore_patterns=[f"{STATE_DIR}/*"],
+            delete_patterns=[f"{DATA_DIR}/*", REJECTS_FILE],
+            commit_message=commit_message or f"pear-data: {rows} rows in {n_data} Parquet shards",
+        )
+    except Exception as exc:  # noqa: BLE001 - the network, the Hub or the token: all for the user to fix
+        raise PushError(
+            f"push to {repo_id} failed: {type(exc).__name__}: {exc}. The upload is one commit, so the repo holds "
+            "either all of it or none of it. Check the network and the token (HF_TOKEN or `hf auth login`; "
+            "a write token for that namespace), then run push again."
+        ) from None
     result.commit_url = getattr(info, "commit_url", None) or (str(info) if info is not None else None)
     return result

@@ -17,16 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from . import __version__
 from .card import render_card
-from .dataset import check_scored, files_fingerprint, source_files
+from .dataset import check_scored, files_fingerprint, read_batches, read_schema, source_files
 from .diagnostics import Diagnostics, degeneracy_warnings
+from .errors import UsageError
 from .schema import ENGINE_COLUMNS, INPUT_IDS, REJECT_REASON, ROW_INDEX
 from .weigh import weigh_table
 from .weights import WeightConfig, WeightSums
-from .writer import MANIFEST_FILE, DatasetWriter, read_manifest
+from .writer import MANIFEST_FILE, DatasetWriter, check_output_apart, read_manifest
 
 
 @dataclass(frozen=True)
@@ -38,13 +37,33 @@ class ReweightOptions:
 
 def reweight(src: str | Path, out: str | Path, config: WeightConfig,
              options: ReweightOptions = ReweightOptions()) -> dict:
-    """Recompute the weight columns of SRC into OUT; returns the manifest."""
+    """Recompute the weight columns of SRC into OUT; returns the manifest.
+
+    Refused before anything is written (UsageError / InputError, exit 2): OUT
+    that is, contains or lies inside SRC or one of its files; weight flags that
+    cannot give finite weights (`WeightConfig.check_normalizable`); SRC that is
+    not scored Parquet (named file and column), or whose manifest is damaged.
+    """
     files = source_files(src)
+    check_output_apart([src, *files], out, "the input")
+    try:
+        config.check_normalizable()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     check_scored(files)
+    source = read_manifest(src) if Path(src).is_dir() and (Path(src) / MANIFEST_FILE).is_file() else {}
     fingerprint = files_fingerprint(files)
     run_key = {"command": "reweight", "input_fingerprint": fingerprint, "weights": config.to_dict(),
                "shard_rows": options.shard_rows}
-    writer = DatasetWriter(out, run_key, overwrite=options.overwrite)
+    writer = DatasetWriter(out, run_key, overwrite=options.overwrite, resumable=False)
+    try:
+        return _reweight(writer, src, files, fingerprint, source, config, options)
+    finally:
+        writer.close()
+
+
+def _reweight(writer: DatasetWriter, src: str | Path, files: list[Path], fingerprint: str, source: dict,
+              config: WeightConfig, options: ReweightOptions) -> dict:
     means = dataset_means(files, config, options.batch_rows) if config.normalize == "dataset" else None
 
     diagnostics = Diagnostics()
@@ -65,9 +84,7 @@ def reweight(src: str | Path, out: str | Path, config: WeightConfig,
             handle.commit(end)
 
     summary = diagnostics.summary()
-    source = read_manifest(src) if Path(src).is_dir() and (Path(src) / MANIFEST_FILE).is_file() else {}
     manifest = {
-        "tool": {"name": "pear-data", "version": __version__},
         "command": "reweight",
         "input": {"name": Path(src).resolve().name, "fingerprint": fingerprint, "files": len(files)},
         "weights": config.to_dict(),
@@ -85,7 +102,7 @@ def reweight(src: str | Path, out: str | Path, config: WeightConfig,
 def batches(files: list[Path], batch_rows: int, columns: list[str] | None = None) -> Iterator[pa.Table]:
     """The rows of `files` in order, `batch_rows` at a time (or a row group, when row groups are smaller)."""
     for path in files:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns):
+        for batch in read_batches(path, batch_rows, columns):
             yield pa.Table.from_batches([batch])
 
 
@@ -106,7 +123,7 @@ def dataset_means(files: list[Path], config: WeightConfig, batch_rows: int) -> d
     columns = [INPUT_IDS, *ENGINE_COLUMNS]
     sums = WeightSums()
     for path in files:
-        names = pq.read_schema(path).names
+        names = read_schema(path).names
         for table in batches([path], batch_rows, [c for c in columns if c in names]):
             sums.add(weigh_table(table, unnormalized).sums)
     return sums.means()

@@ -28,19 +28,20 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import __version__
 from .align import AlignmentStats
 from .behavior import BehaviorSpec
 from .card import render_card
 from .corpus import CorpusRow, detect_shape, open_corpus
+from .dataset import read_schema, read_table
 from .diagnostics import Diagnostics, degeneracy_warnings
 from .engine import Progress, ShardTask, Workers, worker_devices
+from .errors import UsageError
 from .policies import DEFAULT_TARGET, ModelSources, Policies, ScoredShard
 from .schema import ENGINE_COLUMNS, GRANULARITIES, INPUT_IDS, REJECTS
 from .tokenize import TokenizeConfig
 from .weigh import weigh_table
 from .weights import WeightConfig, WeightSums
-from .writer import DatasetWriter, data_files
+from .writer import DatasetWriter, check_output_apart, data_files
 
 NORMALIZE_REWRITE = "normalize-dataset"
 
@@ -69,14 +70,28 @@ class ScoreOptions:
 
 def score(corpus: str | Path, out: str | Path, options: ScoreOptions = ScoreOptions(), *,
           progress_factory: Callable[[int | None], Any] | None = None) -> dict:
-    """Run the whole recipe; returns the manifest. See the module docstring."""
+    """Run the whole recipe; returns the manifest. See the module docstring.
+
+    Checked before anything is read or written (UsageError, exit 2): `--resume` with `--overwrite`, an output
+    that is, contains or lies inside a local corpus, the weight flags (`WeightConfig.check_normalizable`), the
+    backend and the device (`check_device`), so that a bad flag leaves no output behind.
+    """
+    if options.resume and options.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other: pick one")
+    if Path(corpus).exists():
+        check_output_apart([corpus], out, "the corpus")
+    try:
+        options.weights.check_normalizable()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if options.backend != "torch":
+        raise UsageError(f"--backend {options.backend}: only 'torch' is available in this build")
+    if not options.ray:  # on a Ray cluster the GPUs are the cluster's, not this machine's
+        check_device(options.device)
     source = open_corpus(corpus, split=options.split)
     shape = detect_shape(next((r.record for r in source.rows() if r.record is not None), None), **options.shape)
     sources = ModelSources.resolve(options)
     config = options.weights
-    dataset_normalization = config.normalize == "dataset"
-    # With dataset normalization the shards hold unnormalized weights until the final rewrite.
-    shard_config = dataclasses.replace(config, normalize="none", max_weight=None) if dataset_normalization else config
     run_key = {
         "command": "score", "input_fingerprint": source.fingerprint(), "shape": shape.describe(),
         "models": sources.fingerprints(), "behavior": dataclasses.asdict(options.behavior),
@@ -87,6 +102,18 @@ def score(corpus: str | Path, out: str | Path, options: ScoreOptions = ScoreOpti
     if options.workers > 1 and not options.ray:
         worker_devices(options.device, options.workers)  # bad --device / --workers: before anything is written
     writer = DatasetWriter(out, run_key, resume=options.resume, overwrite=options.overwrite)
+    try:
+        return _run(writer, source, shape, sources, run_key, out, options, progress_factory)
+    finally:
+        writer.close()
+
+
+def _run(writer: DatasetWriter, source: Any, shape: Any, sources: ModelSources, run_key: dict, out: str | Path,
+         options: ScoreOptions, progress_factory: Callable[[int | None], Any] | None) -> dict:
+    config = options.weights
+    dataset_normalization = config.normalize == "dataset"
+    # With dataset normalization the shards hold unnormalized weights until the final rewrite.
+    shard_config = dataclasses.replace(config, normalize="none", max_weight=None) if dataset_normalization else config
     meter = progress_factory(source.num_rows()) if progress_factory else None
     advance = meter.advance if meter else None
     if options.ray:
@@ -123,7 +150,6 @@ def score(corpus: str | Path, out: str | Path, options: ScoreOptions = ScoreOpti
     summary = diagnostics.summary()
     description = workers.description
     manifest = {
-        "tool": {"name": "pear-data", "version": __version__},
         "command": "score",
         "input": {"name": source.name, "kind": source.kind, "split": source.split,
                   "fingerprint": run_key["input_fingerprint"], "shape": shape.describe()},
@@ -159,6 +185,23 @@ def commit(writer: DatasetWriter, input_end: int, scored: ScoredShard, config: W
         if rejects:
             handle.reject(reject_table(sorted(rejects)))
         handle.commit(input_end, stats)
+
+
+def check_device(device: str) -> None:
+    """UsageError unless torch can score on `device` (auto, cpu, cuda, cuda:N with N < the GPU count)."""
+    import torch
+
+    from .scoring import resolve_device
+
+    try:
+        resolved = resolve_device(device)
+    except ValueError as exc:
+        raise UsageError(f"--device {device}: {exc}") from None
+    index = torch.device(resolved).index
+    if index is not None and torch.device(resolved).type == "cuda" and index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise UsageError(f"--device {device}: torch sees {count} CUDA device(s) (cuda:0 to cuda:{count - 1}); "
+                         "pick one of them, or --device cuda")
 
 
 def shards(rows: Iterator[CorpusRow], start: int, shard_rows: int) -> Iterator[list[CorpusRow]]:
@@ -209,15 +252,16 @@ def weigh_all(table: pa.Table, config: WeightConfig, means: dict | None, diagnos
 def observe_files(paths: list[Path], config: WeightConfig, means: dict | None, diagnostics: Diagnostics, *,
                   by_row_group: bool) -> None:
     """Diagnostics of committed data files, weighed as they were when written: a whole shard at a time,
-    or one row group at a time (the dataset-normalization rewrite), so the float sums match a fresh run."""
+    or one row group at a time (the dataset-normalization rewrite), so the float sums match a fresh run.
+    A damaged file is an InputError naming it."""
     for path in paths:
-        parquet = pq.ParquetFile(path)
-        columns = [name for name in (INPUT_IDS, *ENGINE_COLUMNS) if name in parquet.schema_arrow.names]
+        names = read_schema(path).names
+        columns = [name for name in (INPUT_IDS, *ENGINE_COLUMNS) if name in names]
         if by_row_group:
-            for i in range(parquet.num_row_groups):
-                weigh_all(parquet.read_row_group(i, columns=columns), config, means, diagnostics)
+            for i in range(pq.read_metadata(path).num_row_groups):
+                weigh_all(read_table(path, columns, row_group=i), config, means, diagnostics)
         else:
-            weigh_all(parquet.read(columns=columns), config, means, diagnostics)
+            weigh_all(read_table(path, columns), config, means, diagnostics)
 
 
 def alignment_summary(mode: str, committed: list) -> dict:

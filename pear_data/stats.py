@@ -6,12 +6,14 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
+import pyarrow.compute as pc
 from rich.console import Console
 from rich.table import Table
 
-from .dataset import check_scored, source_files
+from .dataset import check_scored, read_batches, source_files
 from .diagnostics import POSITION_BINS, Diagnostics, bin_edges
+from .errors import InputError
 from .schema import COMPLETION_MASK, GRANULARITIES, WEIGHT_COLUMNS
 from .weights import CompletionIndex
 
@@ -24,13 +26,16 @@ COLUMNS = (
 
 
 def stored_diagnostics(src: str | Path, batch_rows: int = 1024) -> Diagnostics:
-    """Diagnostics of the weights stored in SRC's weight columns (with the position profile)."""
+    """Diagnostics of the weights stored in SRC's weight columns (with the position profile).
+
+    InputError (naming the file) for a file that lacks the columns, holds other types, or is damaged."""
     diagnostics = Diagnostics(positions=True)
     names = [COMPLETION_MASK, *WEIGHT_COLUMNS.values()]
     files = source_files(src)
     check_scored(files, tuple(names))
     for path in files:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=names):
+        for batch in read_batches(path, batch_rows, names):
+            _check_batch(batch, path)
             mask = batch.column("completion_mask")
             offsets = np.asarray(mask.offsets, dtype=np.int64)
             offsets = offsets - offsets[0]
@@ -43,6 +48,20 @@ def stored_diagnostics(src: str | Path, batch_rows: int = 1024) -> Diagnostics:
                     w = column.flatten().to_numpy().astype(np.float64)[index.positions]
                 diagnostics.observe(g, w, None, index)
     return diagnostics
+
+
+def _check_batch(batch, path: Path) -> None:
+    """InputError naming the file and column for nulls, or for weight lists not aligned with completion_mask."""
+    lengths = pc.list_value_length(batch.column(COMPLETION_MASK))
+    for name in batch.schema.names:
+        column = batch.column(name)
+        listed = pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+        if column.null_count or (listed and column.flatten().null_count):
+            raise InputError(f"{path}: column {name} holds nulls; pear-data writes every weight and mask in full "
+                             "(was the file edited?)")
+        if listed and len(column) and not pc.all(pc.equal(pc.list_value_length(column), lengths)).as_py():
+            raise InputError(f"{path}: column {name} has rows whose length differs from completion_mask's "
+                             "(every list column is aligned with input_ids)")
 
 
 def diagnostics_table(summary: dict, primary: str | None = None) -> Table:

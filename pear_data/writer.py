@@ -7,16 +7,16 @@ Output layout (docs/design.md section 2):
                                       # reject_reason (string) and whatever else the caller put in
     OUT/manifest.json                 # sorted keys, indent 2, no timestamps
     OUT/README.md                     # dataset card (pear_data.card)
-    OUT/.pear/                        # resume state; never uploaded
+    OUT/.pear/                        # resume state and the lock; never uploaded
 
 What `.pear/` holds: `progress.json` (the run key, every committed shard, the
-applied rewrites, `finished`), `rejects-NNNNN.parquet` (rejects of shard NNNNN)
-and, only while a shard is open, `shard-NNNNN.parquet.tmp`. Other temps are
-hidden `.NAME.tmp` files next to their target (data/, OUT). It is kept after
-`finalize` (small: progress.json plus the per-shard rejects that rejects.parquet
-duplicates): that lets `--resume`
-on a finished output redo `finalize` to the same bytes, and lets `push` check
-that the run finished.
+applied rewrites, `finished`), `rejects-NNNNN.parquet` (rejects of shard NNNNN),
+`lock` (the process id of the last run that held it) and, only while a shard
+is open, `shard-NNNNN.parquet.tmp`. Other temps are hidden `.NAME.tmp` files
+next to their target (data/, OUT). It is kept after `finalize` (small:
+progress.json plus the per-shard rejects that rejects.parquet duplicates):
+that lets `--resume` on a finished output redo `finalize` to the same bytes,
+and lets `push` check that the run finished.
 
 How to read the output. It is a directory of Parquet shards, NOT a
 `Dataset.save_to_disk` directory, so `datasets.load_from_disk` does not read it.
@@ -42,18 +42,35 @@ nothing records a time, a path or a host. Same pyarrow version + same input +
 same calls = byte-identical data files, rejects.parquet, manifest.json and
 README.md.
 
-One writer per OUT at a time; there is no lock file.
+Ownership. Every manifest.json and progress.json this module writes carries
+`tool` = {"name": "pear-data", "version", "format": OUTPUT_FORMAT}; progress.json
+also has its own `format` (PROGRESS_FORMAT). A directory is a pear-data output
+only when one of them says so (or it holds nothing but an interrupted start);
+`overwrite` replaces nothing else, and inside data/ and .pear/ it deletes only
+the file names this module writes (a stray file there refuses the overwrite).
+`check_output_apart` refuses an output that is, contains or lies inside an input.
+
+One run at a time. The writer holds an exclusive `flock` on `.pear/lock` from
+its start until `close()` (or the end of the process: the kernel releases it
+after a kill -9 too). Another process that opens the same OUT gets
+OutputLockedError, naming the holder's process id. Writers in one process share
+the lock (the Python API may reopen an output it is writing).
+
+Errors. A failed write (a full disk, a read-only or vanished directory) is an
+OutputError naming the path and saying how to go on: `--resume` when the
+command can resume (committed shards are kept), `--overwrite` otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
 import re
-import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +79,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import InputError, OutputError, OutputExistsError, ResumeMismatchError, UsageError
+from .errors import (
+    InputError,
+    OutputError,
+    OutputExistsError,
+    OutputLockedError,
+    PearDataError,
+    ResumeMismatchError,
+    UsageError,
+)
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock (docs/design.md section 6)
+    fcntl = None
 
 DATA_DIR = "data"
 STATE_DIR = ".pear"
@@ -70,7 +100,10 @@ PROGRESS_FILE = "progress.json"
 MANIFEST_FILE = "manifest.json"
 CARD_FILE = "README.md"
 REJECTS_FILE = "rejects.parquet"
+LOCK_FILE = "lock"
+TOOL_NAME = "pear-data"
 PROGRESS_FORMAT = "pear-data/progress/1"
+OUTPUT_FORMAT = "pear-data/output/1"  # the layout of docs/design.md section 2; bump on an incompatible change
 
 # Fixed writer options: they are part of the byte-identical-output contract.
 PARQUET_OPTIONS: dict[str, Any] = {
@@ -89,6 +122,22 @@ ROW_GROUP_ROWS = 1024
 
 _DATA_NAME = re.compile(r"^part-(\d{5,})\.parquet$")
 _REJECTS_NAME = re.compile(r"^rejects-(\d{5,})\.parquet$")
+_DATA_FILE = re.compile(r"^data/part-\d{5,}\.parquet$")  # a shard record's data_file
+# Every name this module writes, per folder (temps included): what --overwrite may delete.
+_OWN_NAMES = {
+    "": re.compile(r"^\.?(rejects\.parquet|manifest\.json|README\.md)(\.tmp)?$"),
+    DATA_DIR: re.compile(r"^\.?part-\d{5,}\.parquet(\.tmp)?$"),
+    STATE_DIR: re.compile(
+        r"^(\.?progress\.json(\.tmp)?|lock|\.?rejects-\d{5,}\.parquet(\.tmp)?|shard-\d{5,}(-\d+)?\.parquet\.tmp)$"
+    ),
+}
+
+
+def tool_record() -> dict:
+    """The `tool` entry of every manifest.json and progress.json: who wrote the output, in which format."""
+    from . import __version__
+
+    return {"name": TOOL_NAME, "version": __version__, "format": OUTPUT_FORMAT}
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -300,6 +349,10 @@ class ShardHandle:
     def write(self, table: pa.Table) -> None:
         """Append output rows (in input order). Column types may be promoted across calls (null -> string, ...)."""
         self._check_open()
+        with self._writer._writing():
+            self._write(table)
+
+    def _write(self, table: pa.Table) -> None:
         if table.num_rows == 0:
             return
         table = _strip_metadata(table)
@@ -352,6 +405,10 @@ class ShardHandle:
         otherwise) and that reject row_index values lie in the range.
         """
         self._check_open()
+        with self._writer._writing():
+            return self._commit(input_end, stats)
+
+    def _commit(self, input_end: int, stats: dict | None) -> ShardRecord:
         n_in = input_end - self.input_start
         if n_in < 0 or self.rows_out + self.rows_rejected != n_in:
             raise RuntimeError(
@@ -419,6 +476,164 @@ class ShardHandle:
         self._rejects = []
 
 
+# ----------------------------------------------------------------------------- ownership, overlap, lock
+
+
+@dataclass
+class OutputState:
+    """What `inspect_output` found in OUT.
+
+    kind:   "absent" (no OUT), "empty", "unused" (pear-data started there but committed nothing:
+            nothing to keep), "ours" (a pear-data output: its manifest or its resume state says so),
+            "foreign" (anything else: never written to)
+    reason: for "foreign", why it is not recognized
+    """
+
+    kind: str
+    reason: str = ""
+    entries: list[str] = field(default_factory=list)
+    progress: dict | None = None  # .pear/progress.json, when it is ours
+    manifest: bool = False  # manifest.json is ours
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+
+
+def _is_own_tool(value: Any) -> bool:
+    tool = value.get("tool") if isinstance(value, dict) else None
+    return (isinstance(tool, dict) and tool.get("name") == TOOL_NAME
+            and isinstance(tool.get("format"), str) and tool["format"].startswith(f"{TOOL_NAME}/output/"))
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def stray_files(out_dir: str | Path) -> list[str]:
+    """Files in OUT/data/ and OUT/.pear/ that pear-data does not write (an overwrite would lose them)."""
+    out_dir = Path(out_dir)
+    strays = []
+    for folder in (DATA_DIR, STATE_DIR):
+        for name in _names(out_dir / folder):
+            if not (_OWN_NAMES[folder].match(name) and (out_dir / folder / name).is_file()):
+                strays.append(f"{folder}/{name}")
+    return strays
+
+
+def inspect_output(out_dir: str | Path) -> OutputState:
+    """Classify OUT without changing anything (see OutputState)."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return OutputState("absent")
+    entries = _names(out_dir)
+    if not entries:
+        return OutputState("empty")
+    progress_path = out_dir / STATE_DIR / PROGRESS_FILE
+    progress = _load_json(progress_path) if progress_path.is_file() else None
+    if not (isinstance(progress, dict) and str(progress.get("format", "")).startswith(f"{TOOL_NAME}/progress/")):
+        progress = None
+    manifest_path = out_dir / MANIFEST_FILE
+    manifest = _is_own_tool(_load_json(manifest_path)) if manifest_path.is_file() else False
+    state = OutputState("ours", entries=entries, progress=progress, manifest=manifest)
+    if progress is None and not manifest:
+        # An interrupted start: the lock (and an empty data/), nothing else.
+        started = (set(entries) <= {STATE_DIR, DATA_DIR} and not _names(out_dir / DATA_DIR)
+                   and set(_names(out_dir / STATE_DIR)) <= {LOCK_FILE, f".{PROGRESS_FILE}.tmp"}
+                   and (out_dir / STATE_DIR).is_dir())
+        if started:
+            state.kind = "unused"
+            return state
+        state.kind = "foreign"
+        if manifest_path.is_file():
+            state.reason = (f"its {MANIFEST_FILE} was not written by pear-data: no tool record of format "
+                            f"{TOOL_NAME}/output/N")
+        elif progress_path.is_file():
+            state.reason = f"its {STATE_DIR}/{PROGRESS_FILE} is unreadable or not pear-data's"
+        else:
+            state.reason = f"no pear-data {MANIFEST_FILE} or {STATE_DIR}/{PROGRESS_FILE}"
+        return state
+    if (progress is not None and not progress.get("shards") and not progress.get("finished")
+            and not manifest_path.exists() and not stray_files(out_dir)):
+        state.kind = "unused"  # started, stopped before its first shard (a model that did not load, ...)
+    return state
+
+
+def check_output_apart(inputs: list[str | Path], out_dir: str | Path, what: str = "the input") -> None:
+    """UsageError when OUT is an input, lies inside one, or contains one (symlinks resolved).
+
+    Writing there would replace or mix with what is being read: `--overwrite` would delete the input
+    before it is read. Called before anything is written.
+    """
+    out = Path(out_dir).resolve()
+    for item in inputs:
+        src = Path(item).resolve()
+        if out == src or src in out.parents or out in src.parents:
+            relation = ("is" if out == src else "lies inside" if src in out.parents else "contains")
+            raise UsageError(
+                f"--out {out_dir} {relation} {what} {item}: pear-data never writes where it reads "
+                "(--overwrite would delete the input before reading it). Choose an --out outside the input."
+            )
+
+
+class _LockHandle:
+    def __init__(self, key: str, fd: int) -> None:
+        self.key, self.fd, self.users = key, fd, 1
+
+
+_LOCKS: dict[str, _LockHandle] = {}  # lock file (real path) -> this process's handle
+
+
+def _acquire_lock(out_dir: Path, state_dir: Path) -> _LockHandle | None:
+    """flock OUT/.pear/lock (shared by the writers of this process). OutputLockedError if another process holds it."""
+    if fcntl is None:
+        return None
+    path = state_dir / LOCK_FILE
+    key = os.path.realpath(path)
+    held = _LOCKS.get(key)
+    if held is not None:
+        try:
+            if os.path.samestat(os.fstat(held.fd), os.stat(path)):
+                held.users += 1
+                return held
+        except OSError:
+            pass
+        del _LOCKS[key]  # OUT was deleted and made again: that old lock protects nothing here
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        try:
+            holder = path.read_text(encoding="utf-8").strip() or "unknown"
+        except OSError:
+            holder = "unknown"
+        raise OutputLockedError(
+            f"another pear-data run (process {holder}) is writing {out_dir}; wait for it to end, or choose "
+            f"another --out. The lock ({path}) goes away with that process, kill -9 included."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    handle = _LockHandle(key, fd)
+    _LOCKS[key] = handle
+    return handle
+
+
+def _release_lock(handle: _LockHandle | None) -> None:
+    if handle is None or handle.users <= 0:
+        return
+    handle.users -= 1
+    if handle.users == 0:
+        if _LOCKS.get(handle.key) is handle:
+            del _LOCKS[handle.key]
+        os.close(handle.fd)
+
+
 class DatasetWriter:
     """Writes OUT shard by shard; resumable; `finalize` writes rejects, manifest and card.
 
@@ -426,62 +641,135 @@ class DatasetWriter:
     output bytes); it is stored in `.pear/progress.json` and a `--resume` with
     a different one raises ResumeMismatchError naming the differing keys.
 
-    - OUT missing or empty: fresh run.
+    - OUT missing or empty, or holding a pear-data start that committed no
+      shard (`inspect_output` "unused"): fresh run, whatever the flags.
     - `resume=True` and OUT has `.pear/progress.json`: continue after the last
       committed shard (`committed`, `next_input_row`, `rewrites`, `finished`);
       stray temp files and uncommitted data/reject files are deleted first. On
       a finished output there is nothing left to write: calling `finalize`
       again reproduces the same files.
-    - `resume=True` and OUT holds only an interrupted start (`.pear/` without
-      progress.json): cleaned and started fresh.
-    - `overwrite=True`: deletes what a previous pear-data run wrote (data/,
-      rejects.parquet, manifest.json, README.md, .pear/) and starts fresh.
-    - anything else non-empty: OutputExistsError (also for `overwrite` on a
-      directory that is not a pear-data output: it is never deleted).
+    - `overwrite=True` on a pear-data output (its manifest or resume state says
+      so): deletes what pear-data wrote (data/part-*, rejects.parquet,
+      manifest.json, README.md, .pear/ but its lock) and starts fresh. A file
+      pear-data does not write inside data/ or .pear/ refuses the overwrite
+      (OutputExistsError naming it), before anything is deleted.
+    - anything else non-empty: OutputExistsError, and nothing is touched
+      (also for `overwrite` on a directory that is not a pear-data output).
+
+    `resumable=False` (commands without `--resume`, e.g. `reweight`): messages
+    never suggest `--resume`.
+
+    The writer holds the output's lock until `close()` (or the end of the process).
     """
 
-    def __init__(self, out_dir: str | Path, run_key: dict, *, resume: bool = False, overwrite: bool = False) -> None:
+    def __init__(self, out_dir: str | Path, run_key: dict, *, resume: bool = False, overwrite: bool = False,
+                 resumable: bool = True) -> None:
         if resume and overwrite:
             raise UsageError("--resume and --overwrite exclude each other: pick one")
         self.out_dir = Path(out_dir)
         self.run_key: dict = _jsonable(run_key, "run_key")
+        self.resumable = resumable
         self.committed: list[ShardRecord] = []
         self.rewrites: list[str] = []
         self.finished = False
         self._open: ShardHandle | None = None
         self._state = self.out_dir / STATE_DIR
         self._progress = self._state / PROGRESS_FILE
+        self._lock: _LockHandle | None = None
 
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise OutputExistsError(f"{self.out_dir} exists and is not a directory; choose another --out")
-        entries = sorted(p.name for p in self.out_dir.iterdir()) if self.out_dir.exists() else []
-        ours = self._state.is_dir() or (self.out_dir / MANIFEST_FILE).is_file()
-        if entries and not ours:
+        self._plan(resume, overwrite)  # refuse before creating anything
+        try:
+            self._state.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot create {exc.filename or self._state}: {exc.strerror or exc}. Choose a writable --out."
+            ) from None
+        with self._writing():
+            self._lock = _acquire_lock(self.out_dir, self._state)
+        try:
+            with self._writing():
+                action = self._plan(resume, overwrite)  # again, under the lock: the state cannot change now
+                if action == "resume":
+                    self._restore()
+                elif action in ("fresh", "overwrite"):
+                    self._delete_previous()
+                (self.out_dir / DATA_DIR).mkdir(exist_ok=True)
+                if not self._progress.is_file():
+                    self._save_progress(self.committed)
+        except BaseException:
+            self.close()
+            raise
+
+    def _plan(self, resume: bool, overwrite: bool) -> str:
+        """"fresh", "resume" or "overwrite", or the error for this OUT and these flags (changes nothing)."""
+        state = inspect_output(self.out_dir)
+        if state.kind == "foreign":
+            shown = ", ".join(state.entries[:5]) + (", ..." if len(state.entries) > 5 else "")
             raise OutputExistsError(
-                f"{self.out_dir} is not empty and is not a pear-data output (no {MANIFEST_FILE} or {STATE_DIR}/; "
-                f"found {', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}). Choose an empty or new --out."
+                f"{self.out_dir} is not empty and is not a pear-data output ({state.reason}; found {shown}). "
+                "pear-data replaces only what it wrote: choose an empty or new --out."
             )
-        if entries and overwrite:
-            self._delete_previous()
-        elif entries and resume:
-            if self._progress.is_file():
-                self._restore()
-            elif (self.out_dir / MANIFEST_FILE).is_file():
+        if state.kind in ("absent", "empty", "unused"):
+            return "fresh"
+        if overwrite:
+            strays = stray_files(self.out_dir)
+            if strays:
                 raise OutputExistsError(
-                    f"{self.out_dir} holds a pear-data output without resume state ({STATE_DIR}/{PROGRESS_FILE}); "
-                    "it cannot be resumed. Pass --overwrite to replace it or choose another --out."
+                    f"--overwrite: {self.out_dir} holds files pear-data did not write: {', '.join(strays[:5])}"
+                    f"{', ...' if len(strays) > 5 else ''}. Move them out of {self.out_dir} (nothing was deleted), "
+                    "or choose another --out."
                 )
-            else:
-                self._delete_previous()  # killed before its first progress.json: nothing to keep
-        elif entries:
+            return "overwrite"
+        if resume:
+            if state.progress is not None:
+                return "resume"
+            raise OutputExistsError(
+                f"{self.out_dir} holds a pear-data output without resume state ({STATE_DIR}/{PROGRESS_FILE}); "
+                "it cannot be resumed. Pass --overwrite to replace it or choose another --out."
+            )
+        if self.resumable:
             raise OutputExistsError(
                 f"{self.out_dir} already holds a pear-data output. Pass --resume to continue it "
                 "(same input and flags) or --overwrite to replace it."
             )
-        (self.out_dir / DATA_DIR).mkdir(parents=True, exist_ok=True)
-        self._state.mkdir(exist_ok=True)
-        if not self._progress.is_file():
-            self._save_progress(self.committed)
+        raise OutputExistsError(
+            f"{self.out_dir} already holds a pear-data output. Pass --overwrite to replace it, or choose another --out."
+        )
+
+    def close(self) -> None:
+        """Release the output's lock (idempotent). The writer must not write after this."""
+        lock, self._lock = self._lock, None
+        _release_lock(lock)
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> bool:
+        self.close()
+        return False
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A failed write (full disk, read-only or vanished directory) as an OutputError that says how to go on."""
+        try:
+            yield
+        except PearDataError:
+            raise
+        except OSError as exc:
+            where = exc.filename or self.out_dir
+            detail = exc.strerror or str(exc) or type(exc).__name__
+            if self.resumable:
+                advice = ("Committed shards are kept: fix the cause (free space, permissions) and rerun the same "
+                          "command with --resume.")
+            else:
+                advice = "Fix the cause (free space, permissions) and rerun the command with --overwrite."
+            raise OutputError(f"cannot write {where} (output {self.out_dir}): {detail}. {advice}") from exc
 
     # -- state -------------------------------------------------------------------------------
 
@@ -493,6 +781,7 @@ class DatasetWriter:
     def _progress_dict(self, committed: list[ShardRecord], **extra: Any) -> dict:
         return {
             "format": PROGRESS_FORMAT,
+            "tool": tool_record(),
             "run_key": self.run_key,
             "shards": [asdict(r) for r in committed],
             "rewrites": list(self.rewrites),
@@ -513,7 +802,7 @@ class DatasetWriter:
         self.committed.append(record)
 
     def _restore(self) -> None:
-        progress = read_json_file(self._progress, "the resume state")
+        progress = read_progress(self.out_dir)
         old_key = progress.get("run_key", {})
         if old_key != self.run_key:
             raise ResumeMismatchError(
@@ -521,10 +810,15 @@ class DatasetWriter:
                 + "; ".join(_key_diff(old_key, self.run_key))
                 + ". Rerun with the original input and flags, or pass --overwrite (or another --out)."
             )
+        pending = "pending_rewrite" in progress
         _finish_pending_rewrite(self.out_dir, progress)
         self.committed = [ShardRecord.from_dict(r) for r in progress.get("shards", [])]
         self.rewrites = list(progress.get("rewrites", []))
         self.finished = bool(progress.get("finished", False))
+        if pending:
+            # Drop the applied record at once: a later temp with the same name (finalize's schema
+            # unification) must never be renamed into place by a stale record after another kill.
+            self._save_progress(self.committed)
         self._delete_uncommitted()
         missing = [r.data_file for r in self.committed if r.data_file and not (self.out_dir / r.data_file).is_file()]
         missing += [
@@ -557,11 +851,12 @@ class DatasetWriter:
                 p.unlink()
 
     def _delete_previous(self) -> None:
-        for name in (DATA_DIR, STATE_DIR):
-            shutil.rmtree(self.out_dir / name, ignore_errors=True)
-        for name in (REJECTS_FILE, MANIFEST_FILE, CARD_FILE):
-            (self.out_dir / name).unlink(missing_ok=True)
-            _temp_path(self.out_dir / name).unlink(missing_ok=True)
+        """Delete the files pear-data writes (`_OWN_NAMES`), keeping the lock; never anything else."""
+        for folder in ("", DATA_DIR, STATE_DIR):
+            path = self.out_dir / folder
+            for name in _names(path):
+                if _OWN_NAMES[folder].match(name) and name != LOCK_FILE and (path / name).is_file():
+                    (path / name).unlink()
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -583,7 +878,8 @@ class DatasetWriter:
             raise RuntimeError("rewrite_data_files: a shard is still open")
         if name is not None and name in self.rewrites:
             raise RuntimeError(f"rewrite {name!r} was already applied to {self.out_dir}; check `writer.rewrites`")
-        rewrite_data_files(self.out_dir, fn, name=name, schema=self._unified_schema())
+        with self._writing():
+            rewrite_data_files(self.out_dir, fn, name=name, schema=self._unified_schema())
         progress = json.loads(self._progress.read_text(encoding="utf-8"))
         self.rewrites = list(progress.get("rewrites", []))
         self.finished = bool(progress.get("finished", False))
@@ -604,7 +900,8 @@ class DatasetWriter:
           reads them as one table;
         - merges the per-shard rejects into OUT/rejects.parquet, sorted by
           row_index (removes a stale one when there are none);
-        - sets manifest["rows"] = {"in", "out", "rejected"},
+        - sets manifest["tool"] = `tool_record()` (how pear-data recognizes its own output),
+          manifest["rows"] = {"in", "out", "rejected"},
           manifest["bytes"] = {"parquet": size of data/ on disk,
           "uncompressed": uncompressed size from the Parquet footers} and
           manifest["shards"] = [ShardRecord dicts]; raises RuntimeError unless
@@ -618,6 +915,10 @@ class DatasetWriter:
         """
         if self._open is not None:
             raise RuntimeError(f"finalize: shard {self._open.shard} is still open")
+        with self._writing():
+            return self._finalize(manifest, card_markdown)
+
+    def _finalize(self, manifest: dict, card_markdown: str | Callable[[dict, pa.Schema | None], str] | None) -> dict:
         rows_in = sum(r.input_end - r.input_start for r in self.committed)
         rows_out = sum(r.rows_out for r in self.committed)
         rows_rejected = sum(r.rows_rejected for r in self.committed)
@@ -638,6 +939,7 @@ class DatasetWriter:
             rejects_path.unlink(missing_ok=True)
 
         manifest = dict(manifest)
+        manifest["tool"] = tool_record()
         manifest["rows"] = {"in": rows_in, "out": rows_out, "rejected": rows_rejected}
         manifest["bytes"] = self._data_bytes()
         manifest["shards"] = [asdict(r) for r in self.committed]
@@ -713,28 +1015,76 @@ def read_json_file(path: Path, what: str) -> dict:
     """A JSON object from `path`; InputError naming the file when it is unreadable or not a JSON object."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: cannot read {what} ({exc}); restore it, or rerun with --overwrite") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InputError(f"{path}: cannot read {what} ({exc}); restore it, or write the output again") from None
     if not isinstance(value, dict):
-        raise InputError(f"{path}: {what} must be a JSON object, got {type(value).__name__}")
+        raise InputError(f"{path}: {what} must be a JSON object, got {type(value).__name__}; restore it, or write "
+                         "the output again")
+    return value
+
+
+def _check_records(value: dict, path: Path, what: str) -> dict:
+    """The parts of a manifest / progress.json that pear-data reads back, checked: InputError naming the key."""
+    def bad(key: str, got: Any, expected: str) -> InputError:
+        return InputError(f"{path}: {what} is damaged: {key} is {json.dumps(got)[:80]}, expected {expected}; "
+                          "restore it, or write the output again")
+
+    def count(key: str, got: Any) -> None:
+        if isinstance(got, bool) or not isinstance(got, int) or got < 0:
+            raise bad(key, got, "a count (an integer >= 0)")
+
+    shards = value.get("shards", [])
+    if not isinstance(shards, list):
+        raise bad("shards", shards, "a list of shard records")
+    for i, record in enumerate(shards):
+        if not isinstance(record, dict):
+            raise bad(f"shards[{i}]", record, "a shard record (an object)")
+        data_file = record.get("data_file")
+        if data_file is not None and not (isinstance(data_file, str) and _DATA_FILE.match(data_file)):
+            raise bad(f"shards[{i}].data_file", data_file, "null or a path like data/part-00000.parquet")
+        for key in ("shard", "input_start", "input_end", "rows_out", "rows_rejected"):
+            if key in record:
+                count(f"shards[{i}].{key}", record[key])
+        if "stats" in record and not isinstance(record["stats"], dict):
+            raise bad(f"shards[{i}].stats", record["stats"], "an object")
+    rows = value.get("rows", {})
+    if not isinstance(rows, dict):
+        raise bad("rows", rows, "an object with in, out and rejected")
+    for key in ("in", "out", "rejected"):
+        if key in rows:
+            count(f"rows.{key}", rows[key])
+    for key in ("rewrites", "warnings"):
+        if key in value and not isinstance(value[key], list):
+            raise bad(key, value[key], "a list")
+    for key in ("weights", "diagnostics", "run_key"):
+        if key in value and value[key] is not None and not isinstance(value[key], dict):
+            raise bad(key, value[key], "an object")
     return value
 
 
 def read_manifest(out_dir: str | Path) -> dict:
-    """OUT/manifest.json as a dict; InputError naming the path if the run never finished or it is corrupt."""
+    """OUT/manifest.json as a dict; InputError naming the path if the run never finished or it is damaged."""
     path = Path(out_dir) / MANIFEST_FILE
     if not path.is_file():
         raise InputError(
-            f"{path} not found: {out_dir} is not a finished pear-data output (run the command to the end, "
-            "or --resume it)"
+            f"{path} not found: {out_dir} is not a finished pear-data output (finish the command that writes it: "
+            "`score` continues with --resume, `reweight` is rerun with --overwrite)"
         )
-    return read_json_file(path, "the manifest")
+    return _check_records(read_json_file(path, "the manifest"), path, "the manifest")
 
 
 def read_progress(out_dir: str | Path) -> dict | None:
     """OUT/.pear/progress.json as a dict, or None when OUT has no resume state."""
     path = Path(out_dir) / STATE_DIR / PROGRESS_FILE
-    return read_json_file(path, "the resume state") if path.is_file() else None
+    if not path.is_file():
+        return None
+    progress = _check_records(read_json_file(path, "the resume state"), path, "the resume state")
+    for i, record in enumerate(progress.get("shards", [])):
+        missing = [f.name for f in dataclasses.fields(ShardRecord) if f.name not in record and f.name != "stats"]
+        if missing:
+            raise InputError(f"{path}: the resume state is damaged: shards[{i}] lacks {', '.join(missing)}; "
+                             "restore it, or write the output again")
+    return progress
 
 
 def data_files(out_dir: str | Path) -> list[Path]:

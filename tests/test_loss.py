@@ -314,6 +314,41 @@ def test_online_rejects_bad_behavior_logprobs_with_their_position():
         pear_loss(labels, logits=logits, weights=torch.ones(labels.shape), behavior_logprobs=behavior)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -0.5])
+def test_static_weights_that_are_not_finite_and_non_negative_on_a_label_token_are_refused(bad):
+    logits, labels, weights = _batch()
+    weights[1, 4] = bad  # a label token of row 1
+    with pytest.raises(ValueError, match=r"weights\[1, 4\] = .* on a label token"):
+        pear_loss(labels, logits=logits, weights=weights)
+    per_row = torch.ones(labels.shape[0])
+    per_row[2] = bad  # one weight per row: the row's first label token is named
+    with pytest.raises(ValueError, match=r"weights\[2, 3\]"):
+        pear_loss(labels, logits=logits, weights=per_row)
+
+
+def test_static_weights_off_the_labels_are_ignored_and_a_wrong_shape_is_refused():
+    logits, labels, weights = _batch()
+    clean = pear_loss(labels, logits=logits, weights=weights).loss
+    weights[0, 1] = math.nan  # prompt
+    weights[1, 8] = math.inf  # padding
+    weights[2, 5] = -3.0  # a user turn inside the completion
+    torch.testing.assert_close(pear_loss(labels, logits=logits, weights=weights).loss, clean, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="weights has shape"):
+        pear_loss(labels, logits=logits, weights=weights[:, :-1])
+
+
+def test_a_shared_boundary_of_the_wrong_shape_is_refused():
+    logits, labels, _ = _batch()
+    behavior = torch.where(labels != -100, -1.0, 0.0)
+    shared = (labels != -100).to(torch.int8)
+    assert torch.isfinite(pear_loss(labels, logits=logits, behavior_logprobs=behavior, shared_boundary=shared).loss)
+    for wrong in (shared[:, :-1], shared[:2], shared[0]):
+        with pytest.raises(ValueError, match="shared_boundary has shape"):
+            pear_loss(labels, logits=logits, behavior_logprobs=behavior, shared_boundary=wrong)
+    with pytest.raises(ValueError, match="only applies to online PEAR"):
+        pear_loss(labels, logits=logits, weights=torch.ones(labels.shape), shared_boundary=shared)
+
+
 def test_batch_normalization_replaces_dataset_normalization():
     lengths, mask, lt, lb = _scored_batch(seed=5)
     config = WeightConfig(normalize="dataset")

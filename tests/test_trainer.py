@@ -131,6 +131,41 @@ def test_collator_names_a_misaligned_or_missing_column(scored):
         PearCollator(pad_token_id=0)([row])
 
 
+def _row(**changes) -> dict:
+    """One synthetic scored row as `datasets` yields it (no model needed)."""
+    row = {
+        "input_ids": [5, 6, 7, 8, 9],
+        "completion_mask": [0, 0, 1, 1, 1],
+        "behavior_logprobs": [0.0, 0.0, -0.5, -0.25, -1.0],
+        "shared_boundary": [0, 0, 1, 1, 1],
+        "pear_token_weight": [0.0, 0.0, 0.5, 1.0, 2.0],
+        "pear_block_weight": [0.0, 0.0, 1.0, 1.0, 1.0],
+        "pear_seq_weight": 1.5,
+    }
+    row.update(changes)
+    return row
+
+
+@pytest.mark.parametrize(
+    "changes, collator, column",
+    [
+        ({"pear_seq_weight": None}, {"weights": "sequence"}, "pear_seq_weight"),
+        ({"pear_token_weight": None}, {"weights": "token"}, "pear_token_weight"),
+        ({"pear_token_weight": [0.0, 0.0, None, 1.0, 2.0]}, {"weights": "token"}, "pear_token_weight"),
+        ({"behavior_logprobs": [0.0, 0.0, -0.5, None, -1.0]}, {"weights": None, "behavior": True},
+         "behavior_logprobs"),
+        ({"shared_boundary": [0, 0, 1, None, 1]}, {"weights": None, "behavior": True}, "shared_boundary"),
+        ({"completion_mask": [0, 0, None, 1, 1]}, {"weights": "token"}, "completion_mask"),
+        ({"input_ids": None}, {"weights": "token"}, "input_ids"),
+    ],
+)
+def test_collator_refuses_a_null_weight_or_a_null_inside_a_list_column(changes, collator, column):
+    good = PearCollator(pad_token_id=0, **collator)([_row(), _row()])
+    assert good["input_ids"].shape == (2, 5)
+    with pytest.raises(ValueError, match=rf"batch row 1: {column} is null or holds nulls"):
+        PearCollator(pad_token_id=0, **collator)([_row(), _row(**changes)])
+
+
 @pytest.mark.parametrize("dataset", ["scored", "cross_scored"])
 def test_online_weights_at_the_starting_checkpoint_equal_the_scored_columns(dataset, request, smollm2_model):
     """Online PEAR from live logits == the static columns `pear-data score` wrote, same model and config.

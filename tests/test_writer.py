@@ -16,7 +16,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pear_data.errors import OutputError, OutputExistsError, ResumeMismatchError, UsageError
+import pear_data.writer as writer_module
+from pear_data.errors import OutputError, OutputExistsError, PushError, ResumeMismatchError, UsageError
+from pear_data.push import plan_push
 from pear_data.writer import (
     DatasetWriter,
     data_files,
@@ -189,6 +191,7 @@ def test_exception_inside_shard_commits_nothing_then_resume_is_identical(tmp_pat
             raise ValueError("boom")
     assert len(writer.committed) == 3 and writer.next_input_row == 48
     assert sorted(p.name for p in (out / ".pear").iterdir()) == [
+        "lock",
         "progress.json",
         "rejects-00000.parquet",
         "rejects-00001.parquet",
@@ -329,6 +332,48 @@ def test_kill_9_then_resume_gives_the_uninterrupted_bytes(tmp_path, reference, p
     full_run(out, resume=True)
     assert output_bytes(out) == reference
     assert not [p for p in out.rglob("*.tmp")]
+
+
+class SimulatedKill(BaseException):
+    """Stands for a kill -9 at a chosen line (the writer must not rely on cleanup code running)."""
+
+
+@pytest.mark.parametrize("stop", ["after_the_rewrite", "in_the_renames"])
+def test_resume_after_a_committed_rewrite_gives_the_same_bytes_and_a_pushable_output(tmp_path, reference,
+                                                                                    monkeypatch, stop):
+    """`score --normalize dataset` killed after its normalization rewrite committed (the recipe then skips
+    the rewrite, `"halve" in writer.rewrites` here) finishes to the bytes of an uninterrupted run."""
+    out = tmp_path / "out"
+    writer = DatasetWriter(out, RUN_KEY)
+    for start in range(0, N_ROWS, SHARD_ROWS):
+        with writer.shard() as shard:
+            process_shard(shard, start, min(start + SHARD_ROWS, N_ROWS))
+    if stop == "in_the_renames":
+        def one_rename_then_killed(out_dir, progress):
+            tmp, dest = progress["pending_rewrite"][0]
+            os.replace(out_dir / tmp, out_dir / dest)
+            raise SimulatedKill
+
+        monkeypatch.setattr(writer_module, "_finish_pending_rewrite", one_rename_then_killed)
+        with pytest.raises(SimulatedKill):
+            writer.rewrite_data_files(halve_seq_weight, name="halve")
+        monkeypatch.undo()
+        progress = json.loads((out / ".pear" / "progress.json").read_text())
+        assert progress["rewrites"] == ["halve"] and len(progress["pending_rewrite"]) == 7
+    else:
+        writer.rewrite_data_files(halve_seq_weight, name="halve")
+    writer.close()
+    with pytest.raises(PushError, match="no manifest.json"):
+        plan_push(out)
+
+    resumed = DatasetWriter(out, RUN_KEY, resume=True)
+    assert resumed.rewrites == ["halve"] and resumed.next_input_row == N_ROWS and not resumed.finished
+    assert "pending_rewrite" not in json.loads((out / ".pear" / "progress.json").read_text())
+    resumed.close()
+    full_run(out, resume=True)  # skips the applied rewrite, writes rejects, manifest and card
+    assert output_bytes(out) == reference
+    assert not list(out.rglob("*.tmp"))
+    assert [f.path_in_repo for f in plan_push(out)] == sorted(reference)
 
 
 def test_resume_with_other_flags_names_the_differing_keys(tmp_path):
