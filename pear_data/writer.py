@@ -63,6 +63,7 @@ command can resume (committed shards are kept), `--overwrite` otherwise.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -71,6 +72,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +117,8 @@ PARQUET_OPTIONS: dict[str, Any] = {
     "data_page_version": "1.0",
     "store_schema": True,  # keeps int8 / large_list / etc. exact on read-back
 }
+# `ShardHandle.write` calls whose rows may wait for the background write thread.
+WRITES_IN_FLIGHT = 2
 # Rows per Parquet row group (each `ShardHandle.write` call starts a new row group).
 # Rows are token sequences of a few KB each, so 1024 rows stay well under the
 # ~100 MB row group size that readers (and the Hub viewer) handle comfortably.
@@ -316,10 +320,14 @@ class ShardRecord:
 class ShardHandle:
     """The open shard: `with writer.shard() as shard: shard.write(t); shard.reject(r); shard.commit(end)`.
 
-    Output rows go to a temp Parquet file row group by row group (memory is one
-    `write` call's table). Rejected rows are held in memory until commit (they
-    are expected to be few). Leaving the `with` block by an exception commits
-    nothing and removes the temp file; leaving it without `commit` is an error.
+    Output rows go to a temp Parquet file row group by row group. The encoding
+    and compression run on a background thread, in order, so that the caller
+    computes the next rows meanwhile; at most WRITES_IN_FLIGHT `write` calls'
+    tables wait for it, and `commit` waits for all of them (a failed write
+    raises there, or at the next `write`). Rejected rows are held in memory
+    until commit (they are expected to be few). Leaving the `with` block by an
+    exception commits nothing and removes the temp file; leaving it without
+    `commit` is an error.
     """
 
     def __init__(self, writer: DatasetWriter, shard: int, input_start: int) -> None:
@@ -334,6 +342,8 @@ class ShardHandle:
         self._rejects: list[pa.Table] = []
         self._generation = 0
         self._done = False
+        self._pending: collections.deque[Future] = collections.deque()
+        self._thread: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> ShardHandle:
         return self
@@ -365,12 +375,25 @@ class ShardHandle:
             except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
                 self._promote(_unify([self._schema, table.schema], f"shard {self.shard}"))
                 table = _conform(table, self._schema)
-        _write_rows(self._parquet, table)
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pear-write")
+        while len(self._pending) >= WRITES_IN_FLIGHT:
+            self._pending.popleft().result()
+        self._pending.append(self._thread.submit(_write_rows, self._parquet, table))
         self.rows_out += table.num_rows
+
+    def _drain(self) -> None:
+        """Wait for every queued write; a failed one raises here."""
+        while self._pending:
+            self._pending.popleft().result()
+        if self._thread is not None:
+            self._thread.shutdown()
+            self._thread = None
 
     def _promote(self, schema: pa.Schema) -> None:
         # Rare path: a later batch brought a wider type (e.g. null -> string). ParquetWriter cannot
         # append or change its schema, so copy what was written so far into a new temp file.
+        self._drain()
         self._parquet.close()
         self._generation += 1
         old, self._tmp = self._tmp, self._writer._state / f"shard-{self.shard:05d}-{self._generation}.parquet.tmp"
@@ -429,6 +452,7 @@ class ShardHandle:
                 )
             write_table_atomic(rejects_path, rejects)
         data_file = None
+        self._drain()
         if self._parquet is not None:
             self._parquet.close()
             self._parquet = None
@@ -466,6 +490,10 @@ class ShardHandle:
     def _abort(self) -> None:
         self._done = True
         self._writer._open = None
+        try:
+            self._drain()
+        except Exception:  # noqa: BLE001 - aborting: the shard is discarded either way
+            pass
         if self._parquet is not None:
             try:
                 self._parquet.close()
