@@ -19,8 +19,8 @@ load); `load_tokenizer` and `load_model` load from it.
 
 GGUF models are dequantized by transformers (`from_pretrained(dir,
 gguf_file=...)`, which needs `gguf` and `accelerate`). That conversion is slow
-(SmolLM2 ~40 s, Gemma ~1.5-3 min on 2 CPU cores, tokenizer included), so it is
-done once and cached on disk. Cache layout:
+(tens of seconds to minutes on a small CPU, tokenizer included), so it is done
+once and cached on disk. Cache layout:
 
     CACHE/
       converted/<gguf sha256[:16]>/   config.json, model.safetensors (float32),
@@ -195,9 +195,8 @@ def _log(message: str) -> None:
 def resolve_model(spec: str) -> ModelSource:
     """Resolve a model spec (alias, .gguf path, local dir or Hub id) to a `ModelSource`.
 
-    Cheap: hashes the GGUF file (about 0.3 s per 100 MB) or the directory's
-    weight files, but loads no model. Resolving `gemma-3-270m` assembles its
-    GGUF file into the cache once (about 1 s).
+    Cheap: hashes the GGUF file or the directory's weight files, but loads no
+    model. Resolving `gemma-3-270m` assembles its GGUF file into the cache once.
 
     Raises ModelSpecError with an actionable message for an unknown spec, a
     missing path, a missing embedded-model package, or a Hub id that is not in

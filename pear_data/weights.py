@@ -400,8 +400,8 @@ def normalized_weights(w: np.ndarray, at_bound: np.ndarray | None, index: Comple
 
 
 # Rows are processed in chunks of about this many tokens: every step is
-# row-local, and cache-sized temporaries are several times faster than
-# arrays of the whole batch (measured: 4M -> 20M+ tokens/s on 2 cores).
+# row-local, and cache-sized temporaries are much faster than arrays of the
+# whole batch (bench/weights_throughput.py measures the engine).
 CHUNK_TOKENS = 1 << 20
 
 
