@@ -45,6 +45,27 @@ PREPARED_AHEAD = 1
 LIVENESS_POLL = 1.0
 
 
+def prefetch(items: Iterable, depth: int = 2) -> Iterator:
+    """The items of `items`, produced by a thread up to `depth` ahead of the consumer (reading the next
+    Parquet batch while this one is weighed, say). An error in the producer is raised to the consumer."""
+    done = object()
+    ahead: queue.Queue = queue.Queue(maxsize=depth)
+
+    def produce() -> None:
+        try:
+            for item in items:
+                ahead.put(item)
+            ahead.put(done)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            ahead.put(exc)
+
+    threading.Thread(target=produce, name="pear-prefetch", daemon=True).start()
+    while (item := ahead.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
 class WorkerLost(PearDataError):
     """A worker process died (killed, or out of memory) before it returned its shard."""
 

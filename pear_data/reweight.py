@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import pyarrow as pa
 from .card import render_card
 from .dataset import check_scored, files_fingerprint, read_batches, read_schema, source_files
 from .diagnostics import Diagnostics, degeneracy_warnings
+from .engine import prefetch
 from .errors import UsageError
 from .schema import ENGINE_COLUMNS, INPUT_IDS, REJECT_REASON, ROW_INDEX
 from .weigh import weigh_table
@@ -68,7 +71,7 @@ def _reweight(writer: DatasetWriter, src: str | Path, files: list[Path], fingerp
 
     diagnostics = Diagnostics()
     tokens = completion_tokens = 0
-    slices = shard_slices(batches(files, options.batch_rows), options.shard_rows)
+    slices = shard_slices(prefetch(batches(files, options.batch_rows)), options.shard_rows)
     for _, group in itertools.groupby(slices, key=lambda item: item[0]):
         with writer.shard() as handle:
             for _, start, part in group:
@@ -118,13 +121,23 @@ def shard_slices(tables: Iterator[pa.Table], shard_rows: int) -> Iterator[tuple[
 
 
 def dataset_means(files: list[Path], config: WeightConfig, batch_rows: int) -> dict[str, float]:
-    """First pass of `--normalize dataset`: mean bounded W per granularity over the valid rows."""
+    """First pass of `--normalize dataset`: mean bounded W per granularity over the valid rows.
+
+    Reads only the columns the weigh stage needs; files are summed on a few threads (reading and the engine
+    release the GIL), and the per-file sums are added in file order, so the means do not depend on timing.
+    """
     unnormalized = dataclasses.replace(config, normalize="none", max_weight=None)
-    columns = [INPUT_IDS, *ENGINE_COLUMNS]
-    sums = WeightSums()
-    for path in files:
+
+    def file_sums(path: Path) -> WeightSums:
         names = read_schema(path).names
-        for table in batches([path], batch_rows, [c for c in columns if c in names]):
+        sums = WeightSums()
+        for table in batches([path], batch_rows, [c for c in (INPUT_IDS, *ENGINE_COLUMNS) if c in names]):
             sums.add(weigh_table(table, unnormalized).sums)
-    return sums.means()
+        return sums
+
+    total = WeightSums()
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="pear-means") as pool:
+        for sums in pool.map(file_sums, files):
+            total.add(sums)
+    return total.means()
 
