@@ -167,7 +167,7 @@ class Corpus:
         count = 0
         for path in self.files:
             with path.open("rb") as fh:
-                count += sum(1 for line in fh if line.strip())
+                count += sum(1 for line in _lines(path, fh) if line.strip())
         return count
 
     def fingerprint(self) -> str:
@@ -287,7 +287,67 @@ def _decode_line(line: bytes, where: str) -> tuple[dict[str, Any] | None, str | 
         return None, f"{where}: invalid JSON ({exc})"
     if not isinstance(record, dict):
         return None, f"{where}: expected a JSON object, got {type(record).__name__}"
+    if _SURROGATE_ESCAPE.search(line):
+        reason = lone_surrogate(record)
+        if reason is not None:
+            return None, f"{where}: {reason}"
     return record, None
+
+
+# A JSON escape of a UTF-16 surrogate (\ud800-\udfff): a valid pair decodes to one character, a lone one
+# stays a surrogate, which is not Unicode text (UTF-8, Arrow, Parquet and tokenizers all refuse it).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(record: Mapping[str, Any]) -> str | None:
+    """The reject reason when a string (or key) of the decoded row holds a lone UTF-16 surrogate, else None.
+
+    Names the field and where inside it: "field 'meta' (meta.note): lone UTF-16 surrogate '\\udc00' at
+    character 3 (half of a character pair, e.g. a truncated emoji); it is not valid Unicode text".
+    """
+
+    def find(value: Any, path: str) -> tuple[str, str, int] | None:
+        if isinstance(value, str):
+            hit = _SURROGATE.search(value)
+            return (path, hit.group(), hit.start()) if hit else None
+        if isinstance(value, dict):
+            for key, item in value.items():
+                found = find(key, f"{path} (a key)") or find(item, f"{path}.{key}")
+                if found:
+                    return found
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                found = find(item, f"{path}[{i}]")
+                if found:
+                    return found
+        return None
+
+    for name, value in record.items():
+        found = find(name, "a column name") or find(value, name)
+        if found:
+            path, char, at = found
+            inside = "" if path == name else f" ({path})"
+            return (f"field {ascii(name)}{inside}: lone UTF-16 surrogate {ascii(char)} at character {at} (half of "
+                    "a character pair, e.g. a truncated emoji); it is not valid Unicode text")
+    return None
+
+
+_UTF8_BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def _lines(path: Path, fh: BinaryIO) -> Iterator[bytes]:
+    """The lines of a JSONL file; a UTF-8 byte-order mark is the encoding marker, not data (utf-8-sig)."""
+    first = True
+    for line in fh:
+        if first:
+            first = False
+            if line.startswith(_UTF16_BOMS):
+                raise CorpusError(f"{path}: the file is UTF-16 text (it starts with a UTF-16 byte-order mark); "
+                                  "JSONL must be UTF-8: convert it, e.g. `iconv -f UTF-16 -t UTF-8`")
+            line = line.removeprefix(_UTF8_BOM)
+        yield line
 
 
 def _jsonl_rows(files: tuple[Path, ...]) -> Iterator[CorpusRow]:
@@ -296,16 +356,22 @@ def _jsonl_rows(files: tuple[Path, ...]) -> Iterator[CorpusRow]:
     for path in files:
         prefix = f"{path.name} " if multi else ""
         if _is_json_array(path):
-            for item_no, item in enumerate(_json_array(path), start=1):
-                if isinstance(item, dict):
+            data, items = _json_array(path)
+            check = _SURROGATE_ESCAPE.search(data) is not None
+            for item_no, item in enumerate(items, start=1):
+                reason = None
+                if not isinstance(item, dict):
+                    reason = f"{prefix}item {item_no}: expected a JSON object, got {type(item).__name__}"
+                elif check and (surrogate := lone_surrogate(item)) is not None:
+                    reason = f"{prefix}item {item_no}: {surrogate}"
+                if reason is None:
                     yield CorpusRow(index, item)
                 else:
-                    reason = f"{prefix}item {item_no}: expected a JSON object, got {type(item).__name__}"
                     yield CorpusRow(index, None, reason, json.dumps(item))
                 index += 1
             continue
         with _open_binary(path) as fh:
-            for line_no, line in enumerate(fh, start=1):
+            for line_no, line in enumerate(_lines(path, fh), start=1):
                 if not line.strip():
                     continue
                 record, reason = _decode_line(line, f"{prefix}line {line_no}")
@@ -315,22 +381,25 @@ def _jsonl_rows(files: tuple[Path, ...]) -> Iterator[CorpusRow]:
 
 
 def _is_json_array(path: Path) -> bool:
-    """A `.json` file whose first non-blank byte is '[' (a JSON array, not JSONL)."""
+    """A `.json` file whose first non-blank byte (after a UTF-8 byte-order mark) is '[' (a JSON array, not JSONL)."""
     if not _strip_gz(path).endswith(".json"):
         return False
     with _open_binary(path) as fh:
-        head = fh.read(4096).lstrip()
+        head = fh.read(4096).removeprefix(_UTF8_BOM).lstrip()
     return head.startswith(b"[")
 
 
-def _json_array(path: Path) -> list[Any]:
+def _json_array(path: Path) -> tuple[bytes, list[Any]]:
+    """(the file's bytes, its items); a UTF-8 byte-order mark is skipped, UTF-16/32 are detected by `json`."""
     with _open_binary(path) as fh:
-        try:
-            return json.load(fh)  # type: ignore[no-any-return]
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CorpusError(
-                f"{path}: invalid JSON array ({exc}); use JSONL (one object per line) to reject bad rows one by one"
-            ) from exc
+        data = fh.read()
+    try:
+        items = json.loads(data.removeprefix(_UTF8_BOM))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorpusError(
+            f"{path}: invalid JSON array ({exc}); use JSONL (one object per line) to reject bad rows one by one"
+        ) from exc
+    return data, items
 
 
 def _parquet_rows(files: tuple[Path, ...], batch_size: int) -> Iterator[CorpusRow]:
@@ -347,12 +416,11 @@ def _parquet_rows(files: tuple[Path, ...], batch_size: int) -> Iterator[CorpusRo
 
 
 def _dataset_rows(ds: Any, batch_size: int) -> Iterator[CorpusRow]:
+    """Rows of a `datasets.Dataset` as their Arrow values (what the output stores; no feature decoding)."""
     index = 0
-    for batch in ds.iter(batch_size=batch_size):
-        columns = list(batch)
-        n = len(batch[columns[0]]) if columns else 0
-        for i in range(n):
-            yield CorpusRow(index, {c: batch[c][i] for c in columns})
+    for batch in ds.with_format("arrow").iter(batch_size=batch_size):
+        for record in batch.to_pylist():
+            yield CorpusRow(index, record)
             index += 1
 
 
