@@ -46,14 +46,17 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import CorpusError, RowError
+from .schema import RESERVED_NAMES
 
 SourceKind = Literal["jsonl", "parquet", "datasets", "hub"]
 ShapeKind = Literal["messages", "prompt_completion"]
@@ -64,6 +67,7 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _ROLE_ASSISTANT = "assistant"
+COLUMN_CHUNK_ROWS = 4096  # JSONL rows per step of the column-type pass
 _STARTS_WITH_ASSISTANT = "starts with an assistant turn: a completion needs a prompt before it"
 
 
@@ -154,6 +158,29 @@ class Corpus:
             yield from _parquet_rows(self.files, batch_size)
         else:
             yield from _dataset_rows(self._load_dataset(), batch_size)
+
+    def columns(self, chunk_rows: int = COLUMN_CHUNK_ROWS) -> InputColumns:
+        """The output type of every input column, decided once over the whole corpus (design 2.2).
+
+        Parquet: from the file schemas (no data read while the files agree); `datasets`/Hub: the dataset's
+        Arrow schema; JSONL: one pass over every row, `chunk_rows` rows at a time (`InputColumns.infer`).
+        Raises `CorpusError` when an input column has a name pear-data writes itself (schema.RESERVED_NAMES).
+        """
+        if self.kind == "jsonl":
+            columns = InputColumns.infer((r.record for r in self.rows() if r.record is not None), chunk_rows)
+        elif self.kind == "parquet":
+            columns = _parquet_columns(self.files)
+        else:
+            columns = InputColumns(self._load_dataset().features.arrow_schema.remove_metadata())
+        reserved = [name for name in columns.schema.names if name in RESERVED_NAMES]
+        if reserved:
+            name = reserved[0]
+            raise CorpusError(
+                f"{self.source}: the input has a column named {name!r}, a name pear-data writes itself "
+                f"(reserved: {', '.join(sorted(RESERVED_NAMES))}); rename it in the input (e.g. to "
+                f"'orig_{name}') and run again"
+            )
+        return columns
 
     def num_rows(self) -> int | None:
         """Number of rows without decoding them: Parquet metadata, datasets length, non-blank JSONL lines
@@ -422,6 +449,246 @@ def _dataset_rows(ds: Any, batch_size: int) -> Iterator[CorpusRow]:
         for record in batch.to_pylist():
             yield CorpusRow(index, record)
             index += 1
+
+
+# --------------------------------------------------------------------------- input column types (design 2.2)
+
+
+class InputColumnError(RowError):
+    """A row's value does not fit the type decided for its column (the corpus changed since the pass)."""
+
+
+@dataclass(frozen=True)
+class InputColumns:
+    """The Arrow type of every input column in the output, one for the whole corpus (design 2.2).
+
+    schema: one field per input column, in order of first appearance in the corpus
+    json:   the columns whose values cannot share one Arrow type; they are stored as JSON text
+            (type string) in every row, a null value as null
+
+    `policies.records_table(records, columns)` builds every shard with exactly `schema`, so all data files
+    of an output share it, whatever the shard boundaries, and a resumed run decides the same.
+    """
+
+    schema: pa.Schema
+    json: frozenset[str] = frozenset()
+
+    @classmethod
+    def infer(cls, records: Iterable[Mapping[str, Any]], chunk_rows: int = COLUMN_CHUNK_ROWS) -> InputColumns:
+        """The types of JSON values (JSONL rows), decided over all `records`, `chunk_rows` at a time.
+
+        Per column, the types of its values merge: null goes with anything; int with int (int64 while
+        every value fits, uint64 when all are >= 0 and some exceed int64, else no type); int with float
+        is float64 while every integer is exactly a float (|i| <= 2**53); lists merge their items,
+        objects become structs with the union of their keys. Anything else (str with int, bool with
+        int, struct with str, an empty object, integers beyond 64 bits) has no common type: the column
+        is JSON text. The result does not depend on `chunk_rows`.
+        """
+        types: dict[str, tuple] = {}
+        chunk: list[Mapping[str, Any]] = []
+
+        def fold() -> None:
+            names = dict.fromkeys(name for record in chunk for name in record)
+            for name in names:
+                chunk_type = _chunk_type([record.get(name) for record in chunk])
+                types[name] = _merge(types[name], chunk_type) if name in types else chunk_type
+            chunk.clear()
+
+        for record in records:
+            chunk.append(record)
+            if len(chunk) >= chunk_rows:
+                fold()
+        if chunk:
+            fold()
+        fields, json_names = [], set()
+        for name, value_type in types.items():
+            arrow_type = _arrow_type(value_type)
+            if arrow_type is None:
+                json_names.add(name)
+                arrow_type = pa.string()
+            fields.append(pa.field(name, arrow_type))
+        return cls(pa.schema(fields), frozenset(json_names))
+
+
+def json_text(value: Any) -> str:
+    """A value of a JSON-text column: JSON, keys in their order; values JSON has no form for (a Parquet
+    timestamp, decimal or bytes) as their text."""
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def input_column(values: list[Any], field: pa.Field, as_json: bool) -> pa.Array:
+    """One input column of the output: `values` as `field.type` (as JSON text when `as_json`).
+
+    Raises `InputColumnError` naming the column when a value does not fit the type."""
+    if as_json:
+        values = [None if v is None else json_text(v) for v in values]
+    try:
+        return pa.array(values, field.type)
+    except (pa.ArrowException, OverflowError, TypeError, ValueError) as exc:
+        raise InputColumnError(f"column {field.name!r}: a value does not fit the column's type {field.type}, "
+                               f"decided over the whole corpus ({type(exc).__name__}: {exc})") from None
+
+
+# Value types of JSON data, merged over a column (`InputColumns.infer`):
+#   ("null",) ("bool",) ("str",) ("int", lo, hi) ("float", largest |int| merged in) ("list", item)
+#   ("struct", ((key, type), ...)) ("json",): no common Arrow type
+_NULL, _BOOL, _STR, _FLOAT, _JSON = ("null",), ("bool",), ("str",), ("float", 0), ("json",)
+_EXACT_FLOAT_INT = 2**53
+
+
+def _value_type(value: Any) -> tuple:
+    if value is None:
+        return _NULL
+    kind = type(value)
+    if kind is str:
+        return _STR
+    if kind is bool:
+        return _BOOL
+    if kind is int:
+        return ("int", value, value)
+    if kind is float:
+        return _FLOAT
+    if kind is list:
+        item = _NULL
+        for element in value:
+            item = _merge(item, _value_type(element))
+            if item is _JSON:
+                return _JSON
+        return ("list", item)
+    if kind is dict:
+        fields = tuple((key, _value_type(element)) for key, element in value.items())
+        return _JSON if any(t is _JSON for _, t in fields) else ("struct", fields)
+    return _JSON
+
+
+def _int_magnitude(value_type: tuple) -> int:
+    return max(-value_type[1], value_type[2]) if value_type[0] == "int" else value_type[1]
+
+
+def _merge(a: tuple, b: tuple) -> tuple:
+    """The type of values of types a and b together (_JSON: none)."""
+    if a == b:
+        return a
+    if a is _NULL:
+        return b
+    if b is _NULL:
+        return a
+    kinds = (a[0], b[0])
+    if "json" in kinds:
+        return _JSON
+    if kinds == ("int", "int"):
+        return ("int", min(a[1], b[1]), max(a[2], b[2]))
+    if set(kinds) <= {"int", "float"}:
+        return ("float", max(_int_magnitude(a), _int_magnitude(b)))
+    if kinds[0] != kinds[1]:
+        return _JSON
+    if kinds[0] == "list":
+        item = _merge(a[1], b[1])
+        return _JSON if item is _JSON else ("list", item)
+    if kinds[0] == "struct":
+        fields = dict(a[1])
+        for key, value_type in b[1]:
+            fields[key] = _merge(fields[key], value_type) if key in fields else value_type
+            if fields[key] is _JSON:
+                return _JSON
+        return ("struct", tuple(fields.items()))
+    return a
+
+
+def _chunk_type(values: list[Any]) -> tuple:
+    """The merged type of a chunk of one column's values: Arrow's own inference (fast), or value by value
+    when Arrow cannot type them together (integers beyond int64, mixed kinds); the same result either way."""
+    try:
+        return _arrow_value_type(pa.array(values))
+    except (pa.ArrowException, OverflowError, TypeError, ValueError):
+        merged = _NULL
+        for value in values:
+            merged = _merge(merged, _value_type(value))
+            if merged is _JSON:
+                break
+        return merged
+
+
+def _arrow_value_type(array: pa.Array) -> tuple:
+    """The value type (see `_merge`) of an array Arrow inferred from JSON values."""
+    t = array.type
+    if pa.types.is_null(t):
+        return _NULL
+    if pa.types.is_boolean(t):
+        return _BOOL
+    if pa.types.is_string(t):
+        return _STR
+    if pa.types.is_int64(t):
+        low_high = pc.min_max(array).as_py()
+        return ("int", low_high["min"] or 0, low_high["max"] or 0)
+    if pa.types.is_float64(t):
+        return _FLOAT
+    if pa.types.is_list(t):
+        return ("list", _arrow_value_type(array.flatten()))
+    if pa.types.is_struct(t):
+        return ("struct", tuple((t.field(i).name, _arrow_value_type(array.field(i))) for i in range(t.num_fields)))
+    raise TypeError(f"unexpected inferred type {t}")
+
+
+def _arrow_type(value_type: tuple) -> pa.DataType | None:
+    """The Arrow type of merged JSON values (None: JSON text)."""
+    kind = value_type[0]
+    if kind == "null":
+        return pa.null()
+    if kind == "bool":
+        return pa.bool_()
+    if kind == "str":
+        return pa.string()
+    if kind == "int":
+        low, high = value_type[1], value_type[2]
+        if -(2**63) <= low and high < 2**63:
+            return pa.int64()
+        return pa.uint64() if low >= 0 and high < 2**64 else None
+    if kind == "float":
+        return pa.float64() if value_type[1] <= _EXACT_FLOAT_INT else None
+    if kind == "list":
+        item = _arrow_type(value_type[1])
+        return None if item is None else pa.list_(item)
+    if kind == "struct" and value_type[1]:  # Parquet cannot store a struct without fields ({} in every row)
+        fields = [(key, _arrow_type(t)) for key, t in value_type[1]]
+        return None if any(t is None for _, t in fields) else pa.struct(fields)
+    return None
+
+
+def _parquet_columns(files: tuple[Path, ...]) -> InputColumns:
+    """Parquet: each column keeps its file type; types that differ between files are unified permissively
+    (int32 + int64 -> int64, null -> anything) when every file's values convert to the unified type, else
+    the column is JSON text."""
+    fields: dict[str, list[pa.Field]] = {}
+    for path in files:
+        try:
+            schema = pq.read_schema(path)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError for broken files
+            raise CorpusError(f"{path}: not a readable Parquet file ({exc})") from exc
+        for f in schema:
+            fields.setdefault(f.name, []).append(f)
+    out, json_names = [], set()
+    for name, found in fields.items():
+        if len(found) == len(files) and all(f.equals(found[0], check_metadata=True) for f in found):
+            out.append(found[0])
+            continue
+        types = list(dict.fromkeys(f.type for f in found))
+        if len(types) == 1:
+            out.append(pa.field(name, types[0]))
+            continue
+        field = pa.field(name, pa.string())
+        try:
+            unified = pa.unify_schemas([pa.schema([pa.field(name, t)]) for t in types], promote_options="permissive")
+            candidate = unified.field(name)
+            for path in files:
+                parquet = pq.ParquetFile(path)
+                if name in parquet.schema_arrow.names and parquet.schema_arrow.field(name).type != candidate.type:
+                    input_column(parquet.read(columns=[name]).column(name).to_pylist(), candidate, False)
+            field = candidate
+        except (pa.ArrowException, InputColumnError):
+            json_names.add(name)
+        out.append(field)
+    return InputColumns(pa.schema(out), frozenset(json_names))
 
 
 # --------------------------------------------------------------------------- row shapes

@@ -69,6 +69,7 @@ def score(corpus: str | Path, out: str | Path, options: ScoreOptions = ScoreOpti
     """Run the whole recipe; returns the manifest. See the module docstring."""
     source = open_corpus(corpus, split=options.split)
     shape = detect_shape(next((r.record for r in source.rows() if r.record is not None), None), **options.shape)
+    columns = source.columns()  # design 2.2: one type per input column for the whole output; refuses reserved names
     sources = ModelSources.resolve(options)
     config = options.weights
     dataset_normalization = config.normalize == "dataset"
@@ -83,7 +84,7 @@ def score(corpus: str | Path, out: str | Path, options: ScoreOptions = ScoreOpti
     }
     writer = DatasetWriter(out, run_key, resume=options.resume, overwrite=options.overwrite)
     meter = progress_factory(source.num_rows()) if progress_factory else None
-    policies = Policies.load(options, sources, shape, meter.scored_batch if meter else None)
+    policies = Policies.load(options, sources, shape, meter.scored_batch if meter else None, columns=columns)
     diagnostics = Diagnostics()
     if not dataset_normalization:  # the shards committed before a resume
         observe_files(data_files(out), config, None, diagnostics, by_row_group=False)
