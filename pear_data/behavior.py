@@ -276,7 +276,7 @@ def choose_behavior(
     same_model = behavior_tokenizer is None
     try:
         tokenizer = ConversationTokenizer(target.tokenizer if same_model else behavior_tokenizer(),
-                                          TokenizeConfig(template=spec.template))
+                                          TokenizeConfig(template=spec.template), name="behavior tokenizer")
     except ValueError as exc:
         raise UsageError(f"--behavior {behavior_name}: {exc} (--behavior-template)") from None
     same_tokens = renders_target_tokens(target, tokenizer)

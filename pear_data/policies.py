@@ -156,7 +156,7 @@ class Policies:
         trust = options.trust_remote_code
         hf_tokenizer = load_tokenizer(sources.target, trust_remote_code=trust)
         try:
-            target_tokenizer = ConversationTokenizer(hf_tokenizer, options.tokenize)
+            target_tokenizer = ConversationTokenizer(hf_tokenizer, options.tokenize, name="target tokenizer")
         except ValueError as exc:
             raise UsageError(f"--target {sources.target.spec}: {exc} (--template)") from None
         scorers: dict[str, Any] = {}
