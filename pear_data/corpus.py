@@ -312,13 +312,40 @@ def _decode_line(line: bytes, where: str) -> tuple[dict[str, Any] | None, str | 
         record = json.loads(text)
     except json.JSONDecodeError as exc:
         return None, f"{where}: invalid JSON ({exc})"
+    except RecursionError:
+        return None, f"{where}: {_too_deep_reason()}"
     if not isinstance(record, dict):
         return None, f"{where}: expected a JSON object, got {type(record).__name__}"
+    if line.count(b"[") + line.count(b"{") > MAX_NESTING and _nesting(record) > MAX_NESTING:
+        return None, f"{where}: {_too_deep_reason()}"
     if _SURROGATE_ESCAPE.search(line):
         reason = lone_surrogate(record)
         if reason is not None:
             return None, f"{where}: {reason}"
     return record, None
+
+
+# Rows nested deeper are rejects: deeper values reach recursion limits (json, Arrow, Parquet readers).
+MAX_NESTING = 200
+
+
+def _too_deep_reason() -> str:
+    return f"nested more than {MAX_NESTING} levels deep (lists and objects); pear-data does not keep such rows"
+
+
+def _nesting(value: Any) -> int:
+    """How many lists/objects deep `value` is (iterative: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth)
+            if deepest > MAX_NESTING:
+                return deepest
+            stack.extend((element, depth + 1) for element in item)
+    return deepest
 
 
 # A JSON escape of a UTF-16 surrogate (\ud800-\udfff): a valid pair decodes to one character, a lone one
@@ -389,6 +416,9 @@ def _jsonl_rows(files: tuple[Path, ...]) -> Iterator[CorpusRow]:
                 reason = None
                 if not isinstance(item, dict):
                     reason = f"{prefix}item {item_no}: expected a JSON object, got {type(item).__name__}"
+                elif _nesting(item) > MAX_NESTING:
+                    reason = f"{prefix}item {item_no}: {_too_deep_reason()}"
+                    item = {"nested": "too deep to show"}
                 elif check and (surrogate := lone_surrogate(item)) is not None:
                     reason = f"{prefix}item {item_no}: {surrogate}"
                 if reason is None:
@@ -422,6 +452,9 @@ def _json_array(path: Path) -> tuple[bytes, list[Any]]:
         data = fh.read()
     try:
         items = json.loads(data.removeprefix(_UTF8_BOM))
+    except RecursionError:
+        raise CorpusError(f"{path}: the JSON array is {_too_deep_reason()}; use JSONL (one object per line) to "
+                          "reject such rows one by one") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorpusError(
             f"{path}: invalid JSON array ({exc}); use JSONL (one object per line) to reject bad rows one by one"
@@ -520,11 +553,11 @@ def input_column(values: list[Any], field: pa.Field, as_json: bool) -> pa.Array:
     """One input column of the output: `values` as `field.type` (as JSON text when `as_json`).
 
     Raises `InputColumnError` naming the column when a value does not fit the type."""
-    if as_json:
-        values = [None if v is None else json_text(v) for v in values]
     try:
+        if as_json:
+            values = [None if v is None else json_text(v) for v in values]
         return pa.array(values, field.type)
-    except (pa.ArrowException, OverflowError, TypeError, ValueError) as exc:
+    except (pa.ArrowException, OverflowError, TypeError, ValueError, RecursionError) as exc:
         raise InputColumnError(f"column {field.name!r}: a value does not fit the column's type {field.type}, "
                                f"decided over the whole corpus ({type(exc).__name__}: {exc})") from None
 
@@ -534,9 +567,12 @@ def input_column(values: list[Any], field: pa.Field, as_json: bool) -> pa.Array:
 #   ("struct", ((key, type), ...)) ("json",): no common Arrow type
 _NULL, _BOOL, _STR, _FLOAT, _JSON = ("null",), ("bool",), ("str",), ("float", 0), ("json",)
 _EXACT_FLOAT_INT = 2**53
+MAX_COLUMN_DEPTH = 32  # lists/structs deeper than this: JSON text (Parquet readers refuse deep schemas)
 
 
-def _value_type(value: Any) -> tuple:
+def _value_type(value: Any, depth: int = 0) -> tuple:
+    if depth > MAX_COLUMN_DEPTH:
+        return _JSON if isinstance(value, (list, dict)) else _value_type(value)
     if value is None:
         return _NULL
     kind = type(value)
@@ -551,12 +587,12 @@ def _value_type(value: Any) -> tuple:
     if kind is list:
         item = _NULL
         for element in value:
-            item = _merge(item, _value_type(element))
+            item = _merge(item, _value_type(element, depth + 1))
             if item is _JSON:
                 return _JSON
         return ("list", item)
     if kind is dict:
-        fields = tuple((key, _value_type(element)) for key, element in value.items())
+        fields = tuple((key, _value_type(element, depth + 1)) for key, element in value.items())
         return _JSON if any(t is _JSON for _, t in fields) else ("struct", fields)
     return _JSON
 
@@ -609,9 +645,11 @@ def _chunk_type(values: list[Any]) -> tuple:
         return merged
 
 
-def _arrow_value_type(array: pa.Array) -> tuple:
+def _arrow_value_type(array: pa.Array, depth: int = 0) -> tuple:
     """The value type (see `_merge`) of an array Arrow inferred from JSON values."""
     t = array.type
+    if depth > MAX_COLUMN_DEPTH and pa.types.is_nested(t):
+        return _JSON
     if pa.types.is_null(t):
         return _NULL
     if pa.types.is_boolean(t):
@@ -624,9 +662,11 @@ def _arrow_value_type(array: pa.Array) -> tuple:
     if pa.types.is_float64(t):
         return _FLOAT
     if pa.types.is_list(t):
-        return ("list", _arrow_value_type(array.flatten()))
+        item = _arrow_value_type(array.flatten(), depth + 1)
+        return _JSON if item is _JSON else ("list", item)
     if pa.types.is_struct(t):
-        return ("struct", tuple((t.field(i).name, _arrow_value_type(array.field(i))) for i in range(t.num_fields)))
+        fields = tuple((t.field(i).name, _arrow_value_type(array.field(i), depth + 1)) for i in range(t.num_fields))
+        return _JSON if any(f is _JSON for _, f in fields) else ("struct", fields)
     raise TypeError(f"unexpected inferred type {t}")
 
 

@@ -516,3 +516,19 @@ def test_jsonl_column_type_rules(tmp_path, values, kind):
     assert table.schema == columns.schema
     if kind == "json":
         assert [json.loads(v) for v in table.column("v").to_pylist()] == values
+
+
+def test_deeply_nested_values_are_rejects_or_json_text_never_a_crash(capsys, tmp_path, tiny):
+    rows = gsm8k(4)
+    lines = [json.dumps(r) for r in rows]
+    lines[1] = lines[1][:-1] + ', "deep": ' + "[" * 5000 + "]" * 5000 + "}"  # beyond json's recursion limit
+    lines[2] = lines[2][:-1] + ', "deep": ' + "[" * 300 + "]" * 300 + "}"  # beyond MAX_NESTING
+    lines[3] = lines[3][:-1] + ', "deep": ' + "[" * 40 + "1" + "]" * 40 + "}"  # Parquet readers refuse such schemas
+    corpus = write_jsonl(tmp_path / "deep.jsonl", lines)
+    code, text = score(capsys, corpus, tmp_path / "out", tiny, *FIELDS)
+    assert code == 0, text
+    assert [(r["row_index"], "nested" in r["reject_reason"]) for r in rejects(tmp_path / "out")] == [(1, True),
+                                                                                                   (2, True)]
+    table = data(tmp_path / "out")  # readable: the 40-deep column is JSON text
+    assert table.schema.field("deep").type == pa.string()
+    assert json.loads(table.column("deep")[1].as_py()) == json.loads("[" * 40 + "1" + "]" * 40)
