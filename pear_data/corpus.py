@@ -470,16 +470,34 @@ def _parquet_rows(files: tuple[Path, ...], batch_size: int) -> Iterator[CorpusRo
         except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError for broken files
             raise CorpusError(f"{path}: not a readable Parquet file ({exc})") from exc
         for batch in parquet.iter_batches(batch_size=batch_size):
-            for record in batch.to_pylist():
+            for record in batch_records(batch):
                 yield CorpusRow(index, record)
                 index += 1
+
+
+def column_values(column: pa.Array | pa.ChunkedArray) -> list[Any]:
+    """An Arrow column as Python values; a column holding values Python cannot represent (a timestamp
+    beyond year 9999, say) as Arrow scalars, which `pa.array(values, type)` turns back into the same values."""
+    try:
+        return column.to_pylist()
+    except (OverflowError, ValueError, pa.ArrowException):
+        return [column[i] for i in range(len(column))]
+
+
+def batch_records(batch: pa.RecordBatch | pa.Table) -> list[dict[str, Any]]:
+    """The rows of an Arrow batch as dicts (`column_values` for a column Python cannot represent)."""
+    try:
+        return batch.to_pylist()
+    except (OverflowError, ValueError, pa.ArrowException):
+        columns = {name: column_values(column) for name, column in zip(batch.schema.names, batch.columns)}
+        return [{name: values[i] for name, values in columns.items()} for i in range(batch.num_rows)]
 
 
 def _dataset_rows(ds: Any, batch_size: int) -> Iterator[CorpusRow]:
     """Rows of a `datasets.Dataset` as their Arrow values (what the output stores; no feature decoding)."""
     index = 0
     for batch in ds.with_format("arrow").iter(batch_size=batch_size):
-        for record in batch.to_pylist():
+        for record in batch_records(batch):
             yield CorpusRow(index, record)
             index += 1
 
@@ -543,10 +561,17 @@ class InputColumns:
         return cls(pa.schema(fields), frozenset(json_names))
 
 
-def json_text(value: Any) -> str:
+def json_text(value: Any, **options: Any) -> str:
     """A value of a JSON-text column: JSON, keys in their order; values JSON has no form for (a Parquet
     timestamp, decimal or bytes) as their text."""
-    return json.dumps(value, ensure_ascii=False, default=str)
+    return json.dumps(value, ensure_ascii=False, default=_as_text, **options)
+
+
+def _as_text(value: Any) -> str:
+    try:
+        return str(value)
+    except Exception:  # noqa: BLE001 - an Arrow scalar whose value Python cannot hold: its repr names it
+        return repr(value)
 
 
 def input_column(values: list[Any], field: pa.Field, as_json: bool) -> pa.Array:
@@ -723,7 +748,7 @@ def _parquet_columns(files: tuple[Path, ...]) -> InputColumns:
             for path in files:
                 parquet = pq.ParquetFile(path)
                 if name in parquet.schema_arrow.names and parquet.schema_arrow.field(name).type != candidate.type:
-                    input_column(parquet.read(columns=[name]).column(name).to_pylist(), candidate, False)
+                    input_column(column_values(parquet.read(columns=[name]).column(name)), candidate, False)
             field = candidate
         except (pa.ArrowException, InputColumnError):
             json_names.add(name)

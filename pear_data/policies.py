@@ -11,7 +11,6 @@ The weigh stage (weigh.py) and the writer take it from there.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -21,7 +20,15 @@ import pyarrow as pa
 
 from .align import AlignmentStats
 from .behavior import DEFAULT_BEHAVIOR, BehaviorRow, BehaviorSource, choose_behavior
-from .corpus import CorpusRow, InputColumnError, InputColumns, RowShape, input_column, to_conversation
+from .corpus import (
+    CorpusRow,
+    InputColumnError,
+    InputColumns,
+    RowShape,
+    input_column,
+    json_text,
+    to_conversation,
+)
 from .errors import RowError, UsageError
 from .schema import BEHAVIOR_LOGPROBS, COLUMNS, COMPLETION_MASK, INPUT_IDS, SHARED_BOUNDARY, TARGET_LOGPROBS
 from .scoring import SamplingParams
@@ -120,7 +127,7 @@ def source_text(row: CorpusRow) -> str:
     """The input row as rejects.parquet keeps it: JSON of the decoded record, or the raw undecoded line."""
     if row.record is None:
         return row.raw or ""
-    return json.dumps(row.record, ensure_ascii=False, sort_keys=True, default=str)
+    return json_text(row.record, sort_keys=True)
 
 
 class Policies:

@@ -532,3 +532,19 @@ def test_deeply_nested_values_are_rejects_or_json_text_never_a_crash(capsys, tmp
     table = data(tmp_path / "out")  # readable: the 40-deep column is JSON text
     assert table.schema.field("deep").type == pa.string()
     assert json.loads(table.column("deep")[1].as_py()) == json.loads("[" * 40 + "1" + "]" * 40)
+
+
+def test_parquet_values_python_cannot_hold_are_kept_exactly(capsys, tmp_path, tiny):
+    rows = gsm8k(2)
+    year_10000 = 253402300800000000  # microseconds: beyond datetime.datetime
+    source = pa.table({
+        "question": [r["question"] for r in rows], "answer": [r["answer"] for r in rows],
+        "when": pa.array([year_10000, 0], pa.timestamp("us")),
+        "meta": pa.array([{"t": year_10000}, None], pa.struct([("t", pa.timestamp("us"))])),
+    })
+    pq.write_table(source, tmp_path / "far.parquet")
+    code, text = score(capsys, tmp_path / "far.parquet", tmp_path / "out", tiny, *FIELDS)
+    assert code == 0, text
+    out = data(tmp_path / "out")
+    assert out.column("when").equals(source.column("when"))
+    assert out.column("meta").equals(source.column("meta"))
