@@ -382,7 +382,7 @@ def lone_surrogate(record: Mapping[str, Any]) -> str | None:
         if found:
             path, char, at = found
             inside = "" if path == name else f" ({path})"
-            return (f"field {ascii(name)}{inside}: lone UTF-16 surrogate {ascii(char)} at character {at} (half of "
+            return (f"field {name!r}{inside}: lone UTF-16 surrogate {ascii(char)} at character {at} (half of "
                     "a character pair, e.g. a truncated emoji); it is not valid Unicode text")
     return None
 

@@ -69,8 +69,8 @@ def score(corpus: str | Path, out: str | Path, options: ScoreOptions = ScoreOpti
     """Run the whole recipe; returns the manifest. See the module docstring."""
     source = open_corpus(corpus, split=options.split)
     shape = detect_shape(next((r.record for r in source.rows() if r.record is not None), None), **options.shape)
-    columns = source.columns()  # design 2.2: one type per input column for the whole output; refuses reserved names
     sources = ModelSources.resolve(options)
+    columns = source.columns()  # design 2.2: one type per input column for the whole output; refuses reserved names
     config = options.weights
     dataset_normalization = config.normalize == "dataset"
     # With dataset normalization the shards hold unnormalized weights until the final rewrite.
