@@ -21,7 +21,18 @@ Every row comes out as a `CorpusRow` with its 0-based `index` in input order.
 A JSONL line that cannot be decoded is not an exception: it is a row with
 `record=None` and `error="line 17: invalid JSON (...)"`, so the caller can send
 it to rejects with its index (every input row ends up in data/ or rejects).
-Blank lines are not rows.
+Blank lines are not rows. A UTF-8 byte-order mark starting a file is the
+encoding marker, not data; a UTF-16 JSONL file is a `CorpusError`. A row
+holding a lone UTF-16 surrogate (JSON `"\ud83d"`, half an emoji: not Unicode
+text) or nested more than `MAX_NESTING` levels is an undecodable row whose
+reason names the field.
+
+The output type of every input column (`InputColumns`) is decided once for the
+whole corpus by `Corpus.columns()`, before any row is scored (design 2.2):
+Parquet keeps its file types, `datasets` its Arrow schema, JSONL columns get
+the type of all their values together (`InputColumns.infer`), and a column
+whose values share no type is JSON text in every row. It also refuses an
+input column with a name pear-data writes itself (`schema.RESERVED_NAMES`).
 
 Row shapes (`RowShape`, auto-detected by `detect_shape`, overridable by flags):
 

@@ -29,6 +29,12 @@ How the mask is built (one technique for every template, no per-model code):
    first character lies inside a completion span. A token that straddles the
    start of a span (begins in the header) stays prompt.
 
+Rows the tokenizer cannot take are rejects (`RowError`), never errors of the
+run: a chat template that raises on the row (unknown or `tool` roles, roles
+that do not alternate; its message is the reason), and a message whose text
+spells one of the tokenizer's special tokens (`<|im_end|>` in content would
+become the control token itself and forge a turn boundary).
+
 The rendered text and the per-token offsets stay on the result, so that a
 behavior model with another tokenizer can be aligned by character offsets of
 the completion text (`completion_spans`).

@@ -20,11 +20,17 @@ Flavors:
 
 Scoring a row costs milliseconds, so a CLI run is dominated by the import of torch and
 transformers (a few seconds).
+
+Session fixtures (import them into a test module: `from .tiny_model import tiny_model_dir_fixture`):
+`tiny_model_dir` (chatml), `tiny_turns_model_dir` (turns, another tokenizer), `tiny_strict_model_dir`
+(chatml whose template refuses roles other than system/user/assistant).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import pytest
 
 FLAVORS = {
     "chatml": {"bos": None, "eos": "<|im_end|>", "start": "<|im_start|>",
@@ -101,3 +107,21 @@ def make_tiny_model(directory: str | Path, flavor: str = "chatml", template: str
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session", name="tiny_model_dir")
+def tiny_model_dir_fixture(tmp_path_factory) -> Path:
+    """A ChatML tiny model directory, usable as --target and --behavior."""
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-chatml", "chatml")
+
+
+@pytest.fixture(scope="session", name="tiny_turns_model_dir")
+def tiny_turns_model_dir_fixture(tmp_path_factory) -> Path:
+    """A tiny model with another tokenizer (Gemma-style turn tokens): aligned to the chatml one by characters."""
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-turns", "turns", seed=1)
+
+
+@pytest.fixture(scope="session", name="tiny_strict_model_dir")
+def tiny_strict_model_dir_fixture(tmp_path_factory) -> Path:
+    """A tiny ChatML model whose template raises on roles other than system/user/assistant."""
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-strict", "chatml", template=STRICT_ROLES_TEMPLATE)
