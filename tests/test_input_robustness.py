@@ -247,7 +247,7 @@ def test_a_template_that_raises_rejects_the_row_with_its_message(capsys, tmp_pat
 
 
 def test_template_errors_are_row_errors_in_the_tokenizer():
-    from pear_data.errors import RowError
+    from pear_data.errors import RowError, UsageError
     from pear_data.tokenize import ConversationTokenizer
 
     from .tiny_model import build_tokenizer
@@ -259,6 +259,9 @@ def test_template_errors_are_row_errors_in_the_tokenizer():
     broken = ConversationTokenizer(build_tokenizer("chatml", "{{ messages[0]['content'] + 1 }}"))
     with pytest.raises(RowError, match="chat template"):
         broken([{"role": "user", "content": "a"}, {"role": "assistant", "content": "c"}])
+    invalid = ConversationTokenizer(build_tokenizer("chatml", "{% for m in messages %}{{ m['content'] }}"))
+    with pytest.raises(UsageError, match="not valid Jinja"):  # every row would fail: the run stops, exit 2
+        invalid([{"role": "user", "content": "a"}, {"role": "assistant", "content": "c"}])
 
 
 # --------------------------------------------------------------------------- 5. recorded behavior log-probs
