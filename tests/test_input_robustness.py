@@ -538,3 +538,18 @@ def test_parquet_values_python_cannot_hold_are_kept_exactly(capsys, tmp_path, ti
     out = data(tmp_path / "out")
     assert out.column("when").equals(source.column("when"))
     assert out.column("meta").equals(source.column("meta"))
+
+
+def test_datasets_directory_columns_keep_their_arrow_types(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from pear_data.policies import records_table
+
+    source = pa.table({"question": ["q1", "q2"], "small": pa.array([1, -2], pa.int8()),
+                       "hash": pa.array([2**64 - 1, 0], pa.uint64()),
+                       "messages": [[{"role": "user", "content": "a"}], []]})
+    datasets.Dataset(source).save_to_disk(str(tmp_path / "ds"))
+    corpus = open_corpus(tmp_path / "ds")
+    columns = corpus.columns()
+    assert columns.json == frozenset()
+    table = records_table([r.record for r in corpus.rows()], columns)
+    assert table.equals(source)
