@@ -164,6 +164,46 @@ def turn_tokens(tokenized: TokenizedRow, contents: Sequence[str], who: str) -> l
     return out
 
 
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    text = repr(value)
+    return f"a {type(value).__name__} ({text[:20]}{'...' if len(text) > 20 else ''})"
+
+
+def number_list(value: Any, what: str, *, integers: bool = False) -> np.ndarray:
+    """A flat list of numbers (JSON ints and floats) as float64, or of integers as int64 with `integers`.
+
+    Anything else is a `RowError` naming `what` and the position: not a list, a nested list, a string,
+    a bool, a null, a float where an integer is due, a number out of range (beyond float64, or int64).
+    """
+    kind = "integers" if integers else "numbers"
+    if not isinstance(value, (list, tuple)):
+        raise RowError(f"{what} must be a flat list of {kind}, got {_describe(value)}")
+    allowed = {int} if integers else {int, float}
+    if set(map(type, value)) <= allowed:
+        try:
+            return np.asarray(value, dtype=np.int64 if integers else np.float64)
+        except OverflowError:
+            pass
+    for i, item in enumerate(value):
+        if isinstance(item, (list, tuple, dict)):
+            raise RowError(f"{what} must be a flat list of {kind}, got a nested list ({what}[{i}] is a "
+                           f"{type(item).__name__})")
+        if type(item) not in allowed:
+            due = "an integer" if integers else "a number"
+            shown = repr(item) if isinstance(item, float) else _describe(item)
+            raise RowError(f"{what}[{i}] is {shown}: must be {due}")
+        if integers and not -(2**63) <= item < 2**63:
+            raise RowError(f"{what}[{i}] = {item} is out of range (beyond a 64-bit integer)")
+        if not integers and isinstance(item, int):
+            try:
+                float(item)
+            except OverflowError:
+                raise RowError(f"{what}[{i}] = {str(item)[:20]}... is out of range (beyond a float)") from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def recorded_turn_tokens(value: Any, content: str, name: str) -> tuple[TurnTokens, np.ndarray]:
     """Behavior tokens recorded with the data, `{tokens, logprobs}` or `{text_offsets, logprobs}`.
 
@@ -177,10 +217,7 @@ def recorded_turn_tokens(value: Any, content: str, name: str) -> tuple[TurnToken
     """
     if not isinstance(value, dict) or "logprobs" not in value or not ({"tokens", "text_offsets"} & set(value)):
         raise RowError(f"{name!r} must be a dict with 'logprobs' and 'tokens' or 'text_offsets'")
-    try:
-        logprobs = np.asarray(value["logprobs"], dtype=np.float64)
-    except (TypeError, ValueError):
-        raise RowError(f"{name!r}['logprobs'] must be a list of numbers") from None
+    logprobs = number_list(value["logprobs"], f"{name!r}['logprobs']")
     L = len(content)
     if "tokens" in value:
         tokens = value["tokens"]
@@ -198,14 +235,11 @@ def recorded_turn_tokens(value: Any, content: str, name: str) -> tuple[TurnToken
             starts = starts + lead  # the recording left out the content's leading whitespace
         ends = starts + lengths
     else:
-        try:
-            starts = np.asarray(value["text_offsets"], dtype=np.int64)
-        except (TypeError, ValueError):
-            raise RowError(f"{name!r}['text_offsets'] must be a list of integers") from None
-        if starts.ndim != 1 or (len(starts) > 1 and np.any(np.diff(starts) < 0)) or (len(starts) and starts[0] < 0):
+        starts = number_list(value["text_offsets"], f"{name!r}['text_offsets']", integers=True)
+        if (len(starts) > 1 and np.any(np.diff(starts) < 0)) or (len(starts) and starts[0] < 0):
             raise RowError(f"{name!r}['text_offsets'] must be non-negative and non-decreasing")
         ends = np.append(starts[1:], max(L, int(starts[-1]) if len(starts) else L)) if len(starts) else starts
-    if logprobs.ndim != 1 or len(logprobs) != len(starts):
+    if len(logprobs) != len(starts):
         raise RowError(f"{name!r} has {logprobs.size} logprobs for {len(starts)} tokens")
     # Past the content: the end marker (a recorded stop token).
     marker = starts >= L

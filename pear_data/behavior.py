@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .align import RowAlignment, TurnTokens, align_row, recorded_turn_tokens, turn_tokens
+from .align import RowAlignment, TurnTokens, align_row, number_list, recorded_turn_tokens, turn_tokens
 from .corpus import Conversation, is_completion_turn
 from .errors import RowError, UsageError
 from .scoring import SamplingParams, Scorer
@@ -217,12 +217,7 @@ def recorded_logprobs(
             start += len(values)
         alignment = align_row(tokenized, tokens, contents, behavior_name=f"recorded {name!r}")
         return np.concatenate(logprobs), alignment
-    try:
-        values = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError, OverflowError):
-        raise RowError(f"{name!r} must be a list of numbers") from None
-    if values.ndim != 1:
-        raise RowError(f"{name!r} must be a flat list of numbers, got a nested list of shape {values.shape}")
+    values = number_list(value, repr(name))
     mask = tokenized.completion_mask == 1
     out = np.zeros(tokenized.num_tokens, dtype=np.float32)
     if len(values) == int(mask.sum()) + tokenized.truncated_completion_tokens:
@@ -276,7 +271,7 @@ def choose_behavior(
     same_model = behavior_tokenizer is None
     try:
         tokenizer = ConversationTokenizer(target.tokenizer if same_model else behavior_tokenizer(),
-                                          TokenizeConfig(template=spec.template))
+                                          TokenizeConfig(template=spec.template), name="behavior tokenizer")
     except ValueError as exc:
         raise UsageError(f"--behavior {behavior_name}: {exc} (--behavior-template)") from None
     same_tokens = renders_target_tokens(target, tokenizer)

@@ -21,7 +21,18 @@ Every row comes out as a `CorpusRow` with its 0-based `index` in input order.
 A JSONL line that cannot be decoded is not an exception: it is a row with
 `record=None` and `error="line 17: invalid JSON (...)"`, so the caller can send
 it to rejects with its index (every input row ends up in data/ or rejects).
-Blank lines are not rows.
+Blank lines are not rows. A UTF-8 byte-order mark starting a file is the
+encoding marker, not data; a UTF-16 JSONL file is a `CorpusError`. A row
+holding a lone UTF-16 surrogate (JSON `"\ud83d"`, half an emoji: not Unicode
+text) or nested more than `MAX_NESTING` levels is an undecodable row whose
+reason names the field.
+
+The output type of every input column (`InputColumns`) is decided once for the
+whole corpus by `Corpus.columns()`, before any row is scored (design 2.2):
+Parquet keeps its file types, `datasets` its Arrow schema, JSONL columns get
+the type of all their values together (`InputColumns.infer`), and a column
+whose values share no type is JSON text in every row. It also refuses an
+input column with a name pear-data writes itself (`schema.RESERVED_NAMES`).
 
 Row shapes (`RowShape`, auto-detected by `detect_shape`, overridable by flags):
 
@@ -46,15 +57,18 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import CorpusError, RowError
+from .schema import RESERVED_NAMES
 
 SourceKind = Literal["jsonl", "parquet", "datasets", "hub"]
 ShapeKind = Literal["messages", "prompt_completion"]
@@ -65,6 +79,7 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _ROLE_ASSISTANT = "assistant"
+COLUMN_CHUNK_ROWS = 4096  # JSONL rows per step of the column-type pass
 _STARTS_WITH_ASSISTANT = "starts with an assistant turn: a completion needs a prompt before it"
 
 
@@ -200,6 +215,29 @@ class Corpus:
                 out.append(row)
         return out
 
+    def columns(self, chunk_rows: int = COLUMN_CHUNK_ROWS) -> InputColumns:
+        """The output type of every input column, decided once over the whole corpus (design 2.2).
+
+        Parquet: from the file schemas (no data read while the files agree); `datasets`/Hub: the dataset's
+        Arrow schema; JSONL: one pass over every row, `chunk_rows` rows at a time (`InputColumns.infer`).
+        Raises `CorpusError` when an input column has a name pear-data writes itself (schema.RESERVED_NAMES).
+        """
+        if self.kind == "jsonl":
+            columns = InputColumns.infer((r.record for r in self.rows() if r.record is not None), chunk_rows)
+        elif self.kind == "parquet":
+            columns = _parquet_columns(self.files)
+        else:
+            columns = InputColumns(self._load_dataset().features.arrow_schema.remove_metadata())
+        reserved = [name for name in columns.schema.names if name in RESERVED_NAMES]
+        if reserved:
+            name = reserved[0]
+            raise CorpusError(
+                f"{self.source}: the input has a column named {name!r}, a name pear-data writes itself "
+                f"(reserved: {', '.join(sorted(RESERVED_NAMES))}); rename it in the input (e.g. to "
+                f"'orig_{name}') and run again"
+            )
+        return columns
+
     def num_rows(self) -> int | None:
         """Number of rows without decoding them: Parquet metadata, datasets length, non-blank JSONL lines
         (None for a JSON array file or gzipped JSONL, which would have to be decoded to count)."""
@@ -212,7 +250,7 @@ class Corpus:
         count = 0
         for path in self.files:
             with path.open("rb") as fh:
-                count += sum(1 for line in fh if line.strip())
+                count += sum(1 for line in _lines(path, fh) if line.strip())
         return count
 
     def fingerprint(self) -> str:
@@ -330,8 +368,16 @@ def _decode_line(line: bytes, where: str) -> tuple[dict[str, Any] | None, str | 
         record = json.loads(text)
     except json.JSONDecodeError as exc:
         return None, f"{where}: invalid JSON ({exc})"
+    except RecursionError:
+        return None, f"{where}: {_too_deep_reason()}"
     if not isinstance(record, dict):
         return None, f"{where}: expected a JSON object, got {type(record).__name__}"
+    if line.count(b"[") + line.count(b"{") > MAX_NESTING and _nesting(record) > MAX_NESTING:
+        return None, f"{where}: {_too_deep_reason()}"
+    if _SURROGATE_ESCAPE.search(line):
+        reason = lone_surrogate(record)
+        if reason is not None:
+            return None, f"{where}: {reason}"
     return record, None
 
 
@@ -374,8 +420,10 @@ def _jsonl_range(files: tuple[Path, ...], rows: RowRange) -> list[CorpusRow]:
         prefix = f"{path.name} " if multi else ""
         with path.open("rb") as fh:
             first = file == rows.file
-            fh.seek(rows.offset if first else 0)
-            for line_no, line in enumerate(fh, start=rows.line if first else 1):
+            offset = rows.offset if first else 0
+            fh.seek(offset)
+            lines = _lines(path, fh) if offset == 0 else fh  # the file's start: its byte-order mark, if any
+            for line_no, line in enumerate(lines, start=rows.line if first else 1):
                 if index >= rows.end:
                     return out
                 if not line.strip():
@@ -408,22 +456,110 @@ def _parquet_range(files: tuple[Path, ...], rows: RowRange, batch_size: int) -> 
     return out
 
 
+# Rows nested deeper are rejects: deeper values reach recursion limits (json, Arrow, Parquet readers).
+MAX_NESTING = 200
+
+
+def _too_deep_reason() -> str:
+    return f"nested more than {MAX_NESTING} levels deep (lists and objects); pear-data does not keep such rows"
+
+
+def _nesting(value: Any) -> int:
+    """How many lists/objects deep `value` is (iterative: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth)
+            if deepest > MAX_NESTING:
+                return deepest
+            stack.extend((element, depth + 1) for element in item)
+    return deepest
+
+
+# A JSON escape of a UTF-16 surrogate (\ud800-\udfff): a valid pair decodes to one character, a lone one
+# stays a surrogate, which is not Unicode text (UTF-8, Arrow, Parquet and tokenizers all refuse it).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(record: Mapping[str, Any]) -> str | None:
+    """The reject reason when a string (or key) of the decoded row holds a lone UTF-16 surrogate, else None.
+
+    Names the field and where inside it: "field 'meta' (meta.note): lone UTF-16 surrogate '\\udc00' at
+    character 3 (half of a character pair, e.g. a truncated emoji); it is not valid Unicode text".
+    """
+
+    def find(value: Any, path: str) -> tuple[str, str, int] | None:
+        if isinstance(value, str):
+            hit = _SURROGATE.search(value)
+            return (path, hit.group(), hit.start()) if hit else None
+        if isinstance(value, dict):
+            for key, item in value.items():
+                found = find(key, f"{path} (a key)") or find(item, f"{path}.{key}")
+                if found:
+                    return found
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                found = find(item, f"{path}[{i}]")
+                if found:
+                    return found
+        return None
+
+    for name, value in record.items():
+        found = find(name, "a column name") or find(value, name)
+        if found:
+            path, char, at = found
+            inside = "" if path == name else f" ({path})"
+            return (f"field {name!r}{inside}: lone UTF-16 surrogate {ascii(char)} at character {at} (half of "
+                    "a character pair, e.g. a truncated emoji); it is not valid Unicode text")
+    return None
+
+
+_UTF8_BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def _lines(path: Path, fh: BinaryIO) -> Iterator[bytes]:
+    """The lines of a JSONL file; a UTF-8 byte-order mark is the encoding marker, not data (utf-8-sig)."""
+    first = True
+    for line in fh:
+        if first:
+            first = False
+            if line.startswith(_UTF16_BOMS):
+                raise CorpusError(f"{path}: the file is UTF-16 text (it starts with a UTF-16 byte-order mark); "
+                                  "JSONL must be UTF-8: convert it, e.g. `iconv -f UTF-16 -t UTF-8`")
+            line = line.removeprefix(_UTF8_BOM)
+        yield line
+
+
 def _jsonl_rows(files: tuple[Path, ...]) -> Iterator[CorpusRow]:
     index = 0
     multi = len(files) > 1
     for path in files:
         prefix = f"{path.name} " if multi else ""
         if _is_json_array(path):
-            for item_no, item in enumerate(_json_array(path), start=1):
-                if isinstance(item, dict):
+            data, items = _json_array(path)
+            check = _SURROGATE_ESCAPE.search(data) is not None
+            for item_no, item in enumerate(items, start=1):
+                reason = None
+                if not isinstance(item, dict):
+                    reason = f"{prefix}item {item_no}: expected a JSON object, got {type(item).__name__}"
+                elif _nesting(item) > MAX_NESTING:
+                    reason = f"{prefix}item {item_no}: {_too_deep_reason()}"
+                    item = {"nested": "too deep to show"}
+                elif check and (surrogate := lone_surrogate(item)) is not None:
+                    reason = f"{prefix}item {item_no}: {surrogate}"
+                if reason is None:
                     yield CorpusRow(index, item)
                 else:
-                    reason = f"{prefix}item {item_no}: expected a JSON object, got {type(item).__name__}"
                     yield CorpusRow(index, None, reason, json.dumps(item))
                 index += 1
             continue
         with _open_binary(path) as fh:
-            for line_no, line in enumerate(fh, start=1):
+            for line_no, line in enumerate(_lines(path, fh), start=1):
                 if not line.strip():
                     continue
                 record, reason = _decode_line(line, f"{prefix}line {line_no}")
@@ -433,22 +569,28 @@ def _jsonl_rows(files: tuple[Path, ...]) -> Iterator[CorpusRow]:
 
 
 def _is_json_array(path: Path) -> bool:
-    """A `.json` file whose first non-blank byte is '[' (a JSON array, not JSONL)."""
+    """A `.json` file whose first non-blank byte (after a UTF-8 byte-order mark) is '[' (a JSON array, not JSONL)."""
     if not _strip_gz(path).endswith(".json"):
         return False
     with _open_binary(path) as fh:
-        head = fh.read(4096).lstrip()
+        head = fh.read(4096).removeprefix(_UTF8_BOM).lstrip()
     return head.startswith(b"[")
 
 
-def _json_array(path: Path) -> list[Any]:
+def _json_array(path: Path) -> tuple[bytes, list[Any]]:
+    """(the file's bytes, its items); a UTF-8 byte-order mark is skipped, UTF-16/32 are detected by `json`."""
     with _open_binary(path) as fh:
-        try:
-            return json.load(fh)  # type: ignore[no-any-return]
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CorpusError(
-                f"{path}: invalid JSON array ({exc}); use JSONL (one object per line) to reject bad rows one by one"
-            ) from exc
+        data = fh.read()
+    try:
+        items = json.loads(data.removeprefix(_UTF8_BOM))
+    except RecursionError:
+        raise CorpusError(f"{path}: the JSON array is {_too_deep_reason()}; use JSONL (one object per line) to "
+                          "reject such rows one by one") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorpusError(
+            f"{path}: invalid JSON array ({exc}); use JSONL (one object per line) to reject bad rows one by one"
+        ) from exc
+    return data, items
 
 
 def _parquet_rows(files: tuple[Path, ...], batch_size: int) -> Iterator[CorpusRow]:
@@ -459,19 +601,290 @@ def _parquet_rows(files: tuple[Path, ...], batch_size: int) -> Iterator[CorpusRo
         except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError for broken files
             raise CorpusError(f"{path}: not a readable Parquet file ({exc})") from exc
         for batch in parquet.iter_batches(batch_size=batch_size):
-            for record in batch.to_pylist():
+            for record in batch_records(batch):
                 yield CorpusRow(index, record)
                 index += 1
 
 
+def column_values(column: pa.Array | pa.ChunkedArray) -> list[Any]:
+    """An Arrow column as Python values; a column holding values Python cannot represent (a timestamp
+    beyond year 9999, say) as Arrow scalars, which `pa.array(values, type)` turns back into the same values."""
+    try:
+        return column.to_pylist()
+    except (OverflowError, ValueError, pa.ArrowException):
+        return [column[i] for i in range(len(column))]
+
+
+def batch_records(batch: pa.RecordBatch | pa.Table) -> list[dict[str, Any]]:
+    """The rows of an Arrow batch as dicts (`column_values` for a column Python cannot represent)."""
+    try:
+        return batch.to_pylist()
+    except (OverflowError, ValueError, pa.ArrowException):
+        columns = {name: column_values(column) for name, column in zip(batch.schema.names, batch.columns)}
+        return [{name: values[i] for name, values in columns.items()} for i in range(batch.num_rows)]
+
+
 def _dataset_rows(ds: Any, batch_size: int) -> Iterator[CorpusRow]:
+    """Rows of a `datasets.Dataset` as their Arrow values (what the output stores; no feature decoding)."""
     index = 0
-    for batch in ds.iter(batch_size=batch_size):
-        columns = list(batch)
-        n = len(batch[columns[0]]) if columns else 0
-        for i in range(n):
-            yield CorpusRow(index, {c: batch[c][i] for c in columns})
+    for batch in ds.with_format("arrow").iter(batch_size=batch_size):
+        for record in batch_records(batch):
+            yield CorpusRow(index, record)
             index += 1
+
+
+# --------------------------------------------------------------------------- input column types (design 2.2)
+
+
+class InputColumnError(RowError):
+    """A row's value does not fit the type decided for its column (the corpus changed since the pass)."""
+
+
+@dataclass(frozen=True)
+class InputColumns:
+    """The Arrow type of every input column in the output, one for the whole corpus (design 2.2).
+
+    schema: one field per input column, in order of first appearance in the corpus
+    json:   the columns whose values cannot share one Arrow type; they are stored as JSON text
+            (type string) in every row, a null value as null
+
+    `policies.records_table(records, columns)` builds every shard with exactly `schema`, so all data files
+    of an output share it, whatever the shard boundaries, and a resumed run decides the same.
+    """
+
+    schema: pa.Schema
+    json: frozenset[str] = frozenset()
+
+    @classmethod
+    def infer(cls, records: Iterable[Mapping[str, Any]], chunk_rows: int = COLUMN_CHUNK_ROWS) -> InputColumns:
+        """The types of JSON values (JSONL rows), decided over all `records`, `chunk_rows` at a time.
+
+        Per column, the types of its values merge: null goes with anything; int with int (int64 while
+        every value fits, uint64 when all are >= 0 and some exceed int64, else no type); int with float
+        is float64 while every integer is exactly a float (|i| <= 2**53); lists merge their items,
+        objects become structs with the union of their keys. Anything else (str with int, bool with
+        int, struct with str, an empty object, integers beyond 64 bits) has no common type: the column
+        is JSON text. The result does not depend on `chunk_rows`.
+        """
+        types: dict[str, tuple] = {}
+        chunk: list[Mapping[str, Any]] = []
+
+        def fold() -> None:
+            names = dict.fromkeys(name for record in chunk for name in record)
+            for name in names:
+                chunk_type = _chunk_type([record.get(name) for record in chunk])
+                types[name] = _merge(types[name], chunk_type) if name in types else chunk_type
+            chunk.clear()
+
+        for record in records:
+            chunk.append(record)
+            if len(chunk) >= chunk_rows:
+                fold()
+        if chunk:
+            fold()
+        fields, json_names = [], set()
+        for name, value_type in types.items():
+            arrow_type = _arrow_type(value_type)
+            if arrow_type is None:
+                json_names.add(name)
+                arrow_type = pa.string()
+            fields.append(pa.field(name, arrow_type))
+        return cls(pa.schema(fields), frozenset(json_names))
+
+
+def json_text(value: Any, **options: Any) -> str:
+    """A value of a JSON-text column: JSON, keys in their order; values JSON has no form for (a Parquet
+    timestamp, decimal or bytes) as their text."""
+    return json.dumps(value, ensure_ascii=False, default=_as_text, **options)
+
+
+def _as_text(value: Any) -> str:
+    try:
+        return str(value)
+    except Exception:  # noqa: BLE001 - an Arrow scalar whose value Python cannot hold: its repr names it
+        return repr(value)
+
+
+def input_column(values: list[Any], field: pa.Field, as_json: bool) -> pa.Array:
+    """One input column of the output: `values` as `field.type` (as JSON text when `as_json`).
+
+    Raises `InputColumnError` naming the column when a value does not fit the type."""
+    try:
+        if as_json:
+            values = [None if v is None else json_text(v) for v in values]
+        return pa.array(values, field.type)
+    except (pa.ArrowException, OverflowError, TypeError, ValueError, RecursionError) as exc:
+        raise InputColumnError(f"column {field.name!r}: a value does not fit the column's type {field.type}, "
+                               f"decided over the whole corpus ({type(exc).__name__}: {exc})") from None
+
+
+# Value types of JSON data, merged over a column (`InputColumns.infer`):
+#   ("null",) ("bool",) ("str",) ("int", lo, hi) ("float", largest |int| merged in) ("list", item)
+#   ("struct", ((key, type), ...)) ("json",): no common Arrow type
+_NULL, _BOOL, _STR, _FLOAT, _JSON = ("null",), ("bool",), ("str",), ("float", 0), ("json",)
+_EXACT_FLOAT_INT = 2**53
+MAX_COLUMN_DEPTH = 32  # lists/structs deeper than this: JSON text (Parquet readers refuse deep schemas)
+
+
+def _value_type(value: Any, depth: int = 0) -> tuple:
+    if depth > MAX_COLUMN_DEPTH:
+        return _JSON if isinstance(value, (list, dict)) else _value_type(value)
+    if value is None:
+        return _NULL
+    kind = type(value)
+    if kind is str:
+        return _STR
+    if kind is bool:
+        return _BOOL
+    if kind is int:
+        return ("int", value, value)
+    if kind is float:
+        return _FLOAT
+    if kind is list:
+        item = _NULL
+        for element in value:
+            item = _merge(item, _value_type(element, depth + 1))
+            if item is _JSON:
+                return _JSON
+        return ("list", item)
+    if kind is dict:
+        fields = tuple((key, _value_type(element, depth + 1)) for key, element in value.items())
+        return _JSON if any(t is _JSON for _, t in fields) else ("struct", fields)
+    return _JSON
+
+
+def _int_magnitude(value_type: tuple) -> int:
+    return max(-value_type[1], value_type[2]) if value_type[0] == "int" else value_type[1]
+
+
+def _merge(a: tuple, b: tuple) -> tuple:
+    """The type of values of types a and b together (_JSON: none)."""
+    if a == b:
+        return a
+    if a is _NULL:
+        return b
+    if b is _NULL:
+        return a
+    kinds = (a[0], b[0])
+    if "json" in kinds:
+        return _JSON
+    if kinds == ("int", "int"):
+        return ("int", min(a[1], b[1]), max(a[2], b[2]))
+    if set(kinds) <= {"int", "float"}:
+        return ("float", max(_int_magnitude(a), _int_magnitude(b)))
+    if kinds[0] != kinds[1]:
+        return _JSON
+    if kinds[0] == "list":
+        item = _merge(a[1], b[1])
+        return _JSON if item is _JSON else ("list", item)
+    if kinds[0] == "struct":
+        fields = dict(a[1])
+        for key, value_type in b[1]:
+            fields[key] = _merge(fields[key], value_type) if key in fields else value_type
+            if fields[key] is _JSON:
+                return _JSON
+        return ("struct", tuple(fields.items()))
+    return a
+
+
+def _chunk_type(values: list[Any]) -> tuple:
+    """The merged type of a chunk of one column's values: Arrow's own inference (fast), or value by value
+    when Arrow cannot type them together (integers beyond int64, mixed kinds); the same result either way."""
+    try:
+        return _arrow_value_type(pa.array(values))
+    except (pa.ArrowException, OverflowError, TypeError, ValueError):
+        merged = _NULL
+        for value in values:
+            merged = _merge(merged, _value_type(value))
+            if merged is _JSON:
+                break
+        return merged
+
+
+def _arrow_value_type(array: pa.Array, depth: int = 0) -> tuple:
+    """The value type (see `_merge`) of an array Arrow inferred from JSON values."""
+    t = array.type
+    if depth > MAX_COLUMN_DEPTH and pa.types.is_nested(t):
+        return _JSON
+    if pa.types.is_null(t):
+        return _NULL
+    if pa.types.is_boolean(t):
+        return _BOOL
+    if pa.types.is_string(t):
+        return _STR
+    if pa.types.is_int64(t):
+        low_high = pc.min_max(array).as_py()
+        return ("int", low_high["min"] or 0, low_high["max"] or 0)
+    if pa.types.is_float64(t):
+        return _FLOAT
+    if pa.types.is_list(t):
+        item = _arrow_value_type(array.flatten(), depth + 1)
+        return _JSON if item is _JSON else ("list", item)
+    if pa.types.is_struct(t):
+        fields = tuple((t.field(i).name, _arrow_value_type(array.field(i), depth + 1)) for i in range(t.num_fields))
+        return _JSON if any(f is _JSON for _, f in fields) else ("struct", fields)
+    raise TypeError(f"unexpected inferred type {t}")
+
+
+def _arrow_type(value_type: tuple) -> pa.DataType | None:
+    """The Arrow type of merged JSON values (None: JSON text)."""
+    kind = value_type[0]
+    if kind == "null":
+        return pa.null()
+    if kind == "bool":
+        return pa.bool_()
+    if kind == "str":
+        return pa.string()
+    if kind == "int":
+        low, high = value_type[1], value_type[2]
+        if -(2**63) <= low and high < 2**63:
+            return pa.int64()
+        return pa.uint64() if low >= 0 and high < 2**64 else None
+    if kind == "float":
+        return pa.float64() if value_type[1] <= _EXACT_FLOAT_INT else None
+    if kind == "list":
+        item = _arrow_type(value_type[1])
+        return None if item is None else pa.list_(item)
+    if kind == "struct" and value_type[1]:  # Parquet cannot store a struct without fields ({} in every row)
+        fields = [(key, _arrow_type(t)) for key, t in value_type[1]]
+        return None if any(t is None for _, t in fields) else pa.struct(fields)
+    return None
+
+
+def _parquet_columns(files: tuple[Path, ...]) -> InputColumns:
+    """Parquet: each column keeps its file type; types that differ between files are unified permissively
+    (int32 + int64 -> int64, null -> anything) when every file's values convert to the unified type, else
+    the column is JSON text."""
+    fields: dict[str, list[pa.Field]] = {}
+    for path in files:
+        try:
+            schema = pq.read_schema(path)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError for broken files
+            raise CorpusError(f"{path}: not a readable Parquet file ({exc})") from exc
+        for f in schema:
+            fields.setdefault(f.name, []).append(f)
+    out, json_names = [], set()
+    for name, found in fields.items():
+        if len(found) == len(files) and all(f.equals(found[0], check_metadata=True) for f in found):
+            out.append(found[0])
+            continue
+        types = list(dict.fromkeys(f.type for f in found))
+        if len(types) == 1:
+            out.append(pa.field(name, types[0]))
+            continue
+        field = pa.field(name, pa.string())
+        try:
+            unified = pa.unify_schemas([pa.schema([pa.field(name, t)]) for t in types], promote_options="permissive")
+            candidate = unified.field(name)
+            for path in files:
+                parquet = pq.ParquetFile(path)
+                if name in parquet.schema_arrow.names and parquet.schema_arrow.field(name).type != candidate.type:
+                    input_column(column_values(parquet.read(columns=[name]).column(name)), candidate, False)
+            field = candidate
+        except (pa.ArrowException, InputColumnError):
+            json_names.add(name)
+        out.append(field)
+    return InputColumns(pa.schema(out), frozenset(json_names))
 
 
 # --------------------------------------------------------------------------- row shapes

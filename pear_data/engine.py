@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import PearDataError, UsageError
 
 if TYPE_CHECKING:
-    from .corpus import CorpusRow, RowShape
+    from .corpus import CorpusRow, InputColumns, RowShape
     from .policies import ModelSources, Policies, ScoredShard
     from .score import ScoreOptions
 
@@ -145,8 +145,8 @@ def _failure(exc: BaseException) -> tuple:
     return ("failed", WorkerFailed("".join(traceback.format_exception(exc))))
 
 
-def _process_main(options: ScoreOptions, sources: ModelSources, shape: RowShape, device: str, threads: int,
-                  inbox: Any, outbox: Any) -> None:
+def _process_main(options: ScoreOptions, sources: ModelSources, shape: RowShape, columns: InputColumns | None,
+                  device: str, threads: int, inbox: Any, outbox: Any) -> None:
     """A worker process: load the policies on `device`, then `work` until the driver sends None."""
     if threads:
         import torch
@@ -166,7 +166,7 @@ def _process_main(options: ScoreOptions, sources: ModelSources, shape: RowShape,
 
     try:
         progress = Progress(lambda rows, tokens: outbox.put(("progress", rows, tokens)))
-        policies = Policies.load(dataclasses.replace(options, device=device), sources, shape, progress)
+        policies = Policies.load(dataclasses.replace(options, device=device), sources, shape, progress, columns)
         outbox.put(("ready", policies.description))
         work(policies, tasks, outbox.put, progress)
     except BaseException as exc:  # noqa: BLE001 - reported to the driver, which stops the run
@@ -180,7 +180,8 @@ class Workers:
     its own copy of the models on its device (`worker_devices`).
     """
 
-    def __init__(self, count: int, options: ScoreOptions, sources: ModelSources, shape: RowShape, *,
+    def __init__(self, count: int, options: ScoreOptions, sources: ModelSources, shape: RowShape,
+                 columns: InputColumns | None = None, *,
                  policies: Policies | None = None, progress: Progress | None = None,
                  advance: Callable[[int, int], None] | None = None) -> None:
         if count < 1:
@@ -211,7 +212,8 @@ class Workers:
         devices, threads = worker_devices(options.device, count)
         for device in devices:
             process = context.Process(target=_process_main, name=f"pear-worker-{device}", daemon=True,
-                                      args=(options, sources, shape, device, threads, self.inbox, self.outbox))
+                                      args=(options, sources, shape, columns, device, threads, self.inbox,
+                                            self.outbox))
             process.start()
             self._processes.append(process)
         self.description = None

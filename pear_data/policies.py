@@ -11,7 +11,6 @@ The weigh stage (weigh.py) and the writer take it from there.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -21,7 +20,15 @@ import pyarrow as pa
 
 from .align import AlignmentStats
 from .behavior import DEFAULT_BEHAVIOR, BehaviorRow, BehaviorSource, choose_behavior
-from .corpus import CorpusRow, RowShape, to_conversation
+from .corpus import (
+    CorpusRow,
+    InputColumnError,
+    InputColumns,
+    RowShape,
+    input_column,
+    json_text,
+    to_conversation,
+)
 from .errors import RowError, UsageError
 from .schema import BEHAVIOR_LOGPROBS, COLUMNS, COMPLETION_MASK, INPUT_IDS, SHARED_BOUNDARY, TARGET_LOGPROBS
 from .scoring import SamplingParams
@@ -72,10 +79,14 @@ class PreparedRow:
 
 @dataclass
 class PreparedShard:
-    """A shard's rows after preparation: what goes to the models, and what was rejected (row, reason)."""
+    """A shard's rows after preparation: what goes to the models, and what was rejected (row, reason).
+
+    records: the prepared rows' own columns as an Arrow table (`records_table`), None before it is built.
+    """
 
     rows: list[PreparedRow] = field(default_factory=list)
     rejects: list[tuple[CorpusRow, str]] = field(default_factory=list)
+    records: pa.Table | None = None
 
 
 @dataclass
@@ -116,25 +127,31 @@ def source_text(row: CorpusRow) -> str:
     """The input row as rejects.parquet keeps it: JSON of the decoded record, or the raw undecoded line."""
     if row.record is None:
         return row.raw or ""
-    return json.dumps(row.record, ensure_ascii=False, sort_keys=True, default=str)
+    return json_text(row.record, sort_keys=True)
 
 
 class Policies:
     """The loaded target (tokenizer and scorer) and the behavior source; see the module docstring."""
 
     def __init__(self, target_tokenizer: ConversationTokenizer, target_scorer: Any, behavior: BehaviorSource,
-                 shape: RowShape, description: dict) -> None:
+                 shape: RowShape, description: dict, columns: InputColumns | None = None) -> None:
         self.target_tokenizer = target_tokenizer
         self.target_scorer = target_scorer
         self.behavior = behavior
         self.shape = shape
         self.description = description
+        self.columns = columns
 
     @classmethod
     def load(cls, options: ScoreOptions, sources: ModelSources, shape: RowShape,
-             progress: Callable[[int, int], None] | None = None, *, models: bool = True) -> Policies:
+             progress: Callable[[int, int], None] | None = None, columns: InputColumns | None = None, *,
+             models: bool = True) -> Policies:
         """Load tokenizers first (cheap; bad flags fail here), then the models (not with models=False: such
-        policies only `prepare`, as the CPU stage of a Ray run does)."""
+        policies only `prepare`, as the CPU stage of a Ray run does).
+
+        columns: the input columns' types, decided over the whole corpus (`Corpus.columns`); None: decided
+        shard by shard (a library caller with no corpus pass).
+        """
         from .models import load_model, load_tokenizer, tokenizer_fingerprint
         from .scoring import TorchScorer, resolve_device, scoring_dtype
 
@@ -148,7 +165,7 @@ class Policies:
         trust = options.trust_remote_code
         hf_tokenizer = load_tokenizer(sources.target, trust_remote_code=trust)
         try:
-            target_tokenizer = ConversationTokenizer(hf_tokenizer, options.tokenize)
+            target_tokenizer = ConversationTokenizer(hf_tokenizer, options.tokenize, name="target tokenizer")
         except ValueError as exc:
             raise UsageError(f"--target {sources.target.spec}: {exc} (--template)") from None
         scorers: dict[str, Any] = {}
@@ -187,7 +204,7 @@ class Policies:
             "template": target_tokenizer.mode,
             "alignment": behavior.alignment,
         }
-        return cls(target_tokenizer, target_scorer, behavior, shape, description)
+        return cls(target_tokenizer, target_scorer, behavior, shape, description, columns)
 
     def prepare(self, shard: list[CorpusRow]) -> PreparedShard:
         """Decode, normalize and tokenize a shard's rows; every row lands in `rows` or `rejects`."""
@@ -204,7 +221,28 @@ class Policies:
                 prepared.rejects.append((row, exc.reason))
                 continue
             prepared.rows.append(PreparedRow(row, target, behavior))
+        if prepared.rows:
+            self._records(prepared)
         return prepared
+
+    def _records(self, prepared: PreparedShard) -> None:
+        """Build the prepared rows' own columns (`records_table`); a row whose value does not fit its column's
+        type (only when the corpus changed after the column pass) is rejected, naming the column."""
+        columns = self.columns or InputColumns.infer(r.row.record for r in prepared.rows)
+        try:
+            prepared.records = records_table([r.row.record for r in prepared.rows], columns)
+            return
+        except InputColumnError:
+            pass
+        kept = []
+        for row in prepared.rows:
+            try:
+                records_table([row.row.record], columns)
+                kept.append(row)
+            except InputColumnError as exc:
+                prepared.rejects.append((row.row, exc.reason))
+        prepared.rows = kept
+        prepared.records = records_table([r.row.record for r in kept], columns) if kept else None
 
     def score(self, prepared: PreparedShard) -> ScoredShard:
         """Log-probs of every prepared row under both policies, as an Arrow table (`ScoredShard`)."""
@@ -217,16 +255,18 @@ class Policies:
         target, *extra = self.target_scorer.score([t.input_ids for t in targets],
                                                   [t.completion_mask for t in targets], policies)
         behavior = self.behavior.logprobs(targets, [r.behavior for r in rows], extra)
-        return ScoredShard(scored_table(rows, target, behavior), rows, rejects)
+        return ScoredShard(scored_table(rows, target, behavior, prepared.records), rows, rejects)
 
 
-def scored_table(rows: list[PreparedRow], target: list[np.ndarray], behavior: list[np.ndarray]) -> pa.Table:
-    """The input rows' own columns + the scored columns (schema.py), no weights yet.
+def scored_table(rows: list[PreparedRow], target: list[np.ndarray], behavior: list[np.ndarray],
+                 records: pa.Table | None = None) -> pa.Table:
+    """The input rows' own columns (`records`, else `records_table` of the rows) + the scored columns
+    (schema.py), no weights yet.
 
     shared_boundary is the completion mask itself when behavior and target share the tokens (every
     completion token ends its own span).
     """
-    table = records_table([r.row.record for r in rows])
+    table = records if records is not None else records_table([r.row.record for r in rows])
     scored = {
         INPUT_IDS: [r.target.input_ids for r in rows],
         COMPLETION_MASK: [r.target.completion_mask for r in rows],
@@ -238,19 +278,21 @@ def scored_table(rows: list[PreparedRow], target: list[np.ndarray], behavior: li
     return with_columns(table, {name: pa.array(values, COLUMNS[name].type) for name, values in scored.items()})
 
 
-def records_table(records: list[dict]) -> pa.Table:
-    """The input rows' own columns, in order of first appearance.
+def records_table(records: list[dict], columns: InputColumns | None = None) -> pa.Table:
+    """The input rows' own columns, with exactly `columns.schema` (design 2.2).
 
-    A column Arrow cannot type (mixed str/int values across rows, say) is kept
-    as JSON text rather than failing the shard.
+    `columns` is decided once over the whole corpus (`Corpus.columns`), so every shard of an output gets
+    the same schema; a column in `columns.json` is JSON text in every row. None: decided over `records`
+    alone, with the same rules (`InputColumns.infer`). Raises `InputColumnError` naming the column when a
+    value does not fit its type.
     """
-    names = list(dict.fromkeys(key for record in records for key in record))
-    columns = {}
-    for name in names:
-        values = [record.get(name) for record in records]
-        try:
-            columns[name] = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            columns[name] = pa.array([None if v is None else json.dumps(v, ensure_ascii=False, sort_keys=True)
-                                      for v in values], pa.string())
-    return pa.table(columns)
+    if columns is None:
+        columns = InputColumns.infer(records)
+    names = set(columns.schema.names)
+    for record in records:
+        if not names.issuperset(record):
+            extra = next(name for name in record if name not in names)
+            raise InputColumnError(f"column {extra!r} was not in the corpus when its column types were decided")
+    arrays = [input_column([record.get(f.name) for record in records], f, f.name in columns.json)
+              for f in columns.schema]
+    return pa.Table.from_arrays(arrays, schema=columns.schema)

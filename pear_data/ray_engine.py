@@ -28,7 +28,7 @@ import pyarrow as pa
 from .errors import PearDataError, UsageError
 
 if TYPE_CHECKING:
-    from .corpus import Corpus, RowShape
+    from .corpus import Corpus, InputColumns, RowShape
     from .policies import ModelSources, ScoredShard
     from .score import ScoreOptions
 
@@ -44,10 +44,11 @@ def _payload(number: int, end: int, value: Any) -> pa.Table:
 class Prepare:
     """CPU stage: read a shard's rows from the corpus and prepare them (tokenizers only, no model)."""
 
-    def __init__(self, options: ScoreOptions, sources: ModelSources, shape: RowShape, corpus: Corpus) -> None:
+    def __init__(self, options: ScoreOptions, sources: ModelSources, shape: RowShape, columns: InputColumns,
+                 corpus: Corpus) -> None:
         from .policies import Policies
 
-        self.policies = Policies.load(options, sources, shape, models=False)
+        self.policies = Policies.load(options, sources, shape, columns=columns, models=False)
         self.corpus = corpus
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -61,15 +62,15 @@ class Prepare:
 class Score:
     """Model stage: score prepared shards with this actor's own copy of the models."""
 
-    def __init__(self, options: ScoreOptions, sources: ModelSources, shape: RowShape, device: str,
-                 threads: int) -> None:
+    def __init__(self, options: ScoreOptions, sources: ModelSources, shape: RowShape, columns: InputColumns,
+                 device: str, threads: int) -> None:
         import torch
 
         from .policies import Policies
 
         if threads:
             torch.set_num_threads(threads)
-        self.policies = Policies.load(dataclasses.replace(options, device=device), sources, shape)
+        self.policies = Policies.load(dataclasses.replace(options, device=device), sources, shape, columns=columns)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         (task,) = batch.to_pylist()
@@ -80,13 +81,14 @@ class RayWorkers:
     """The Ray Data counterpart of engine.Workers: `map` yields (input_end, ScoredShard) in shard order."""
 
     def __init__(self, address: str, count: int, options: ScoreOptions, sources: ModelSources, shape: RowShape,
-                 corpus: Corpus, advance: Callable[[int, int], None] | None = None) -> None:
+                 columns: InputColumns, corpus: Corpus, advance: Callable[[int, int], None] | None = None) -> None:
         try:
             import ray
         except ImportError:
             raise UsageError("--ray needs Ray Data: pip install 'pear-data[ray]'") from None
         self.ray = ray
-        self.count, self.options, self.sources, self.shape, self.corpus = count, options, sources, shape, corpus
+        self.count, self.options, self.sources, self.shape = count, options, sources, shape
+        self.columns, self.corpus = columns, corpus
         self.advance = advance or (lambda rows, tokens: None)
         self.started = False
         runtime_env = {"env_vars": WORKER_ENV}
@@ -131,11 +133,11 @@ class RayWorkers:
         items = [{"number": i, "range": pickle.dumps(dataclasses.asdict(r))} for i, r in enumerate(ranges)]
         dataset = ray.data.from_items(items, override_num_blocks=len(items))
         dataset = dataset.map_batches(
-            Prepare, fn_constructor_args=(self.options, self.sources, self.shape, self.corpus),
+            Prepare, fn_constructor_args=(self.options, self.sources, self.shape, self.columns, self.corpus),
             batch_size=1, batch_format="pyarrow", concurrency=1, num_cpus=1)
         dataset = dataset.map_batches(
-            Score, fn_constructor_args=(self.options, self.sources, self.shape, "cuda" if self.gpu else "cpu",
-                                        self.threads),
+            Score, fn_constructor_args=(self.options, self.sources, self.shape, self.columns,
+                                        "cuda" if self.gpu else "cpu", self.threads),
             batch_size=1, batch_format="pyarrow", concurrency=self.count,
             num_gpus=1 if self.gpu else 0, num_cpus=0 if self.gpu else self.threads)
         try:

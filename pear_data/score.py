@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from .align import AlignmentStats
 from .behavior import BehaviorSpec
 from .card import render_card
-from .corpus import CorpusRow, detect_shape, open_corpus
+from .corpus import CorpusRow, InputColumns, detect_shape, open_corpus
 from .dataset import read_schema, read_table
 from .diagnostics import Diagnostics, degeneracy_warnings
 from .engine import Progress, ShardTask, Workers, worker_devices
@@ -91,6 +91,7 @@ def score(corpus: str | Path, out: str | Path, options: ScoreOptions = ScoreOpti
     source = open_corpus(corpus, split=options.split)
     shape = detect_shape(next((r.record for r in source.rows() if r.record is not None), None), **options.shape)
     sources = ModelSources.resolve(options)
+    columns = source.columns()  # design 2.2: one type per input column for the whole output; refuses reserved names
     config = options.weights
     run_key = {
         "command": "score", "input_fingerprint": source.fingerprint(), "shape": shape.describe(),
@@ -103,13 +104,14 @@ def score(corpus: str | Path, out: str | Path, options: ScoreOptions = ScoreOpti
         worker_devices(options.device, options.workers)  # bad --device / --workers: before anything is written
     writer = DatasetWriter(out, run_key, resume=options.resume, overwrite=options.overwrite)
     try:
-        return _run(writer, source, shape, sources, run_key, out, options, progress_factory)
+        return _run(writer, source, shape, sources, columns, run_key, out, options, progress_factory)
     finally:
         writer.close()
 
 
-def _run(writer: DatasetWriter, source: Any, shape: Any, sources: ModelSources, run_key: dict, out: str | Path,
-         options: ScoreOptions, progress_factory: Callable[[int | None], Any] | None) -> dict:
+def _run(writer: DatasetWriter, source: Any, shape: Any, sources: ModelSources, columns: InputColumns,
+         run_key: dict, out: str | Path, options: ScoreOptions,
+         progress_factory: Callable[[int | None], Any] | None) -> dict:
     config = options.weights
     dataset_normalization = config.normalize == "dataset"
     # With dataset normalization the shards hold unnormalized weights until the final rewrite.
@@ -119,15 +121,16 @@ def _run(writer: DatasetWriter, source: Any, shape: Any, sources: ModelSources, 
     if options.ray:
         from .ray_engine import RayWorkers
 
-        workers = RayWorkers(options.ray, options.workers, options, sources, shape, source, advance)
+        workers = RayWorkers(options.ray, options.workers, options, sources, shape, columns, source, advance)
         results = workers.map(writer.next_input_row)
     else:
         if options.workers == 1:
             progress = Progress(advance or (lambda rows, tokens: None))
-            policies = Policies.load(options, sources, shape, progress)
-            workers = Workers(1, options, sources, shape, policies=policies, progress=progress, advance=advance)
+            policies = Policies.load(options, sources, shape, progress, columns)
+            workers = Workers(1, options, sources, shape, columns, policies=policies, progress=progress,
+                              advance=advance)
         else:
-            workers = Workers(options.workers, options, sources, shape, advance=advance)
+            workers = Workers(options.workers, options, sources, shape, columns, advance=advance)
         tasks = (ShardTask(number, rows)
                  for number, rows in enumerate(shards(source.rows(), writer.next_input_row, options.shard_rows)))
         results = workers.map(tasks)

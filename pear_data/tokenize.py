@@ -29,6 +29,12 @@ How the mask is built (one technique for every template, no per-model code):
    first character lies inside a completion span. A token that straddles the
    start of a span (begins in the header) stays prompt.
 
+Rows the tokenizer cannot take are rejects (`RowError`), never errors of the
+run: a chat template that raises on the row (unknown or `tool` roles, roles
+that do not alternate; its message is the reason), and a message whose text
+spells one of the tokenizer's special tokens (`<|im_end|>` in content would
+become the control token itself and forge a turn boundary).
+
 The rendered text and the per-token offsets stay on the result, so that a
 behavior model with another tokenizer can be aligned by character offsets of
 the completion text (`completion_spans`).
@@ -48,14 +54,24 @@ the completion text (`completion_spans`).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
 from pear_data.corpus import Conversation, is_completion_turn
-from pear_data.errors import OverflowAbort, RowError
+from pear_data.errors import OverflowAbort, RowError, UsageError
+
+try:  # chat templates are Jinja (transformers needs jinja2); without it there is no template to fail
+    from jinja2 import TemplateError, TemplateSyntaxError
+except ImportError:  # pragma: no cover
+
+    class TemplateError(Exception):  # type: ignore[no-redef]
+        pass
+
+    class TemplateSyntaxError(TemplateError):  # type: ignore[no-redef]
+        pass
 
 TemplateMode = Literal["chat", "raw"]
 OnOverflow = Literal["truncate", "skip", "error"]
@@ -186,17 +202,27 @@ def locate_content(text: str, start: int, end: int, content: str) -> tuple[int, 
     return found, found + len(stripped), lead
 
 
-def render_chat(conversation: Conversation, tokenizer: Any) -> RenderedConversation:
+def render_chat(conversation: Conversation, tokenizer: Any, who: str = "tokenizer") -> RenderedConversation:
     """Render with the chat template and locate each trained assistant turn (module docstring, step 2).
 
-    Raises `RowError` when the template does not let the turns be located:
-    a template that rewrites earlier turns once later ones exist (not
-    prefix-stable), or that alters the assistant content.
+    Raises `RowError` when the template refuses the row (a template that raises on an unknown role, a
+    `tool` turn, roles that do not alternate: its message is the reason) or does not let the turns be
+    located: a template that rewrites earlier turns once later ones exist (not prefix-stable), or that
+    alters the assistant content. A template that is not valid Jinja is a `UsageError` (every row would
+    fail). `who` names the tokenizer in the messages ("target tokenizer").
     """
     messages = _template_messages(conversation)
 
     def render(msgs: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except TemplateSyntaxError as exc:
+            raise UsageError(f"the chat template of the {who} is not valid Jinja ({exc}); fix the template, "
+                             "or render rows without it (--template raw, --behavior-template raw)") from None
+        except TemplateError as exc:  # the template's own raise_exception(...): it refuses this row
+            raise RowError(f"the chat template of the {who} refuses this row: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - any failure of the template on this row's data rejects the row
+            raise RowError(f"the chat template of the {who} fails on this row ({type(exc).__name__}: {exc})") from None
 
     text = render(messages)
     spans: list[tuple[int, int]] = []
@@ -322,15 +348,55 @@ def _truncate(mask: np.ndarray, max_length: int) -> slice:
     return slice(first - 1, first - 1 + max_length)
 
 
+class SpecialTokens:
+    """Finds the special (control) tokens of a tokenizer spelled inside a text.
+
+    A special token in message text would be tokenized as the control token itself: content could
+    forge a turn boundary (`<|im_end|>`), an end of sequence, a role header. The tokens are the
+    tokenizer's special tokens and its added tokens marked special.
+    """
+
+    def __init__(self, tokens: Iterable[str]) -> None:
+        self.tokens = frozenset(t for t in tokens if t)
+        self.first = sorted({t[0] for t in self.tokens})
+        self.lengths = sorted({len(t) for t in self.tokens}, reverse=True)
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> SpecialTokens:
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        special = [str(t) for t in getattr(tokenizer, "all_special_tokens", [])]
+        return cls([*special, *(t.content for t in added.values() if getattr(t, "special", False))])
+
+    def find(self, text: str) -> str | None:
+        """The first special token spelled in `text` (the longest one at that position), else None."""
+        found: tuple[int, str] | None = None
+        for char in self.first:
+            at = text.find(char)
+            while at >= 0 and (found is None or at < found[0]):
+                token = next((text[at:at + n] for n in self.lengths if text[at:at + n] in self.tokens), None)
+                if token is not None:
+                    found = (at, token)
+                    break
+                at = text.find(char, at + 1)
+        return None if found is None else found[1]
+
+
 class ConversationTokenizer:
     """Tokenizes conversations for one target tokenizer; the per-tokenizer checks are done once.
 
-    `tokenizer` is a fast `transformers` tokenizer (character offsets are needed).
+    `tokenizer` is a fast `transformers` tokenizer (character offsets are needed). `name` names it in
+    reject reasons ("target tokenizer", "behavior tokenizer").
+
+    A message whose text (content or role) spells one of the tokenizer's special tokens is rejected
+    (`RowError` naming the message and the token): its text would become the control token itself,
+    trained as completion or forging a turn boundary.
     """
 
-    def __init__(self, tokenizer: Any, config: TokenizeConfig | None = None) -> None:
+    def __init__(self, tokenizer: Any, config: TokenizeConfig | None = None, name: str = "tokenizer") -> None:
         self.tokenizer = tokenizer
         self.config = config or TokenizeConfig()
+        self.name = name
+        self.special = SpecialTokens.of(tokenizer)
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(
                 f"{type(tokenizer).__name__} is a slow tokenizer; pear-data needs a fast one (character offsets). "
@@ -343,11 +409,24 @@ class ConversationTokenizer:
 
     def render(self, conversation: Conversation) -> RenderedConversation:
         if self.mode == "chat":
-            return render_chat(conversation, self.tokenizer)
+            return render_chat(conversation, self.tokenizer, self.name)
         return render_raw(conversation, self.tokenizer, self.config.raw_separator, bos=self.bos)
+
+    def check_text(self, conversation: Conversation) -> None:
+        """`RowError` when a message's content or role spells a special token (see the class docstring)."""
+        for i, message in enumerate(conversation):
+            for part in ("content", "role"):
+                token = self.special.find(message[part])
+                if token is not None:
+                    raise RowError(
+                        f"message {i} ({message['role'][:40]}) {part} holds {token!r}, a special token of the "
+                        f"{self.name}: text may not spell a control token (it would be read as one and could "
+                        "forge a turn boundary); remove or escape it in the input"
+                    )
 
     def __call__(self, conversation: Conversation) -> TokenizedRow:
         """Tokenize one conversation. Raises `RowError` (reject the row) or `OverflowAbort` (stop the run)."""
+        self.check_text(conversation)
         rendered = self.render(conversation)
         encoding = self.tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
         input_ids = np.asarray(encoding["input_ids"], dtype=np.int32)
