@@ -539,9 +539,13 @@ def main() -> None:
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     try:
         try:
-            app(standalone_mode=False)
+            code = app(standalone_mode=False)  # Typer returns the code of an Exit (Ctrl-C: 130) in this mode
         finally:
             STDOUT.flush()
+        if isinstance(code, int) and code:
+            if code == 130:
+                err.print("aborted")
+            sys.exit(code)
     except BrokenPipeError:
         STDOUT.silence()  # the reader has what it wanted (`| head`): not an error
         sys.exit(0)

@@ -517,3 +517,11 @@ def test_overwrite_keeps_the_lock_file_it_holds(output, tmp_path):
     assert (out / ".pear" / writer.LOCK_FILE).is_file()
     w.close()
 
+
+
+def test_ctrl_c_exits_130_not_0() -> None:
+    """Typer returns an Exit's code instead of raising it when not in standalone mode; main must pass it on."""
+    code = ("import sys\nfrom pear_data import cli\n@cli.app.command('interrupted')\ndef interrupted():\n"
+            "    raise KeyboardInterrupt\nsys.argv = ['pear-data', 'interrupted']\ncli.main()\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130 and "aborted" in result.stderr
