@@ -341,18 +341,8 @@ def score(
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other: --resume continues the output in --out, "
                          "--overwrite replaces it; pick one")
-    config = weight_config(
-        granularity,
-        gamma,
-        horizon,
-        block_size,
-        log_ratio_clip,
-        weight_clip,
-        normalize,
-        max_weight,
-        length_normalize,
-        center,
-    )
+    config = weight_config(granularity, gamma, horizon, block_size, log_ratio_clip, weight_clip, normalize,
+                           max_weight, length_normalize, center)
     try:
         tokenize = TokenizeConfig(max_length=max_length, on_overflow=on_overflow, template=template)
     except ValueError as exc:
@@ -426,18 +416,8 @@ def reweight(
     from .reweight import ReweightOptions
     from .reweight import reweight as run
 
-    config = weight_config(
-        granularity,
-        gamma,
-        horizon,
-        block_size,
-        log_ratio_clip,
-        weight_clip,
-        normalize,
-        max_weight,
-        length_normalize,
-        center,
-    )
+    config = weight_config(granularity, gamma, horizon, block_size, log_ratio_clip, weight_clip, normalize,
+                           max_weight, length_normalize, center)
     manifest = run(src, out_dir, config, ReweightOptions(shard_rows=shard_rows, overwrite=overwrite))
     _report(manifest, out_dir)
 

@@ -21,6 +21,8 @@ from pear_data.engine import ShardTask, Workers, worker_devices
 from pear_data.errors import UsageError
 from pear_data.policies import PreparedShard, ScoredShard
 
+from .test_score_cli import output_files
+
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT / "examples" / "data" / "gsm8k_sample.jsonl"
 FLAGS = ["--prompt-field", "question", "--completion-field", "answer", "--behavior", "smollm2-135m-instruct",
@@ -86,11 +88,6 @@ def test_one_gpu_cannot_hold_several_workers() -> None:
 def run(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pear_data.cli", "score", *map(str, args)], capture_output=True,
                           text=True, timeout=1200, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-
-def output_files(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and ".pear" not in p.parts}
 
 
 @pytest.fixture(scope="module")
