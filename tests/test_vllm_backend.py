@@ -161,6 +161,17 @@ def test_scorer_refuses_tempered_or_nucleus_policies_and_points_to_torch() -> No
         scorer.score(rows, [np.array([1])], [SamplingParams()])
 
 
+def test_scorer_checks_the_vocabulary_and_reports_progress(fake_params: object) -> None:
+    calls: list[tuple[int, int]] = []
+    scorer = VllmScorer("m", llm=FakeEngine(), vocab_size=10, progress=lambda r, t: calls.append((r, t)))
+    with pytest.raises(ValueError, match=r"row 1: token id 10 is outside the model's vocabulary \[0, 10\)"):
+        scorer.score([np.array([1, 2], np.int32), np.array([3, 10], np.int32)], [np.array([0, 1])] * 2,
+                     [SamplingParams()])
+    scorer.score([np.array([1, 2], np.int32), np.array([3, 4, 5], np.int32)], [np.array([0, 1]), np.array([0, 0, 1])],
+                 [SamplingParams()])
+    assert calls == [(2, 5)]
+
+
 def test_no_engine_call_when_nothing_is_scored(fake_params: object) -> None:
     engine = FakeEngine()
     (got,) = VllmScorer("m", llm=engine).score([np.array([5], np.int32)], [np.array([1], np.int8)], [SamplingParams()])

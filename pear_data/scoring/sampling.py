@@ -183,9 +183,10 @@ def policy_logprobs(
 
     logits: float32 [C, V], one row per scored position (after any softcapping
     the model applies). tokens: int64 [C], the token chosen at each position.
-    Element p of the result is what `token_logprobs(logits, tokens,
-    policies[p])` returns, bit for bit (the policy's result does not depend on
-    which other policies are computed with it).
+    Element p of the result is, bit for bit, what a call with policies[p]
+    alone and the same strategy returns (a policy's result does not depend on
+    which other policies are computed with it); `token_logprobs` is that call
+    with the default strategy.
     overwrite: the function may overwrite `logits` (it subtracts the row max
     in place; a caller that owns the chunk saves a [C, V] buffer and a pass).
     scratch: a float32 tensor of at least C * V elements on the same device,
@@ -228,7 +229,9 @@ def policy_logprobs(
     return out
 
 
-def _log_sums(shifted: torch.Tensor, temperatures: list[float], work: torch.Tensor, strategy: str) -> dict[float, torch.Tensor]:
+def _log_sums(
+    shifted: torch.Tensor, temperatures: list[float], work: torch.Tensor, strategy: str
+) -> dict[float, torch.Tensor]:
     """{tau: log sum_v exp(shifted[:, v] / tau)}, [C] each; shifted <= 0 with a 0 in every row, so sums are >= 1.
 
     Each temperature's value is computed by the same operations whatever the

@@ -27,7 +27,7 @@ so.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -116,13 +116,19 @@ class VllmScorer:
     caching is off unless asked for. llm: an engine already built (anything
     with `generate(prompts, sampling_params, use_tqdm=...)` returning one
     output with `.prompt_logprobs` per prompt, in order); then `model` is only
-    a label. The engine is built on the first `score` call. See the module
-    docstring for what vLLM computes and why other policies are refused.
+    a label. The engine is built on the first `score` call. vocab_size: when
+    given, token ids outside [0, vocab_size) are refused before anything is
+    sent (as `TorchScorer` does). progress: called once per `score` call, when
+    it is done, with (rows, real tokens). See the module docstring for what
+    vLLM computes and why other policies are refused.
     """
 
-    def __init__(self, model: str, *, llm: Any = None, **engine_kwargs: Any) -> None:
+    def __init__(self, model: str, *, llm: Any = None, vocab_size: int | None = None,
+                 progress: Callable[[int, int], None] | None = None, **engine_kwargs: Any) -> None:
         self.model = model
         self.engine_kwargs = {"enable_prefix_caching": False, **engine_kwargs}
+        self.vocab_size = vocab_size
+        self.progress = progress
         self._llm = llm
 
     def score(
@@ -149,6 +155,10 @@ class VllmScorer:
                 raise ValueError(f"row {r}: input_ids must be a 1-D integer array, got {sequence.dtype} {sequence.shape}")
             if mask.shape != sequence.shape:
                 raise ValueError(f"row {r}: completion_mask has shape {mask.shape}, input_ids {sequence.shape}")
+            if self.vocab_size is not None and len(sequence) and (sequence.min() < 0 or sequence.max() >= self.vocab_size):
+                bad = int(sequence.max() if sequence.max() >= self.vocab_size else sequence.min())
+                raise ValueError(f"row {r}: token id {bad} is outside the model's vocabulary [0, {self.vocab_size}): "
+                                 "was the row tokenized with another tokenizer?")
         # Only rows with something to score go to the engine (vLLM refuses an empty prompt).
         sent = [r for r, mask in enumerate(completion_masks) if np.any(np.asarray(mask)[1:] != 0)]
         per_row: list[Any] = [None] * len(sequences)
@@ -160,6 +170,8 @@ class VllmScorer:
             for r, output in zip(sent, outputs):
                 per_row[r] = output.prompt_logprobs
         values = prompt_logprobs_to_arrays(per_row, sequences, completion_masks)
+        if self.progress is not None:
+            self.progress(len(sequences), int(sum(len(s) for s in sequences)))
         return [values] + [[v.copy() for v in values] for _ in policies[1:]]
 
     def _engine(self) -> Any:
