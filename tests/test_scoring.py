@@ -482,6 +482,11 @@ def test_default_budgets_by_device(tiny_llama: Any) -> None:
     assert (default_batch_tokens("cpu"), default_vocab_chunk_tokens("cpu")) == (8192, 256)
     scorer = TorchScorer(tiny_llama)
     assert (scorer.batch_tokens, scorer.vocab_chunk_tokens) == (8192, 256)
+    assert scorer.describe() == {
+        "backend": "torch", "device": "cpu", "dtype": "float32", "batch_tokens": 8192, "vocab_chunk_tokens": 256,
+        "logprob_strategy": "exp", "head_logits": "head output cast to float32", "fused_head": False,
+    }
+    json.dumps(scorer.describe())
     if torch.cuda.is_available():
         assert (default_batch_tokens("cuda"), default_vocab_chunk_tokens("cuda")) == (32768, 1024)
 

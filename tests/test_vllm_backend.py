@@ -178,6 +178,16 @@ def test_no_engine_call_when_nothing_is_scored(fake_params: object) -> None:
     assert engine.calls == [] and got[0].tolist() == [0.0]
 
 
+def test_describe_is_json_ready() -> None:
+    import json
+
+    described = VllmScorer("org/model", llm=FakeEngine(), dtype="bfloat16", max_model_len=4096).describe()
+    assert described["backend"] == "vllm" and described["model"] == "org/model"
+    assert described["engine"] == {"enable_prefix_caching": False, "dtype": "bfloat16", "max_model_len": 4096}
+    assert described["request"] == {"max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0}
+    json.dumps(described)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
 def test_without_vllm_the_error_says_how_to_install_it() -> None:
     assert "vllm" not in sys.modules  # importing the backend does not import vLLM

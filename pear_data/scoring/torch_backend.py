@@ -369,6 +369,22 @@ class TorchScorer:
                     outputs[p][r][positions] = row_values
         return outputs
 
+    def describe(self) -> dict:
+        """The settings that decide the numbers, for a manifest (JSON-ready)."""
+        strategy = self.logprob_strategy
+        if strategy == "auto":
+            strategy = "power" if self.device.type == "cuda" else "exp"
+        return {
+            "backend": "torch",
+            "device": str(self.device),
+            "dtype": str(self.lm_head.weight.dtype).removeprefix("torch."),
+            "batch_tokens": self.batch_tokens,
+            "vocab_chunk_tokens": self.vocab_chunk_tokens,
+            "logprob_strategy": strategy,
+            "head_logits": "float32 matmul output" if self._fp32_out_mm else "head output cast to float32",
+            "fused_head": self._liger is not None,
+        }
+
     # ------------------------------------------------------------------ internals
 
     def _validate(self, sequences: list[np.ndarray], completion_masks: list[np.ndarray]) -> None:

@@ -27,6 +27,7 @@ so.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -173,6 +174,18 @@ class VllmScorer:
         if self.progress is not None:
             self.progress(len(sequences), int(sum(len(s) for s in sequences)))
         return [values] + [[v.copy() for v in values] for _ in policies[1:]]
+
+    def describe(self) -> dict:
+        """The settings that decide the numbers, for a manifest (JSON-ready; the vLLM version once it is loaded)."""
+        vllm = sys.modules.get("vllm")
+        return {
+            "backend": "vllm",
+            "model": self.model,
+            "engine": {k: v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
+                       for k, v in self.engine_kwargs.items()},
+            "vllm_version": getattr(vllm, "__version__", None),
+            "request": {"max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0},
+        }
 
     def _engine(self) -> Any:
         if self._llm is None:
