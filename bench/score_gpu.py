@@ -335,12 +335,8 @@ def bench_model(name: str, family: str, config_kwargs: dict, args: argparse.Name
               f"{entry['max_abs_diff']:.2e}", flush=True)
         del record
         gc.collect()
-    del model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     figures["seconds_total"] = time.perf_counter() - started
-    return figures
+    return figures  # the model goes with this frame
 
 
 def main() -> None:
@@ -389,6 +385,9 @@ def main() -> None:
     for name in names:
         family, config_kwargs = shapes[name]
         results["models"][name] = bench_model(name, family, config_kwargs, args, device, peak)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     results["seconds_total"] = time.perf_counter() - started
     with open(args.json, "w") as handle:
         json.dump(results, handle, indent=2)

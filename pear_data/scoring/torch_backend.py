@@ -69,7 +69,6 @@ targets). Any other call uses the chunked path.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
