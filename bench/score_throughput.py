@@ -25,17 +25,37 @@ template; the assistant turn is the completion.
    scoring itself added, torch allocations included (tracemalloc does not see
    them). Where clear_refs is not writable it falls back to ru_maxrss minus
    the RSS before scoring (an upper bound if loading peaked higher).
-3. MFU = achieved FLOP/s / measured peak. Achieved: `model_flops_per_token`
-   (2 x the decoder's non-embedding parameters) x real tokens / s. Peak: the
-   best float32 `torch.mm` of two 2048 x 2048 matrices (2 n^3 FLOPs, same
-   threads) over measurements taken before and after every timed step, since
-   load from other processes only ever lowers it.
+3. MFU = counted FLOP/s / measured peak. Counted (`scoring_flops`, the
+   same for both variants: the work scoring needs, not the work a variant
+   does): per token 2 x the decoder's non-embedding parameters; per *scored*
+   (completion) token 2 x hidden x vocab for the lm_head; attention
+   4 x layers x seq x width per token, halved for causal attention (a row of
+   n tokens: 4 L d n^2 / 2). Peak: the best float32 `torch.mm` of two
+   2048 x 2048 matrices (2 n^3 FLOPs, same threads) over measurements taken
+   before and after every timed step, since load from other processes only
+   ever lowers it.
 4. Where the scorer's time goes: torch.profiler over one batch (the first
    batch of the packed rows: batch_tokens / seq_len rows), top ops by self
    CPU time.
 
     python bench/score_throughput.py [--rows 64] [--unit-rows 16] [--repeats 3] [--seq-len 2048] [--long-seqs 4]
                                      [--batch-tokens 8192] [--memory-batch-tokens 2048]
+
+`--logprob-step` runs only a micro-bench of the log-prob step on one
+[--chunk-rows, V] float32 logits chunk (the scorer's default chunk): real
+SmolLM2 logits of GSM8K completion positions (V = 49,152), and the same rows
+widened to V = 151,936 (a Qwen2.5-size vocabulary) with values drawn from
+each row's own logits below its median (the top of every row, hence its
+nucleus, is unchanged). Policy sets: the target (T=1); target + T=0.7;
+target + T=0.7 top-p 0.9. Variants: "per policy" computes each policy alone
+(its own max, shift, exp, sum and nucleus, each in new tensors: the scorer's
+log-prob step before `policy_logprobs`), and `policy_logprobs` with the
+"exp" and "power" strategies on a chunk it may overwrite, with a reused
+scratch buffer, as the scorer calls it. Overwriting needs a fresh copy of the
+chunk per run: the best time of that copy alone is subtracted. Best of
+--repeats, the variants alternating.
+
+    python bench/score_throughput.py --logprob-step [--repeats 7] [--chunk-rows 256]
 
 The figures are printed last. On a shared machine, run it when `uptime`
 shows a low load; the load averages are printed with the figures.
@@ -61,7 +81,8 @@ import numpy as np
 import torch
 
 from pear_data.models import load_model, load_tokenizer, resolve_model
-from pear_data.scoring import SamplingParams, TorchScorer, model_flops_per_token, plan_batches
+from pear_data.scoring import SamplingParams, TorchScorer, plan_batches, policy_logprobs, scoring_flops
+from pear_data.scoring.sampling import log_normalizer, nucleus
 from pear_data.tokenize import ConversationTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -160,6 +181,95 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / seconds
 
 
+# --------------------------------------------------------------------------- the log-prob step alone
+
+
+def per_policy_logprobs(logits: torch.Tensor, tokens: torch.Tensor, policies: list[SamplingParams]) -> list:
+    """Each policy on its own, in new tensors: the scorer's log-prob step before `policy_logprobs`."""
+    out = []
+    for params in policies:
+        log_z = log_normalizer(logits, params.temperature)
+        chosen = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        logp = chosen / params.temperature - log_z
+        if params.top_p < 1.0:
+            threshold, log_mass = nucleus(logits, log_z, params.temperature, params.top_p)
+            logp = torch.where(chosen >= threshold, logp - log_mass, -float("inf"))
+        out.append(logp)
+    return out
+
+
+def real_logits(model: Any, sequences: list[np.ndarray], masks: list[np.ndarray], rows: int) -> tuple:
+    """float32 [rows, V] logits of the first `rows` completion positions of the GSM8K rows, and their next tokens."""
+    hidden, tokens = [], []
+    with torch.inference_mode():
+        for sequence, mask in zip(sequences, masks):
+            ids = torch.as_tensor(sequence, dtype=torch.long)
+            scored = torch.from_numpy(np.flatnonzero(mask[1:]))  # position i predicts token i + 1
+            hidden.append(model.get_decoder()(input_ids=ids[None]).last_hidden_state[0, scored])
+            tokens.append(ids[scored + 1])
+            if sum(len(t) for t in tokens) >= rows:
+                break
+        logits = model.lm_head(torch.cat(hidden)[:rows]).float()
+    return logits, torch.cat(tokens)[:rows]
+
+
+def widen_vocabulary(logits: torch.Tensor, vocab: int, seed: int = 0) -> torch.Tensor:
+    """[C, vocab]: the rows, then vocab - V values drawn from each row's own logits below its median."""
+    generator = torch.Generator().manual_seed(seed)
+    low = logits.sort(dim=-1).values[:, : logits.shape[1] // 2]
+    pick = torch.randint(0, low.shape[1], (logits.shape[0], vocab - logits.shape[1]), generator=generator)
+    return torch.cat([logits, low.gather(-1, pick)], dim=-1).contiguous()
+
+
+def logprob_step_bench(args: argparse.Namespace) -> None:
+    load_at_start = os.getloadavg()
+    source = resolve_model("smollm2-135m-instruct")
+    model = load_model(source, device="cpu", dtype=torch.float32)
+    logits, tokens = real_logits(model, *gsm8k_rows(load_tokenizer(source), 16), args.chunk_rows)
+    policy_sets = {
+        "T=1": [SamplingParams()],
+        "T=1 + T=0.7": [SamplingParams(), SamplingParams(0.7)],
+        "T=1 + T=0.7 top-p 0.9": [SamplingParams(), SamplingParams(0.7, 0.9)],
+    }
+    lines = []
+    def step_variants(chunk, work, scratch, policies) -> dict:
+        def one_pass(strategy: str):
+            return lambda: policy_logprobs(work.copy_(chunk), tokens, policies, overwrite=True, scratch=scratch,
+                                           strategy=strategy)
+
+        return {"per policy": lambda: per_policy_logprobs(chunk, tokens, policies),
+                "exp": one_pass("exp"), "power": one_pass("power")}
+
+    widened = widen_vocabulary(logits, 151_936)
+    for vocab_label, chunk in (("49,152 (SmolLM2 logits)", logits), ("151,936 (widened)", widened)):
+        work, scratch = torch.empty_like(chunk), torch.empty_like(chunk)
+        copy_seconds, _ = timed(lambda work=work, chunk=chunk: work.copy_(chunk), args.repeats)
+        for label, policies in policy_sets.items():
+            reference = per_policy_logprobs(chunk, tokens, policies)
+            variants = step_variants(chunk, work, scratch, policies)
+            best = dict.fromkeys(variants, float("inf"))
+            for _ in range(args.repeats):
+                for name, fn in variants.items():
+                    seconds, result = timed(fn, 1)
+                    best[name] = min(best[name], seconds)
+            for name in ("exp", "power"):
+                best[name] = max(best[name] - copy_seconds, 0.0)
+                values = variants[name]()
+                gap = max(float((a - b)[torch.isfinite(b)].abs().max()) for a, b in zip(values, reference))
+                best[name + " gap"] = gap
+            lines.append(f"  V={vocab_label:24s} {label:22s} per policy {best['per policy'] * 1e3:7.1f} ms   "
+                         f"exp {best['exp'] * 1e3:7.1f} ms ({best['per policy'] / best['exp']:.2f}x)   "
+                         f"power {best['power'] * 1e3:7.1f} ms ({best['per policy'] / best['power']:.2f}x)   "
+                         f"max |diff| {max(best['exp gap'], best['power gap']):.1e}")
+            print(lines[-1], flush=True)
+    print(f"\n== log-prob step, one [{args.chunk_rows}, V] float32 chunk, CPU "
+          f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
+          f"threads), best of {args.repeats}, variants alternating")
+    print(f"load average (1 min) at start {load_at_start[0]:.2f}, at end {os.getloadavg()[0]:.2f}; "
+          f"exp/power exclude the chunk copy each run needs ({copy_seconds * 1e3:.1f} ms at V=151,936)")
+    print("\n".join(lines))
+
+
 # --------------------------------------------------------------------------- memory child
 
 
@@ -239,9 +349,14 @@ def main() -> None:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-profile", action="store_true")
     parser.add_argument("--memory-child", choices=["scorer", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument("--logprob-step", action="store_true", help="only the micro-bench of the log-prob step")
+    parser.add_argument("--chunk-rows", type=int, default=256, help="rows of the --logprob-step chunk")
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args)
+        return
+    if args.logprob_step:
+        logprob_step_bench(args)
         return
 
     load_at_start = os.getloadavg()
@@ -251,7 +366,7 @@ def main() -> None:
     tokens = int(sum(len(s) for s in sequences))
     completion = int(sum(int(m.sum()) for m in masks))
     scorer = TorchScorer(model, batch_tokens=args.batch_tokens, vocab_chunk_tokens=args.vocab_chunk_tokens)
-    flops_per_token = model_flops_per_token(model)
+    flops = scoring_flops(model)
     print(f"{len(sequences)} GSM8K rows, {tokens} tokens ({completion} completion), lengths "
           f"{min(map(len, sequences))}..{max(map(len, sequences))}; torch threads {torch.get_num_threads()}",
           flush=True)
@@ -271,6 +386,10 @@ def main() -> None:
 
     long_sequences, long_masks = packed_rows(sequences, masks, args.seq_len, args.long_seqs)
     long_tokens = args.seq_len * args.long_seqs
+    scored = [int(np.count_nonzero(m[1:])) for m in masks]
+    long_scored = [int(np.count_nonzero(m[1:])) for m in long_masks]
+    short_flops = flops.total([len(s) for s in sequences], scored)
+    long_flops = flops.total([len(s) for s in long_sequences], long_scored)
     per_forward = max(1, args.batch_tokens // args.seq_len)
     print(f"{args.long_seqs} packed rows of {args.seq_len} tokens in units of {per_forward} (one scorer forward), "
           f"best of {args.repeats} per unit:", flush=True)
@@ -302,19 +421,24 @@ def main() -> None:
     print(f"\n== score throughput: SmolLM2-135M-Instruct float32, CPU ({platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
     print(f"load average (1 min) at start {load_at_start[0]:.2f}, at end {os.getloadavg()[0]:.2f}")
-    print(f"model FLOPs/token (2 x decoder non-embedding params): {flops_per_token / 1e6:.1f} M; "
-          f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (best of {len(peaks)} measurements, "
+    print(f"counted FLOPs (scoring_flops): 2 x decoder non-embedding params = {flops.dense_per_token / 1e6:.1f} M "
+          f"per token + 2 x hidden x vocab = {flops.head_per_scored_token / 1e6:.1f} M per scored token + "
+          f"4 x layers x width x seq / 2 = {flops.attention_per_token_per_position / 2e6:.3f} M x seq per token "
+          f"(causal); fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (best of {len(peaks)} measurements, "
           f"lowest {min(peaks) / 1e9:.1f})")
     print(f"batch_tokens={args.batch_tokens}, vocab_chunk_tokens={args.vocab_chunk_tokens}; times are sums over "
           f"units of each unit's best of {args.repeats}, the variants alternating")
-    sections = ((f"GSM8K rows: {len(sequences)} rows, {tokens} tokens", tokens, short_seconds),
-                (f"packed rows: {args.long_seqs} x {args.seq_len} tokens", long_tokens, long_seconds))
-    for title, count, seconds in sections:
-        print(title)
+    for title, count, total_flops, seconds in (
+        (f"GSM8K rows: {len(sequences)} rows, {tokens} tokens, {sum(scored)} scored", tokens, short_flops,
+         short_seconds),
+        (f"packed rows: {args.long_seqs} x {args.seq_len} tokens, {sum(long_scored)} scored", long_tokens, long_flops,
+         long_seconds),
+    ):
+        print(f"{title} ({total_flops / count / 1e6:.1f} MFLOP per token counted)")
         for name, label in (("scorer", "pear-data scorer"), ("naive", "naive per-example")):
             rate = count / seconds[name]
-            mfu = flops_per_token * rate / peak
-            print(f"  {label:18s} {rate:8.1f} tokens/s  ({seconds[name]:.2f} s)  MFU {mfu:6.1%}")
+            print(f"  {label:18s} {rate:8.1f} tokens/s  ({seconds[name]:.2f} s)  "
+                  f"MFU {total_flops / seconds[name] / peak:6.1%}")
         print(f"  speedup scorer / naive: {seconds['naive'] / seconds['scorer']:.2f}x")
     print(f"max |scorer - naive| log-prob on the first {len(units[0][0])} GSM8K rows: {max_diff:.2e}")
     if memory:

@@ -34,9 +34,13 @@ transformers = pytest.importorskip("transformers")
 from pear_data.scoring import (  # noqa: E402
     SamplingParams,
     TorchScorer,
+    default_batch_tokens,
+    default_vocab_chunk_tokens,
     model_flops_per_token,
     plan_batches,
+    policy_logprobs,
     resolve_device,
+    scoring_flops,
     token_logprobs,
 )
 from pear_data.scoring.sampling import log_normalizer, nucleus  # noqa: E402
@@ -213,6 +217,83 @@ def test_sampling_params_reject_invalid_values() -> None:
 def test_token_logprobs_refuses_low_precision_logits() -> None:
     with pytest.raises(TypeError, match="float32"):
         token_logprobs(torch.zeros(2, 5, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.long), SamplingParams())
+
+
+MIXED_POLICIES = [
+    SamplingParams(), SamplingParams(0.7), SamplingParams(0.7, 0.9), SamplingParams(1.3, 0.5),
+    SamplingParams(2.5), SamplingParams(1.0, 0.95), SamplingParams(0.4, 0.3),
+]
+
+
+def per_policy_reference(logits: torch.Tensor, tokens: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The per-policy computation on raw logits: logsumexp and nucleus of its own, nothing shared."""
+    log_z = log_normalizer(logits, params.temperature)
+    chosen = logits.gather(-1, tokens[:, None])[:, 0]
+    logp = chosen / params.temperature - log_z
+    if params.top_p < 1.0:
+        threshold, log_mass = nucleus(logits, log_z, params.temperature, params.top_p)
+        logp = torch.where(chosen >= threshold, logp - log_mass, -math.inf)
+    return logp
+
+
+@pytest.mark.parametrize("strategy", ["exp", "power"])
+def test_one_pass_over_the_chunk_matches_each_policy_alone(strategy: str) -> None:
+    logits = peaked_logits(24, 700, seed=11)
+    logits[:, :5] += 6.0  # a few likely tokens per row, as in a trained model; the 0.95 nucleus still grows past 64
+    tokens = torch.randint(0, 700, (24,), generator=torch.Generator().manual_seed(12))
+    tokens[:8] = logits[:8].argmax(-1)  # some chosen tokens inside every nucleus
+    original = logits.clone()
+    together = policy_logprobs(logits, tokens, MIXED_POLICIES, strategy=strategy)
+    assert torch.equal(logits, original)  # not overwritten unless asked
+    for params, got in zip(MIXED_POLICIES, together):
+        alone = policy_logprobs(logits, tokens, [params], strategy=strategy)[0]
+        assert torch.equal(got, alone)  # a policy's bits do not depend on the other policies of the call
+        reference = per_policy_reference(logits, tokens, params)
+        direct = numpy_sampling_logprobs(logits.numpy(), params.temperature, params.top_p)
+        direct = direct[np.arange(24), tokens.numpy()]
+        for expected in (reference.numpy(), direct):
+            assert np.array_equal(np.isneginf(got.numpy()), np.isneginf(expected))  # the same nucleus
+            finite = np.isfinite(expected)
+            np.testing.assert_allclose(got.numpy()[finite], expected[finite], atol=2e-6, rtol=0)
+    assert any(torch.isneginf(g).any() for g in together) and all(torch.isfinite(g[:8]).all() for g in together)
+
+
+def test_strategies_agree_and_are_bit_identical_at_temperature_one() -> None:
+    logits = peaked_logits(16, 5000, seed=13)
+    tokens = torch.randint(0, 5000, (16,), generator=torch.Generator().manual_seed(14))
+    exp_values = policy_logprobs(logits, tokens, MIXED_POLICIES, strategy="exp")
+    power_values = policy_logprobs(logits, tokens, MIXED_POLICIES, strategy="power")
+    assert torch.equal(exp_values[0], power_values[0]) and torch.equal(exp_values[5], power_values[5])
+    for a, b in zip(exp_values, power_values):
+        assert torch.equal(torch.isneginf(a), torch.isneginf(b))
+        finite = torch.isfinite(a)
+        np.testing.assert_allclose(a[finite].numpy(), b[finite].numpy(), atol=2e-6, rtol=0)
+    assert policy_logprobs(logits, tokens, [SamplingParams()], strategy="auto")[0].equal(exp_values[0])  # CPU: exp
+
+
+def test_overwrite_and_scratch_give_the_same_bits() -> None:
+    logits = peaked_logits(10, 300, seed=15)
+    tokens = torch.randint(0, 300, (10,), generator=torch.Generator().manual_seed(16))
+    expected = policy_logprobs(logits, tokens, MIXED_POLICIES)
+    scratch = torch.full((4000,), math.nan)  # larger than needed, any contents
+    consumed = logits.clone()
+    got = policy_logprobs(consumed, tokens, MIXED_POLICIES, overwrite=True, scratch=scratch)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert torch.equal(consumed, logits - logits.amax(-1, keepdim=True))  # overwrite: the row max was subtracted
+    with pytest.raises(ValueError, match="scratch must be float32"):
+        policy_logprobs(logits, tokens, MIXED_POLICIES, scratch=torch.empty(10))
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        policy_logprobs(logits, tokens, MIXED_POLICIES, strategy="fast")
+
+
+def test_shared_first_top_k_gives_the_same_nucleus() -> None:
+    logits = peaked_logits(8, 3000, seed=17, scale=0.5)  # flat: nuclei beyond the first top-k round
+    log_z = log_normalizer(logits, 0.8)
+    first_top = logits.topk(64, dim=-1, sorted=True).values
+    own = nucleus(logits, log_z, 0.8, 0.9)
+    shared = nucleus(logits, log_z, 0.8, 0.9, first_top=first_top)
+    assert torch.equal(own[0], shared[0]) and torch.equal(own[1], shared[1])
+    assert ((logits >= own[0][:, None]).sum(-1) > 64).all()
 
 
 # --------------------------------------------------------------------------- batch planning
@@ -393,6 +474,67 @@ def test_model_flops_per_token_counts_decoder_without_embeddings(tiny_llama: Any
     h, i, layers, kv = 64, 128, 2, 2 * (64 // 4)  # kv heads x head dim
     per_layer = h * h + 2 * h * kv + h * h + 3 * h * i + 2 * h  # q, k, v, o, gate/up/down, two norms
     assert model_flops_per_token(tiny_llama) == 2 * (layers * per_layer + h)  # + final norm
+
+
+def test_scoring_flops_by_hand(tiny_llama: Any) -> None:
+    counts = scoring_flops(tiny_llama)
+    h, i, layers, vocab, kv = 64, 128, 2, 300, 2 * (64 // 4)
+    per_layer = h * h + 2 * h * kv + h * h + 3 * h * i + 2 * h
+    assert counts.dense_per_token == 2 * (layers * per_layer + h) == model_flops_per_token(tiny_llama)
+    assert counts.head_per_scored_token == 2 * h * vocab  # the lm_head, only where a token is scored
+    assert counts.attention_per_token_per_position == 4 * layers * 4 * 16  # 4 x layers x heads x head_dim
+    # a row of 10 tokens with 7 scored, and one of 4 with 0: dense on every token, head on 7, causal attention n^2 / 2
+    expected = 14 * counts.dense_per_token + 7 * 2 * 64 * 300 + 4 * 2 * 64 * (10 * 10 + 4 * 4) / 2
+    assert counts.total([10, 4], [7, 0]) == expected
+    assert counts.row(10, 7) + counts.row(4, 0) == expected
+
+
+def test_default_budgets_by_device(tiny_llama: Any) -> None:
+    assert (default_batch_tokens("cpu"), default_vocab_chunk_tokens("cpu")) == (8192, 256)
+    scorer = TorchScorer(tiny_llama)
+    assert (scorer.batch_tokens, scorer.vocab_chunk_tokens) == (8192, 256)
+    assert scorer.describe() == {
+        "backend": "torch", "device": "cpu", "dtype": "float32", "batch_tokens": 8192, "vocab_chunk_tokens": 256,
+        "logprob_strategy": "exp", "head_logits": "head output cast to float32", "fused_head": False,
+    }
+    json.dumps(scorer.describe())
+    if torch.cuda.is_available():
+        assert (default_batch_tokens("cuda"), default_vocab_chunk_tokens("cuda")) == (32768, 1024)
+
+
+def test_scorer_strategies_agree(tiny_llama: Any) -> None:
+    sequences, masks = random_rows(6, 300, seed=9)
+    policies = [SamplingParams(), SamplingParams(0.7, 0.9)]
+    exp_rows = TorchScorer(tiny_llama, logprob_strategy="exp").score(sequences, masks, policies)
+    power_rows = TorchScorer(tiny_llama, logprob_strategy="power").score(sequences, masks, policies)
+    for a_rows, b_rows in zip(exp_rows, power_rows):
+        for a, b in zip(a_rows, b_rows):
+            assert np.array_equal(np.isneginf(a), np.isneginf(b))
+            np.testing.assert_allclose(a[np.isfinite(a)], b[np.isfinite(b)], atol=2e-6, rtol=0)
+    with pytest.raises(ValueError, match="logprob_strategy"):
+        TorchScorer(tiny_llama, logprob_strategy="fast")
+
+
+def test_fused_head_needs_cuda_and_liger(tiny_llama: Any) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this checks the refusal on a CPU-only machine")
+    with pytest.raises(ValueError, match="fused_head needs a CUDA device"):
+        TorchScorer(tiny_llama, fused_head=True)
+
+
+def test_float32_output_head_falls_back_where_torch_lacks_it(tiny_llama: Any) -> None:
+    # The CUDA path multiplies a bf16 head with float32 output; CPU torch has no such kernel, which must fall back.
+    model = transformers.LlamaForCausalLM(tiny_llama.config).eval()
+    model.load_state_dict(tiny_llama.state_dict())
+    model = model.to(torch.bfloat16)
+    sequences, masks = random_rows(4, 300, seed=10)
+    (plain,) = TorchScorer(model).score(sequences, masks, [SamplingParams()])
+    forced = TorchScorer(model)
+    forced._fp32_out_mm = True
+    (got,) = forced.score(sequences, masks, [SamplingParams()])
+    assert forced._fp32_out_mm is False
+    for a, b in zip(plain, got):
+        assert a.tobytes() == b.tobytes()
 
 
 def test_gemma3_final_logit_softcapping_is_applied() -> None:

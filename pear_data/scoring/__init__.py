@@ -1,8 +1,9 @@
 """Scoring backends: per-token log-probs of token rows under one or more sampling policies.
 
 Every backend implements `Scorer`; `TorchScorer` (plain PyTorch + transformers)
-is the reference backend. The math of a sampling policy (temperature, top-p)
-is in `sampling.py`.
+is the reference backend; `VllmScorer` (experimental, target policy only) runs
+on a vLLM engine in an environment of its own. The math of a sampling policy
+(temperature, top-p) is in `sampling.py`.
 """
 
 from __future__ import annotations
@@ -11,14 +12,19 @@ from typing import Protocol
 
 import numpy as np
 
-from pear_data.scoring.sampling import SamplingParams, token_logprobs
+from pear_data.scoring.sampling import SamplingParams, policy_logprobs, token_logprobs
 from pear_data.scoring.torch_backend import (
+    FlopCounts,
     TorchScorer,
+    default_batch_tokens,
+    default_vocab_chunk_tokens,
     model_flops_per_token,
     plan_batches,
     resolve_device,
     scoring_dtype,
+    scoring_flops,
 )
+from pear_data.scoring.vllm_backend import VllmScorer, prompt_logprobs_to_arrays
 
 
 class Scorer(Protocol):
@@ -40,12 +46,19 @@ class Scorer(Protocol):
 
 
 __all__ = [
+    "FlopCounts",
     "SamplingParams",
     "Scorer",
     "TorchScorer",
+    "VllmScorer",
+    "default_batch_tokens",
+    "default_vocab_chunk_tokens",
     "model_flops_per_token",
     "plan_batches",
+    "policy_logprobs",
+    "prompt_logprobs_to_arrays",
     "resolve_device",
     "scoring_dtype",
+    "scoring_flops",
     "token_logprobs",
 ]

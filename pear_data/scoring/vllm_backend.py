@@ -1,0 +1,196 @@
+"""Experimental: score token rows with vLLM's prompt log-probs (`VllmScorer`).
+
+Status: experimental. vLLM needs a CUDA GPU and pins its own torch build, so
+it lives in its own environment (`pip install 'pear-data[vllm]'` there); this
+module imports it only when an engine is built. This project's tests run the
+conversion of vLLM's outputs (`prompt_logprobs_to_arrays`) and the request
+plumbing on plain Python objects shaped like vLLM's; they never run vLLM.
+
+How a row is scored: pear-data's own token ids go to vLLM as a
+`TokensPrompt` (no re-tokenization, so the ids are exactly the row's), with
+`SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0,
+detokenize=False)`. vLLM returns, per request, `prompt_logprobs`: one entry
+per prompt position, entry 0 empty (None) since the first token has no
+context, and entry i a mapping token_id -> `Logprob` (with `.logprob`) for
+token i given tokens[:i]. With `prompt_logprobs=0` the mapping holds the
+prompt's own token and nothing else: vLLM always adds the actual prompt token,
+whatever its rank. The one generated token is discarded.
+
+Which policies: vLLM computes prompt log-probs as the log-softmax of the raw
+logits; temperature and top-p only shape how the next token is sampled. So
+this backend scores the target policy (temperature 1, top-p 1) and nothing
+else: a behavior policy at another temperature or with a nucleus must be
+scored by the torch backend, and asking for one here is a ValueError that says
+so.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from pear_data.scoring.sampling import SamplingParams
+
+INSTALL_HINT = (
+    "pip install 'pear-data[vllm]' in an environment of its own: vLLM pins its own torch and CUDA build, "
+    "which can replace the torch that the rest of pear-data uses"
+)
+# A vLLM log-prob may come out a rounding error above 0; beyond this it is not a log-prob.
+_POSITIVE_TOLERANCE = 1e-4
+
+
+def prompt_logprobs_to_arrays(
+    prompt_logprobs_per_row: Sequence[Sequence[Mapping[int, Any] | None] | None],
+    sequences: Sequence[np.ndarray],
+    completion_masks: Sequence[np.ndarray],
+) -> list[np.ndarray]:
+    """vLLM's per-row `prompt_logprobs` as pear-data's log-prob arrays, in row order.
+
+    prompt_logprobs_per_row[r]: row r's `RequestOutput.prompt_logprobs`, a
+    sequence with one entry per token of sequences[r]; entry i maps token ids to
+    `Logprob` objects (anything with a `.logprob`) or plain floats. Entry 0 is
+    never read. A row without a completion position i >= 1 is not read at all
+    (it may be None). Returns float32 [n_r] per row: the log-prob of
+    sequences[r][i] at every completion position i >= 1 (completion_masks[r][i]
+    != 0), 0.0 elsewhere and at position 0. -inf passes through (a token the
+    model gives no probability). Raises ValueError, naming the row and
+    position, for a missing entry, a mapping without the row's own token, NaN,
+    or a value above 0 by more than rounding (tiny positive values become 0.0).
+    """
+    if not (len(prompt_logprobs_per_row) == len(sequences) == len(completion_masks)):
+        raise ValueError(f"{len(prompt_logprobs_per_row)} prompt_logprobs for {len(sequences)} sequences and "
+                         f"{len(completion_masks)} completion masks")
+    arrays = []
+    for r, (entries, sequence, mask) in enumerate(zip(prompt_logprobs_per_row, sequences, completion_masks)):
+        sequence = np.asarray(sequence)
+        out = np.zeros(len(sequence), dtype=np.float32)
+        scored = np.flatnonzero(np.asarray(mask)[1:] != 0) + 1
+        if len(scored):
+            if entries is None:
+                raise ValueError(f"row {r}: vLLM returned no prompt_logprobs (was the request sent with "
+                                 "prompt_logprobs=0?)")
+            if len(entries) != len(sequence):
+                raise ValueError(f"row {r}: {len(entries)} prompt log-prob entries for {len(sequence)} tokens")
+            for i in scored:
+                out[i] = _chosen_logprob(entries[i], int(sequence[i]), r, int(i))
+        arrays.append(out)
+    return arrays
+
+
+def _chosen_logprob(entry: Mapping[int, Any] | None, token: int, row: int, position: int) -> float:
+    if not entry or token not in entry:
+        have = "no entry" if not entry else f"only token ids {sorted(entry)[:8]}"
+        raise ValueError(f"row {row}, position {position}: vLLM's prompt log-probs hold {have}, not the row's own "
+                         f"token {token} (vLLM always includes the prompt token; were these outputs paired with "
+                         "other rows, or tokenized differently?)")
+    value = entry[token]
+    value = float(getattr(value, "logprob", value))
+    if math.isnan(value) or value > _POSITIVE_TOLERANCE:
+        raise ValueError(f"row {row}, position {position}: vLLM returned log-prob {value} for token {token}")
+    return min(value, 0.0)
+
+
+def _vllm_request_params() -> Any:
+    """vLLM's SamplingParams for scoring a prompt: one throwaway generated token, the prompt tokens' log-probs."""
+    vllm = _import_vllm()
+    return vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+
+
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as exc:
+        raise ImportError(f"the vllm scoring backend needs vLLM, which is not installed ({exc}): "
+                          f"{INSTALL_HINT}") from None
+    return vllm
+
+
+class VllmScorer:
+    """Experimental `Scorer` on a vLLM engine: target-policy (T = 1, top-p = 1) log-probs only.
+
+    model: what `vllm.LLM(model=...)` loads (a Hub id or a local HF
+    directory). engine_kwargs go to `vllm.LLM` as they are (dtype,
+    max_model_len, gpu_memory_utilization, tensor_parallel_size, ...); prefix
+    caching is off unless asked for. llm: an engine already built (anything
+    with `generate(prompts, sampling_params, use_tqdm=...)` returning one
+    output with `.prompt_logprobs` per prompt, in order); then `model` is only
+    a label. The engine is built on the first `score` call. vocab_size: when
+    given, token ids outside [0, vocab_size) are refused before anything is
+    sent (as `TorchScorer` does). progress: called once per `score` call, when
+    it is done, with (rows, real tokens). See the module docstring for what
+    vLLM computes and why other policies are refused.
+    """
+
+    def __init__(self, model: str, *, llm: Any = None, vocab_size: int | None = None,
+                 progress: Callable[[int, int], None] | None = None, **engine_kwargs: Any) -> None:
+        self.model = model
+        self.engine_kwargs = {"enable_prefix_caching": False, **engine_kwargs}
+        self.vocab_size = vocab_size
+        self.progress = progress
+        self._llm = llm
+
+    def score(
+        self,
+        sequences: list[np.ndarray],
+        completion_masks: list[np.ndarray],
+        policies: list[SamplingParams],
+    ) -> list[list[np.ndarray]]:
+        """Same contract as `TorchScorer.score`, for target policies only (every policy T = 1, top-p = 1)."""
+        if not policies:
+            raise ValueError("policies is empty: pass at least one SamplingParams (the target is SamplingParams())")
+        for params in policies:
+            if params.temperature != 1.0 or params.top_p != 1.0:
+                raise ValueError(
+                    f"the vllm backend scores log-probs of the raw model distribution only (temperature 1, top_p 1), "
+                    f"got temperature={params.temperature}, top_p={params.top_p}: vLLM's prompt log-probs ignore "
+                    "the sampling temperature and top-p. Score this policy with the torch backend (--backend torch)."
+                )
+        if len(sequences) != len(completion_masks):
+            raise ValueError(f"{len(sequences)} sequences but {len(completion_masks)} completion masks")
+        for r, (sequence, mask) in enumerate(zip(sequences, completion_masks)):
+            sequence, mask = np.asarray(sequence), np.asarray(mask)
+            if sequence.ndim != 1 or not np.issubdtype(sequence.dtype, np.integer):
+                raise ValueError(f"row {r}: input_ids must be a 1-D integer array, got {sequence.dtype} "
+                                 f"{sequence.shape}")
+            if mask.shape != sequence.shape:
+                raise ValueError(f"row {r}: completion_mask has shape {mask.shape}, input_ids {sequence.shape}")
+            outside = len(sequence) and (sequence.min() < 0 or sequence.max() >= (self.vocab_size or 0))
+            if self.vocab_size is not None and outside:
+                bad = int(sequence.max() if sequence.max() >= self.vocab_size else sequence.min())
+                raise ValueError(f"row {r}: token id {bad} is outside the model's vocabulary [0, {self.vocab_size}): "
+                                 "was the row tokenized with another tokenizer?")
+        # Only rows with something to score go to the engine (vLLM refuses an empty prompt).
+        sent = [r for r, mask in enumerate(completion_masks) if np.any(np.asarray(mask)[1:] != 0)]
+        per_row: list[Any] = [None] * len(sequences)
+        if sent:
+            prompts = [{"prompt_token_ids": [int(t) for t in sequences[r]]} for r in sent]  # a vllm TokensPrompt
+            outputs = list(self._engine().generate(prompts, _vllm_request_params(), use_tqdm=False))
+            if len(outputs) != len(sent):
+                raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(sent)} prompts")
+            for r, output in zip(sent, outputs):
+                per_row[r] = output.prompt_logprobs
+        values = prompt_logprobs_to_arrays(per_row, sequences, completion_masks)
+        if self.progress is not None:
+            self.progress(len(sequences), int(sum(len(s) for s in sequences)))
+        return [values] + [[v.copy() for v in values] for _ in policies[1:]]
+
+    def describe(self) -> dict:
+        """The settings that decide the numbers, for a manifest (JSON-ready; the vLLM version once it is loaded)."""
+        vllm = sys.modules.get("vllm")
+        return {
+            "backend": "vllm",
+            "model": self.model,
+            "engine": {k: v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
+                       for k, v in self.engine_kwargs.items()},
+            "vllm_version": getattr(vllm, "__version__", None),
+            "request": {"max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0},
+        }
+
+    def _engine(self) -> Any:
+        if self._llm is None:
+            self._llm = _import_vllm().LLM(model=self.model, **self.engine_kwargs)
+        return self._llm

@@ -1,0 +1,196 @@
+"""The experimental vLLM backend without vLLM: its output conversion and request plumbing.
+
+`prompt_logprobs_to_arrays` is fed plain Python objects shaped like vLLM's
+`RequestOutput.prompt_logprobs` (a list with an empty entry at position 0,
+then dicts token_id -> Logprob), and `VllmScorer` is driven by a fake engine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from pear_data.scoring import SamplingParams, vllm_backend
+from pear_data.scoring.vllm_backend import VllmScorer, prompt_logprobs_to_arrays
+
+
+@dataclass
+class Logprob:
+    """Shaped like vllm.logprobs.Logprob."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+class FlatLogprobsLike(Sequence):
+    """A non-list sequence of per-position dicts, as vLLM's FlatLogprobs presents itself (position 0: empty)."""
+
+    def __init__(self, positions: list[dict | None]) -> None:
+        self.positions = [p or {} for p in positions]
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index):
+        return self.positions[index]
+
+
+def entries_for(sequence: list[int], logprobs: list[float]) -> list[dict | None]:
+    """prompt_logprobs=0 output: None at 0, then {token_i: Logprob(logprob_i, rank)} (the prompt token only)."""
+    return [None] + [{t: Logprob(v, rank=3)} for t, v in zip(sequence[1:], logprobs)]
+
+
+def test_position_zero_and_prompt_positions_are_zero_and_completion_is_filled() -> None:
+    sequence = np.array([5, 6, 7, 8, 9], np.int32)
+    mask = np.array([1, 0, 1, 1, 0], np.int8)  # position 0 is never scored, even under the mask
+    (got,) = prompt_logprobs_to_arrays([entries_for(sequence.tolist(), [-1.0, -2.0, -0.5, -3.0])], [sequence], [mask])
+    assert got.dtype == np.float32 and got.shape == (5,)
+    np.testing.assert_array_equal(got, np.array([0.0, 0.0, -2.0, -0.5, 0.0], np.float32))
+
+
+def test_the_chosen_token_is_taken_even_when_it_is_not_the_top_token() -> None:
+    sequence = np.array([1, 2, 3], np.int32)
+    entries = [None, {2: Logprob(-0.25, rank=1)},
+               {40: Logprob(-0.1, rank=1), 3: Logprob(-3.5, rank=7)}]  # top-1 first, the prompt token added after
+    (got,) = prompt_logprobs_to_arrays([entries], [sequence], [np.array([0, 1, 1])])
+    np.testing.assert_array_equal(got, np.array([0.0, -0.25, -3.5], np.float32))
+
+
+def test_plain_float_values_and_a_flat_sequence_are_accepted() -> None:
+    sequence = np.array([10, 11, 12], np.int64)
+    flat = FlatLogprobsLike([None, {11: -1.5}, {12: Logprob(-2.5)}])
+    (got,) = prompt_logprobs_to_arrays([flat], [sequence], [np.array([0, 1, 1], bool)])
+    np.testing.assert_array_equal(got, np.array([0.0, -1.5, -2.5], np.float32))
+
+
+def test_a_missing_chosen_token_is_a_clear_error() -> None:
+    sequence = np.array([1, 2, 3], np.int32)
+    entries = [None, {2: Logprob(-0.25)}, {40: Logprob(-0.1, rank=1)}]
+    with pytest.raises(ValueError, match=r"row 0, position 2: .*only token ids \[40\].*own token 3"):
+        prompt_logprobs_to_arrays([entries], [sequence], [np.array([0, 1, 1])])
+    with pytest.raises(ValueError, match=r"row 0, position 1: .*no entry"):
+        prompt_logprobs_to_arrays([[None, None, {3: Logprob(-1.0)}]], [sequence], [np.array([0, 1, 1])])
+    with pytest.raises(ValueError, match="row 0: vLLM returned no prompt_logprobs"):
+        prompt_logprobs_to_arrays([None], [sequence], [np.array([0, 1, 1])])
+    with pytest.raises(ValueError, match="row 0: 2 prompt log-prob entries for 3 tokens"):
+        prompt_logprobs_to_arrays([[None, {2: Logprob(-1.0)}]], [sequence], [np.array([0, 1, 1])])
+
+
+def test_minus_inf_passes_through_and_nan_or_positive_values_are_refused() -> None:
+    sequence = np.array([1, 2, 3, 4], np.int32)
+    mask = np.array([0, 1, 1, 1])
+    (got,) = prompt_logprobs_to_arrays([entries_for([1, 2, 3, 4], [-math.inf, -1.0, 1e-7])], [sequence], [mask])
+    assert np.isneginf(got[1]) and got[2] == -1.0 and got[3] == 0.0  # a rounding error above 0 becomes 0.0
+    for bad in (math.nan, 0.5):
+        with pytest.raises(ValueError, match=r"row 0, position 2: vLLM returned log-prob"):
+            prompt_logprobs_to_arrays([entries_for([1, 2, 3, 4], [-1.0, bad, -1.0])], [sequence], [mask])
+
+
+def test_rows_keep_their_order_and_rows_without_completion_need_no_output() -> None:
+    sequences = [np.array([7, 8, 9], np.int32), np.array([3], np.int32), np.array([4, 5], np.int32),
+                 np.zeros(0, np.int32), np.array([1, 2, 3, 4], np.int32)]
+    masks = [np.array([0, 1, 1]), np.array([1]), np.array([0, 0]), np.zeros(0), np.array([0, 0, 1, 1])]
+    per_row = [entries_for([7, 8, 9], [-1.0, -2.0]), None, None, None, entries_for([1, 2, 3, 4], [-3.0, -4.0, -5.0])]
+    got = prompt_logprobs_to_arrays(per_row, sequences, masks)
+    assert [g.tolist() for g in got] == [[0.0, -1.0, -2.0], [0.0], [0.0, 0.0], [], [0.0, 0.0, -4.0, -5.0]]
+    with pytest.raises(ValueError, match="2 prompt_logprobs for 5 sequences"):
+        prompt_logprobs_to_arrays(per_row[:2], sequences, masks)
+
+
+# --------------------------------------------------------------------------- VllmScorer with a fake engine
+
+
+class FakeEngine:
+    """Answers generate() like vllm.LLM: one output per prompt, in order, with prompt_logprobs; log-prob = -token/10."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list, object]] = []
+
+    def generate(self, prompts, sampling_params, use_tqdm=True):
+        self.calls.append((prompts, sampling_params))
+        outputs = []
+        for prompt in prompts:
+            ids = prompt["prompt_token_ids"]
+            outputs.append(SimpleNamespace(prompt_logprobs=entries_for(ids, [-t / 10 for t in ids[1:]])))
+        return outputs
+
+
+@pytest.fixture
+def fake_params(monkeypatch: pytest.MonkeyPatch) -> object:
+    sentinel = object()
+    monkeypatch.setattr(vllm_backend, "_vllm_request_params", lambda: sentinel)
+    return sentinel
+
+
+def test_scorer_sends_token_ids_of_rows_with_completion_and_returns_input_order(fake_params: object) -> None:
+    engine = FakeEngine()
+    sequences = [np.array([1, 2, 3], np.int32), np.array([9, 8], np.int32), np.array([4, 5, 6, 7], np.int32)]
+    masks = [np.array([0, 1, 1], np.int8), np.array([0, 0], np.int8), np.array([0, 0, 1, 0], np.int8)]
+    target, again = VllmScorer("some/model", llm=engine).score(sequences, masks, [SamplingParams(), SamplingParams()])
+    assert len(engine.calls) == 1
+    prompts, params = engine.calls[0]
+    assert params is fake_params
+    # row 1 has nothing to score
+    assert prompts == [{"prompt_token_ids": [1, 2, 3]}, {"prompt_token_ids": [4, 5, 6, 7]}]
+    assert all(isinstance(t, int) for p in prompts for t in p["prompt_token_ids"])
+    expected = [[0.0, -0.2, -0.3], [0.0, 0.0], [0.0, 0.0, -0.6, 0.0]]
+    for got in (target, again):
+        for row, want in zip(got, expected):
+            np.testing.assert_allclose(row, want, rtol=1e-6)
+            assert row.dtype == np.float32
+    assert target[0] is not again[0]  # one array per policy
+
+
+def test_scorer_refuses_tempered_or_nucleus_policies_and_points_to_torch() -> None:
+    scorer = VllmScorer("some/model", llm=FakeEngine())
+    rows, masks = [np.array([1, 2], np.int32)], [np.array([0, 1], np.int8)]
+    for policy in (SamplingParams(temperature=0.7), SamplingParams(top_p=0.9)):
+        with pytest.raises(ValueError, match=r"raw model distribution.*--backend torch"):
+            scorer.score(rows, masks, [SamplingParams(), policy])
+    with pytest.raises(ValueError, match="policies is empty"):
+        scorer.score(rows, masks, [])
+    with pytest.raises(ValueError, match="row 0: completion_mask has shape"):
+        scorer.score(rows, [np.array([1])], [SamplingParams()])
+
+
+def test_scorer_checks_the_vocabulary_and_reports_progress(fake_params: object) -> None:
+    calls: list[tuple[int, int]] = []
+    scorer = VllmScorer("m", llm=FakeEngine(), vocab_size=10, progress=lambda r, t: calls.append((r, t)))
+    with pytest.raises(ValueError, match=r"row 1: token id 10 is outside the model's vocabulary \[0, 10\)"):
+        scorer.score([np.array([1, 2], np.int32), np.array([3, 10], np.int32)], [np.array([0, 1])] * 2,
+                     [SamplingParams()])
+    scorer.score([np.array([1, 2], np.int32), np.array([3, 4, 5], np.int32)], [np.array([0, 1]), np.array([0, 0, 1])],
+                 [SamplingParams()])
+    assert calls == [(2, 5)]
+
+
+def test_no_engine_call_when_nothing_is_scored(fake_params: object) -> None:
+    engine = FakeEngine()
+    (got,) = VllmScorer("m", llm=engine).score([np.array([5], np.int32)], [np.array([1], np.int8)], [SamplingParams()])
+    assert engine.calls == [] and got[0].tolist() == [0.0]
+
+
+def test_describe_is_json_ready() -> None:
+    import json
+
+    described = VllmScorer("org/model", llm=FakeEngine(), dtype="bfloat16", max_model_len=4096).describe()
+    assert described["backend"] == "vllm" and described["model"] == "org/model"
+    assert described["engine"] == {"enable_prefix_caching": False, "dtype": "bfloat16", "max_model_len": 4096}
+    assert described["request"] == {"max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0}
+    json.dumps(described)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_without_vllm_the_error_says_how_to_install_it() -> None:
+    assert "vllm" not in sys.modules  # importing the backend does not import vLLM
+    scorer = VllmScorer("some/model")
+    with pytest.raises(ImportError, match=r"pip install 'pear-data\[vllm\]' in an environment of its own"):
+        scorer.score([np.array([1, 2], np.int32)], [np.array([0, 1], np.int8)], [SamplingParams()])
