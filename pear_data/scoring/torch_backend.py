@@ -11,10 +11,8 @@ One `TorchScorer.score` call, for every sequence:
    only attends to earlier positions, and every pad comes after the row's
    last real token, so the pads are invisible to real tokens without one (the
    hidden states of real tokens are bit-identical with and without the mask
-   on SmolLM2), while the mask would force the slower masked attention kernel
-   (12% slower forward at 2 x 1024 tokens on CPU; 23% of a 4 x 2048 batch's
-   CPU time was masked attention). Pad positions produce hidden states that are
-   never read.
+   on SmolLM2), while the mask would force the slower masked attention
+   kernel. Pad positions produce hidden states that are never read.
 2. One forward of the *decoder* (`model.get_decoder()`, e.g. `LlamaModel`),
    which returns hidden states [B, L, H]; the [B, L, V] logits are never built.
 3. Only the positions whose *next* token is a completion token need a
@@ -42,14 +40,12 @@ and the log-softmax still runs in float32. On CUDA a plain bias-free
 and never rounded to bfloat16), where `model(ids).logits` rounds every logit
 to bfloat16 first; other heads, and torch builds without that overload, use
 `lm_head(h).float()`. Results are deterministic for a
-given device, inputs and batch settings (same bits run to run). Padding and
-batch composition change the matmul shapes and therefore float rounding: on
-the embedded SmolLM2 in float32, log-probs of GSM8K rows scored in one padded
-batch differ from the same rows scored one by one by up to 4.3e-5 (log-probs
-down to -21). Scored one by one, they are within 4e-6 of a float64
-log-softmax of the model's logits (torch's own float32 log_softmax is 3e-5
-off). tests/test_scoring.py pins < 1e-4 against the naive full-softmax
-forward and < 1e-5 against float64.
+given device, inputs and batch settings (same bits run to run; on CPU also
+whatever the thread count, under MKL's reproducible mode, which the CLI sets).
+Padding and batch composition change the matmul shapes and therefore float
+rounding: the same row scored in another batch differs in the last bits of
+float32. tests/test_scoring.py pins < 1e-4 against the naive full-softmax
+forward and < 1e-5 against a float64 log-softmax, row by row.
 
 At construction the scorer checks on an 8-token input that decoder + lm_head
 (+ softcapping) reproduces the model's own logits, so a model family that
@@ -250,10 +246,7 @@ class TorchScorer:
     vocab_chunk_tokens: positions per lm_head + log-softmax chunk; None: the
     device's default (`default_vocab_chunk_tokens`: 256 on CPU, 1024 on CUDA).
     The scorer's extra memory is about 2 x vocab_chunk_tokens x vocab x 4 bytes
-    (100 MB for SmolLM2's 49k vocabulary at 256, 540 MB for Gemma-3's 262k).
-    256 rows keep the lm_head matmul efficient on CPU; 1024 measured no faster
-    there and raised the peak at 2048-token rows from +254 to +389 MiB
-    (bench/score_throughput.py).
+    (bench/score_throughput.py measures the peak and the speed of other sizes).
     max_padding: a batch stops taking shorter rows when its pad tokens would
     exceed this fraction of its real tokens (`plan_batches`); math.inf fills
     every batch up to `batch_tokens`.
