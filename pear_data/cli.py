@@ -300,8 +300,10 @@ def score(
     length_normalize: LengthNormalizeOpt = _D.length_normalize,
     center: CenterOpt = _D.center,
     batch_tokens: Annotated[
-        int, typer.Option(help="Padded tokens per forward pass.", min=1, rich_help_panel="Scoring")
-    ] = 8192,
+        int | None,
+        typer.Option(help="Padded tokens per forward pass (default 8192 on CPU, 32768 on CUDA).", min=1,
+                     rich_help_panel="Scoring"),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.", rich_help_panel="Scoring")] = "auto",
     workers: Annotated[
         int,
@@ -320,7 +322,19 @@ def score(
             rich_help_panel="Scoring",
         ),
     ] = None,
-    backend: Annotated[str, typer.Option(help="torch (vllm: not in this build).", rich_help_panel="Scoring")] = "torch",
+    backend: Annotated[
+        str,
+        typer.Option(help="torch, or vllm (EXPERIMENTAL, never run by this project: CUDA only, the target's log-probs "
+                     "only, so the behavior must come from --behavior-logprobs-field; pip install "
+                     "'pear-data[vllm]' in an environment of its own).", rich_help_panel="Scoring"),
+    ] = "torch",
+    vllm_gpu_memory_utilization: Annotated[
+        float, typer.Option(help="--backend vllm: share of GPU memory the engine takes.", min=0.05, max=1.0,
+                            rich_help_panel="Scoring")
+    ] = 0.9,
+    vllm_tensor_parallel_size: Annotated[
+        int, typer.Option(help="--backend vllm: GPUs one model is split over.", min=1, rich_help_panel="Scoring")
+    ] = 1,
     trust_remote_code: Annotated[
         bool, typer.Option(help="Allow model code from the model's repo.", rich_help_panel="Scoring")
     ] = False,
@@ -367,6 +381,8 @@ def score(
         device=device,
         backend=backend,
         batch_tokens=batch_tokens,
+        vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
+        vllm_tensor_parallel_size=vllm_tensor_parallel_size,
         workers=workers,
         ray=ray,
         shard_rows=shard_rows,

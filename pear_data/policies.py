@@ -155,8 +155,7 @@ class Policies:
         from .models import load_model, load_tokenizer, tokenizer_fingerprint
         from .scoring import TorchScorer, resolve_device, scoring_dtype
 
-        if options.backend != "torch":
-            raise UsageError(f"--backend {options.backend}: only 'torch' is available in this build")
+        check_backend(options)
         try:
             device = resolve_device(options.device) if models else "cpu"
         except ValueError as exc:
@@ -173,7 +172,9 @@ class Policies:
         def scorer(role: str, source: ModelSource, report: Callable | None) -> Any:
             if not models:
                 return None
-            if role not in scorers:
+            if role not in scorers and options.backend == "vllm":
+                scorers[role] = vllm_scorer(source, options, report)
+            elif role not in scorers:
                 model = load_model(source, device=device, dtype=dtype, trust_remote_code=trust)
                 scorers[role] = TorchScorer(model, device=device, batch_tokens=options.batch_tokens, progress=report)
             return scorers[role]
@@ -189,18 +190,17 @@ class Policies:
         )
         target_scorer = scorer("target", sources.target, progress)
 
-        dtype_name = str(dtype).removeprefix("torch.")
-        models = {role: {**source.to_dict(), "dtype": dtype_name}
-                  for role, source in (("target", sources.target), ("behavior", sources.behavior)) if source}
+        dtype_name = "bfloat16" if options.backend == "vllm" else str(dtype).removeprefix("torch.")
+        model_records = {role: {**source.to_dict(), "dtype": dtype_name}
+                         for role, source in (("target", sources.target), ("behavior", sources.behavior)) if source}
         description = {
-            "models": models,
+            "models": model_records,
             "behavior": {"temperature": options.behavior.temperature, "top_p": options.behavior.top_p,
                          **behavior.describe()},
             "tokenizer": {"fingerprint": tokenizer_fingerprint(hf_tokenizer),
                           "chat_template_hash": chat_template_hash(hf_tokenizer)},
             # the device type only: the same manifest whichever GPU (or how many workers) scored the rows
-            "scoring": {"backend": options.backend, "device": device.split(":")[0],
-                        "batch_tokens": options.batch_tokens},
+            "scoring": scoring_record(options, device.split(":")[0]),
             "template": target_tokenizer.mode,
             "alignment": behavior.alignment,
         }
@@ -256,6 +256,59 @@ class Policies:
                                                   [t.completion_mask for t in targets], policies)
         behavior = self.behavior.logprobs(targets, [r.behavior for r in rows], extra)
         return ScoredShard(scored_table(rows, target, behavior, prepared.records), rows, rejects)
+
+
+BACKENDS = ("torch", "vllm")
+
+
+def check_backend(options: ScoreOptions) -> None:
+    """UsageError unless the backend can score with these flags (checked before any output is written).
+
+    vllm (experimental): CUDA only, vLLM installed in this environment, and the behavior log-probs recorded
+    with the data: vLLM scores the raw model distribution of the target, nothing else.
+    """
+    if options.backend not in BACKENDS:
+        raise UsageError(f"--backend {options.backend}: choose one of {', '.join(BACKENDS)}")
+    if options.backend != "vllm":
+        return
+    import importlib.util
+
+    from .scoring.vllm_backend import INSTALL_HINT
+
+    if options.device == "cpu":
+        raise UsageError("--backend vllm runs on CUDA GPUs only; use --backend torch on CPU")
+    if importlib.util.find_spec("vllm") is None:
+        raise UsageError(f"--backend vllm needs vLLM: {INSTALL_HINT}")
+    if options.behavior.logprobs_field is None:
+        raise UsageError(
+            "--backend vllm scores the target only (vLLM's prompt log-probs are the raw model distribution, at "
+            "temperature 1 and top-p 1): give the behavior log-probs with --behavior-logprobs-field, or score a "
+            "behavior model with --backend torch"
+        )
+
+
+def vllm_scorer(source: ModelSource, options: ScoreOptions, progress: Callable | None) -> Any:
+    """A VllmScorer on the target's local files: its HF directory, its Hub snapshot, or the converted cache
+    of a GGUF model (vLLM is not given the GGUF itself)."""
+    from .models import ensure_converted
+    from .scoring import VllmScorer
+
+    path = ensure_converted(source) if source.gguf_file else source.path
+    return VllmScorer(str(path), progress=progress, dtype="bfloat16", trust_remote_code=options.trust_remote_code,
+                      gpu_memory_utilization=options.vllm_gpu_memory_utilization,
+                      tensor_parallel_size=options.vllm_tensor_parallel_size)
+
+
+def scoring_record(options: ScoreOptions, device_type: str) -> dict:
+    """The manifest's `scoring`: what decides the numbers, the same for any worker count or engine."""
+    if options.backend == "vllm":
+        return {"backend": "vllm", "device": "cuda", "dtype": "bfloat16",
+                "engine": {"gpu_memory_utilization": options.vllm_gpu_memory_utilization,
+                           "tensor_parallel_size": options.vllm_tensor_parallel_size}}
+    from .scoring import default_batch_tokens
+
+    return {"backend": "torch", "device": device_type,
+            "batch_tokens": options.batch_tokens or default_batch_tokens(device_type)}
 
 
 def scored_table(rows: list[PreparedRow], target: list[np.ndarray], behavior: list[np.ndarray],

@@ -113,11 +113,11 @@ class RayWorkers:
 
     def _description(self) -> dict:
         """The manifest's view of the policies, from a Prepare-stage load on the driver (no model)."""
-        from .policies import Policies
+        from .policies import Policies, scoring_record
 
         policies = Policies.load(self.options, self.sources, self.shape, models=False)
         description = dict(policies.description)
-        description["scoring"] = {**description["scoring"], "device": "cuda" if self.gpu else "cpu"}
+        description["scoring"] = scoring_record(self.options, "cuda" if self.gpu else "cpu")
         return description
 
     def map(self, start: int) -> Iterator[tuple[int, ScoredShard]]:

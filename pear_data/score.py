@@ -36,7 +36,7 @@ from .dataset import read_schema, read_table
 from .diagnostics import Diagnostics, degeneracy_warnings
 from .engine import Progress, ShardTask, Workers, worker_devices
 from .errors import UsageError
-from .policies import DEFAULT_TARGET, ModelSources, Policies, ScoredShard
+from .policies import DEFAULT_TARGET, ModelSources, Policies, ScoredShard, check_backend
 from .schema import ENGINE_COLUMNS, GRANULARITIES, INPUT_IDS, REJECTS
 from .tokenize import TokenizeConfig
 from .weigh import weigh_table
@@ -58,7 +58,7 @@ class ScoreOptions:
     split: str = "train"
     device: str = "auto"
     backend: str = "torch"
-    batch_tokens: int = 8192
+    batch_tokens: int | None = None  # None: the device's default (scoring.default_batch_tokens)
     shard_rows: int = 1000
     workers: int = 1  # not part of the run key: the output does not depend on it
     ray: str | None = None  # a Ray cluster address, or "local"; None: workers on this machine (engine.py)
@@ -66,6 +66,8 @@ class ScoreOptions:
     overwrite: bool = False
     trust_remote_code: bool = False
     license: str | None = None
+    vllm_gpu_memory_utilization: float = 0.9  # --backend vllm (experimental)
+    vllm_tensor_parallel_size: int = 1
 
 
 def score(corpus: str | Path, out: str | Path, options: ScoreOptions = ScoreOptions(), *,
@@ -84,8 +86,10 @@ def score(corpus: str | Path, out: str | Path, options: ScoreOptions = ScoreOpti
         options.weights.check_normalizable()
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if options.backend != "torch":
-        raise UsageError(f"--backend {options.backend}: only 'torch' is available in this build")
+    check_backend(options)
+    if options.backend == "vllm" and (options.ray or options.workers > 1):
+        raise UsageError("--backend vllm (experimental) runs in one process: use --vllm-tensor-parallel-size for "
+                         "several GPUs, not --workers or --ray")
     if not options.ray:  # on a Ray cluster the GPUs are the cluster's, not this machine's
         check_device(options.device)
     source = open_corpus(corpus, split=options.split)
@@ -100,6 +104,9 @@ def score(corpus: str | Path, out: str | Path, options: ScoreOptions = ScoreOpti
         "shard_rows": options.shard_rows, "batch_tokens": options.batch_tokens, "device": options.device,
         "backend": options.backend,
     }
+    if options.backend == "vllm":
+        run_key["vllm"] = {"gpu_memory_utilization": options.vllm_gpu_memory_utilization,
+                           "tensor_parallel_size": options.vllm_tensor_parallel_size}
     if options.workers > 1 and not options.ray:
         worker_devices(options.device, options.workers)  # bad --device / --workers: before anything is written
     writer = DatasetWriter(out, run_key, resume=options.resume, overwrite=options.overwrite)

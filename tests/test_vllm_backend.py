@@ -194,3 +194,65 @@ def test_without_vllm_the_error_says_how_to_install_it() -> None:
     scorer = VllmScorer("some/model")
     with pytest.raises(ImportError, match=r"pip install 'pear-data\[vllm\]' in an environment of its own"):
         scorer.score([np.array([1, 2], np.int32)], [np.array([0, 1], np.int8)], [SamplingParams()])
+
+
+# --------------------------------------------------------------------------- wiring into `score`
+
+
+def _options(**kwargs):
+    from pear_data.behavior import BehaviorSpec
+    from pear_data.score import ScoreOptions
+
+    defaults = {"backend": "vllm", "device": "cuda", "behavior": BehaviorSpec(logprobs_field="recorded")}
+    return ScoreOptions(**{**defaults, **kwargs})
+
+
+def test_backend_checks_refuse_what_vllm_cannot_score(monkeypatch) -> None:
+    """CPU, no vLLM, a behavior model (vLLM gives the raw target distribution only): each a UsageError that says
+    what to do, before anything is written."""
+    from pear_data.behavior import BehaviorSpec
+    from pear_data.errors import UsageError
+    from pear_data.policies import check_backend
+
+    with pytest.raises(UsageError, match="choose one of torch, vllm"):
+        check_backend(_options(backend="jax"))
+    with pytest.raises(UsageError, match="CUDA GPUs only"):
+        check_backend(_options(device="cpu"))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name))
+    with pytest.raises(UsageError, match=r"pip install 'pear-data\[vllm\]'"):
+        check_backend(_options())
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else None)
+    check_backend(_options())  # recorded behavior log-probs: fine
+    for spec in (BehaviorSpec(model="gemma-3-270m"), BehaviorSpec(), BehaviorSpec(model="x", temperature=0.7)):
+        with pytest.raises(UsageError, match="--behavior-logprobs-field"):
+            check_backend(_options(behavior=spec))
+
+
+def test_vllm_loads_the_targets_local_directory_and_the_manifest_names_no_path(tmp_path) -> None:
+    from pear_data.models import resolve_model
+    from pear_data.policies import scoring_record, vllm_scorer
+
+    from .tiny_model import make_tiny_model
+
+    directory = make_tiny_model(tmp_path / "target")
+    options = _options(vllm_gpu_memory_utilization=0.5, vllm_tensor_parallel_size=2)
+    scorer = vllm_scorer(resolve_model(str(directory)), options, None)
+    assert scorer.model == str(directory)
+    assert scorer.engine_kwargs["gpu_memory_utilization"] == 0.5 and scorer.engine_kwargs["tensor_parallel_size"] == 2
+    assert "vllm" not in sys.modules  # the engine is built on the first score call, not here
+    record = scoring_record(options, "cuda")
+    assert record["backend"] == "vllm" and str(tmp_path) not in str(record)
+
+
+def test_score_refuses_vllm_on_cpu_before_writing_anything(tmp_path) -> None:
+    import subprocess
+
+    corpus = tmp_path / "rows.jsonl"
+    corpus.write_text('{"prompt": "a", "completion": "b", "lp": [-0.1]}\n')
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "pear_data.cli", "score", str(corpus), "--out", str(out),
+                             "--backend", "vllm", "--device", "cpu", "--behavior-logprobs-field", "lp"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "CUDA GPUs only" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()

@@ -107,13 +107,17 @@ def scoring_dtype(device: str) -> torch.dtype:
 
 def default_batch_tokens(device: str) -> int:
     """The default padded-token budget per forward on `device` ("cpu", "cuda", "cuda:N", "auto"): 8192 on CPU,
-    32768 on CUDA."""
-    return _DEFAULT_BATCH_TOKENS[torch.device(resolve_device(device)).type]
+    32768 on CUDA. A device named by type needs no such device here (a Ray driver plans for the cluster's GPUs)."""
+    return _DEFAULT_BATCH_TOKENS[_device_type(device)]
 
 
 def default_vocab_chunk_tokens(device: str) -> int:
     """The default positions per lm_head + log-softmax chunk on `device`: 256 CPU, 1024 CUDA."""
-    return _DEFAULT_VOCAB_CHUNK_TOKENS[torch.device(resolve_device(device)).type]
+    return _DEFAULT_VOCAB_CHUNK_TOKENS[_device_type(device)]
+
+
+def _device_type(device: str) -> str:
+    return torch.device(resolve_device(device) if device == "auto" else device).type
 
 
 def model_flops_per_token(model: torch.nn.Module) -> int:
