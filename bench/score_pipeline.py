@@ -6,7 +6,7 @@ Two inputs:
   synthetic  --rows GSM8K rows (the sample repeated), scored by two tiny random models that use the same two
              tokenizers (a 2-layer Llama with SmolLM2's tokenizer, a 2-layer Gemma-3 with Gemma's). On a CPU
              the score stage still dominates: the log-softmax over Gemma's 262k-token vocabulary costs the same
-             per token whatever the model's size (a width of 8 instead of 64 changed little). The CPU stages
+             per token whatever the model's width, so a narrower model saves only part of it. The CPU stages
              (read, prepare, weigh + write) become a large share next to a GPU's forward passes.
 
 For each input it prints, in seconds:
