@@ -1,0 +1,140 @@
+"""The target model: a character-level tokenizer, a small Llama from a config, brief pretraining, and pass@k.
+
+The tokenizer is a `PreTrainedTokenizerFast` with one token per character of the task's alphabet plus
+`<eos>` and `<pad>`, no chat template and no BOS, so pear-data renders a row as
+`prompt "\\n\\n" completion <eos>` and a completion of c characters is c + 1 trained tokens.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from task import SEPARATOR, Writer, prompt_text, reward
+
+ALPHABET = "0123456789+=,;\n"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 384
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    to_symbol = _bytes_to_unicode()
+    vocab = {to_symbol[ord(ch)]: i for i, ch in enumerate(ALPHABET)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False, trim_offsets=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<eos>", "<pad>"])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>",
+                                   padding_side="left", model_max_length=128)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (what the ByteLevel pre-tokenizer writes)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, extra = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(keep, chars)}
+
+
+def build_model(tokenizer, shape: ModelShape, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads, num_key_value_heads=shape.heads, intermediate_size=shape.intermediate,
+        max_position_embeddings=128, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+    return model
+
+
+def encode(tokenizer, digits: tuple[int, ...], completion: str) -> list[int]:
+    return tokenizer(prompt_text(digits) + SEPARATOR + completion)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def pretrain(model, tokenizer, writer: Writer, pool: list[tuple[int, ...]], steps: int, batch: int, lr: float,
+             seed: int) -> list[float]:
+    """Plain causal-LM training on text the writer samples for random problems of `pool`; returns the losses."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        rows = [encode(tokenizer, d, writer.sample(d, rng)[0]) for d in rng.choices(pool, k=batch)]
+        width = max(map(len, rows))
+        ids = torch.full((batch, width), tokenizer.pad_token_id)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def sample(model, tokenizer, problems: list[tuple[int, ...]], n: int, temperature: float, seed: int,
+           max_new_tokens: int = 40) -> list[list[str]]:
+    """n completions per problem at `temperature` (prompts of one length batched together, no padding)."""
+    model.eval()
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, digits in enumerate(problems):
+        by_length[len(digits)].append(i)
+    out: list[list[str]] = [[] for _ in problems]
+    generator_seed = seed
+    for length in sorted(by_length):
+        index = by_length[length]
+        prompts = [tokenizer(prompt_text(problems[i]) + SEPARATOR)["input_ids"] for i in index]
+        ids = torch.tensor(prompts).repeat_interleave(n, dim=0)
+        torch.manual_seed(generator_seed)
+        generator_seed += 1
+        generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                   temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens)
+        texts = tokenizer.batch_decode(generated[:, ids.shape[1]:], skip_special_tokens=True)
+        for j, i in enumerate(index):
+            out[i] = texts[j * n:(j + 1) * n]
+    return out
+
+
+def pass_at_k(model, tokenizer, problems: list[tuple[int, ...]], k: int, temperature: float, seed: int
+              ) -> dict[str, float]:
+    """pass@1 (mean reward over the k samples) and pass@k (share of problems with a correct sample)."""
+    completions = sample(model, tokenizer, problems, k, temperature, seed)
+    rewards = [[reward(c, d) for c in cs] for cs, d in zip(completions, problems)]
+    return {"pass@1": sum(map(sum, rewards)) / (k * len(problems)),
+            f"pass@{k}": sum(max(r) for r in rewards) / len(problems)}
+
+
+def save(model, tokenizer, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

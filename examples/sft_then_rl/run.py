@@ -1,0 +1,247 @@
+"""SFT -> RL in miniature: does PEAR-weighted SFT prepare a model for RL better than plain SFT?
+
+    python examples/sft_then_rl/run.py --preset small --out OUT          # the experiment (docs/results.md)
+    python examples/sft_then_rl/run.py --preset small --out OUT --grid   # the weight-flag grid, on validation
+
+The recipe, top to bottom:
+ 1. problems: disjoint test, validation, SFT-corpus and RL-prompt sets (task.py), fixed by the preset;
+ 2. base target: a small Llama with its own tokenizer, pretrained briefly on left-chain text (model.py);
+ 3. corpus: a programmatic teacher with other style preferences writes one completion per SFT problem and
+    records its exact per-token log-probs;
+ 4. weights: `pear-data score CORPUS --target BASE --behavior-logprobs-field teacher_logprobs` (the CLI);
+ 5. arms x seeds, each from the same base: SFT (plain, PEAR static token/block/sequence, PEAR online,
+    plain 3x and 10x longer), pass@1/pass@8 on the test set, one identical GRPO stage (TRL), pass@k again;
+ 6. OUT/results.json, OUT/results.png, and the table on stdout.
+
+Every job runs on one CPU thread in its own process (`--jobs` at a time), so results do not depend on
+the job count. A job's result is kept in OUT/runs/ and reused when the run is repeated with the same
+preset; the same preset and seeds give the same results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import report  # noqa: E402
+from model import ModelShape  # noqa: E402
+from task import PRETRAIN_WRITER, TEACHER, problems, prompt_text  # noqa: E402
+from train import ARMS, RLConfig, SFTConfig  # noqa: E402
+
+TASK = "digit sums in a symbolic language: left chains, right chains or a direct answer (task.py)"
+
+
+@dataclass(frozen=True)
+class Preset:
+    shape: ModelShape
+    pretrain_steps: int
+    corpus_rows: int
+    sft: SFTConfig
+    rl: RLConfig
+    test_problems: int = 200
+    val_problems: int = 200
+    rl_problems: int = 1000
+    k: int = 8
+    seeds: tuple[int, ...] = (0, 1, 2)
+    grid_seeds: tuple[int, ...] = (0, 1)
+    arms: tuple[str, ...] = tuple(ARMS)
+
+
+PRESETS = {
+    "smoke": Preset(shape=ModelShape(hidden=32, layers=1, heads=2, intermediate=64), pretrain_steps=60,
+                    corpus_rows=128, sft=SFTConfig(steps=4, batch=16), rl=RLConfig(steps=2, prompts_per_step=2),
+                    test_problems=32, val_problems=32, rl_problems=64, seeds=(0,), grid_seeds=(0,)),
+    "small": Preset(shape=ModelShape(hidden=96, layers=3, heads=4, intermediate=256), pretrain_steps=400,
+                    corpus_rows=2000, sft=SFTConfig(steps=60), rl=RLConfig(steps=60)),
+    "gpu": Preset(shape=ModelShape(hidden=256, layers=6, heads=8, intermediate=768), pretrain_steps=2000,
+                  corpus_rows=20000, sft=SFTConfig(steps=300, batch=64), rl=RLConfig(steps=300, prompts_per_step=16),
+                  test_problems=1000, val_problems=500, rl_problems=10000, seeds=(0, 1, 2, 3, 4)),
+}
+
+# The weight-flag grid: one change at a time from the paper's defaults (docs/design.md 3.4), on validation.
+GRID = {
+    "paper_defaults": [],
+    "clip_narrow": ["--log-ratio-clip=-0.02,0.1"],
+    "clip_wide": ["--log-ratio-clip=-0.3,1.0"],
+    "center": ["--center"],
+    "normalize_dataset": ["--normalize", "dataset"],
+    "center_normalize_dataset": ["--center", "--normalize", "dataset"],
+}
+GRID_GRANULARITIES = ("token", "sequence")
+
+
+@dataclass(frozen=True)
+class Sets:
+    test: list
+    val: list
+    corpus: list
+    rl: list
+    pretrain: list = field(repr=False)
+
+
+def make_sets(preset: Preset) -> Sets:
+    test = problems(preset.test_problems, seed=101)
+    val = problems(preset.val_problems, seed=102, exclude=set(test))
+    held_out = set(test) | set(val)
+    corpus = problems(preset.corpus_rows, seed=103, exclude=held_out)
+    rl = problems(preset.rl_problems, seed=104, exclude=held_out)
+    pretrain = problems(20000, seed=105, exclude=held_out)
+    return Sets(test, val, corpus, rl, pretrain)
+
+
+def build_base(preset: Preset, sets: Sets, out: Path) -> Path:
+    """The base target: built from a config, pretrained on left-chain text, saved as a model directory."""
+    import model as M
+
+    base = out / "base"
+    if (base / "config.json").exists():
+        return base
+    tokenizer = M.build_tokenizer()
+    target = M.build_model(tokenizer, preset.shape, seed=0)
+    losses = M.pretrain(target, tokenizer, PRETRAIN_WRITER, sets.pretrain, preset.pretrain_steps, batch=64,
+                        lr=3e-3, seed=0)
+    M.save(target, tokenizer, base)
+    print(f"base target: {sum(p.numel() for p in target.parameters()):,} parameters, pretraining loss "
+          f"{losses[0]:.3f} -> {losses[-1]:.3f} in {preset.pretrain_steps} steps")
+    return base
+
+
+def write_corpus(sets: Sets, out: Path) -> Path:
+    """The SFT corpus: the teacher's completions with their exact per-token log-probs (and the end's)."""
+    corpus = out / "corpus.jsonl"
+    rng = random.Random(7)
+    with corpus.open("w") as f:
+        for digits in sets.corpus:
+            completion, logprobs = TEACHER.sample(digits, rng)
+            f.write(json.dumps({"prompt": prompt_text(digits), "completion": completion,
+                                "teacher_logprobs": logprobs}) + "\n")
+    return corpus
+
+
+def pear_data(*args: str) -> None:
+    command = [str(Path(sys.executable).with_name("pear-data")), *args]
+    print("$ pear-data " + " ".join(args[:1] + tuple(Path(a).name if "/" in a else a for a in args[1:])))
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+
+
+def score(corpus: Path, base: Path, out: Path) -> Path:
+    scored = out / "scored"
+    if not (scored / "manifest.json").exists():
+        pear_data("score", str(corpus), "--out", str(scored), "--target", str(base),
+                  "--behavior-logprobs-field", "teacher_logprobs", "--device", "cpu", "--overwrite")
+    return scored
+
+
+def job(preset: Preset, arm: str, seed: int, base: Path, scored: Path, eval_set: str, work: Path) -> dict:
+    """One arm, one seed: SFT from the base, pass@k, GRPO, pass@k. One thread, its own process."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import model as M
+    import train
+
+    torch.set_num_threads(1)
+    sets = make_sets(preset)
+    problems_ = sets.test if eval_set == "test" else sets.val
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    target = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    start = time.perf_counter()
+    weights = train.sft(target, tokenizer, scored, arm, preset.sft, seed, work)
+    pre = M.pass_at_k(target, tokenizer, problems_, preset.k, temperature=1.0, seed=1000 + seed)
+    rewards = train.grpo(target, tokenizer, sets.rl, preset.rl, seed, work)
+    post = M.pass_at_k(target, tokenizer, problems_, preset.k, temperature=1.0, seed=2000 + seed)
+    return {"pre_rl": pre, "post_rl": post, "rl_reward": rewards, "online_weights": weights or None,
+            "seconds": time.perf_counter() - start}
+
+
+def run_jobs(preset: Preset, specs: list[tuple[str, str, int, Path]], base: Path, eval_set: str, out: Path,
+             jobs: int) -> dict[tuple[str, int], dict]:
+    """Run (name, arm, seed, scored) jobs, longest first, `jobs` at a time; reuse results already in out/runs."""
+    results, pending = {}, []
+    for name, arm, seed, scored in specs:
+        path = out / "runs" / name / f"seed-{seed}.json"
+        if path.exists():
+            results[name, seed] = json.loads(path.read_text())
+        else:
+            pending.append((name, arm, seed, scored, path))
+    pending.sort(key=lambda s: -ARMS[s[1]]["steps"])
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(job, preset, arm, seed, base, scored, eval_set, path.parent / f"work-{seed}"):
+                   (name, seed, path) for name, arm, seed, scored, path in pending}
+        for done, future in enumerate(futures, 1):
+            name, seed, path = futures[future]
+            result = future.result()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=1, sort_keys=True))
+            results[name, seed] = result
+            print(f"[{done}/{len(pending)}] {name} seed {seed}: pre {report.fmt(result['pre_rl'])}  "
+                  f"post {report.fmt(result['post_rl'])}  ({result['seconds']:.0f} s)", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--grid", action="store_true", help="run the weight-flag grid (validation set) instead")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="jobs at a time (processes)")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), help="only these arms (default: all)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="only these seeds (default: the preset's)")
+    args = parser.parse_args()
+    preset = PRESETS[args.preset]
+    if args.arms:
+        preset = dataclasses.replace(preset, arms=tuple(a for a in ARMS if a in args.arms or a == "plain"))
+    if args.seeds:
+        preset = dataclasses.replace(preset, seeds=tuple(args.seeds), grid_seeds=tuple(args.seeds))
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    fixed = {k: v for k, v in dataclasses.asdict(preset).items() if k not in ("arms", "seeds", "grid_seeds")}
+    key = json.dumps({"preset": args.preset, **fixed}, sort_keys=True, default=list)  # what a job's result depends on
+    stamp = out / "preset.json"
+    if stamp.exists() and stamp.read_text() != key:
+        sys.exit(f"{out} holds a run of another preset; use another --out")
+    stamp.write_text(key)
+    start = time.perf_counter()
+
+    sets = make_sets(preset)
+    base = build_base(preset, sets, out)
+    corpus = write_corpus(sets, out)
+    scored = score(corpus, base, out)
+    if args.grid:
+        specs = [("plain", "plain", seed, scored) for seed in preset.grid_seeds]
+        for name, flags in GRID.items():
+            grid_dir = out / "grid" / name
+            if not (grid_dir / "manifest.json").exists():
+                pear_data("reweight", str(scored), "--out", str(grid_dir), "--overwrite", *flags)
+            specs += [(f"{name}/{g}", f"pear_{g}_static", seed, grid_dir)
+                      for g in GRID_GRANULARITIES for seed in preset.grid_seeds]
+        results = run_jobs(preset, specs, base, "val", out, args.jobs)
+        summary = report.grid_results(args.preset, preset, results, out)
+        (out / "grid.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+        report.print_grid(summary)
+    else:
+        specs = [(arm, arm, seed, scored) for arm in preset.arms for seed in preset.seeds]
+        results = run_jobs(preset, specs, base, "test", out, args.jobs)
+        summary = report.results(args.preset, TASK, preset, results, scored)
+        (out / "results.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+        report.plot(summary, results, out / "results.png")
+        report.print_table(summary)
+    print(f"wall time {time.perf_counter() - start:.0f} s; results in {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""The two training stages every arm goes through: SFT on the scored corpus, then one identical GRPO stage.
+
+SFT reads the `pear-data score` output as any user would: the Parquet shards, the manifest's weight
+config, `PearCollator` and `PearTrainer` (static weights from a column, or online weights from the live
+model and the recorded behavior log-probs). Plain SFT is `transformers.Trainer` on the same collated
+batches (labels only): the standard mean cross-entropy over completion tokens.
+RL is TRL's `GRPOTrainer` with the task's verifier as the reward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+from task import SEPARATOR, prompt_text, reward
+
+# The arms of the experiment: how each one's SFT loss is weighted, and how many SFT steps it takes (x base).
+ARMS = {
+    "plain": {"mode": None, "granularity": None, "steps": 1},
+    "pear_token_static": {"mode": "static", "granularity": "token", "steps": 1},
+    "pear_block_static": {"mode": "static", "granularity": "block", "steps": 1},
+    "pear_sequence_static": {"mode": "static", "granularity": "sequence", "steps": 1},
+    "pear_token_online": {"mode": "online", "granularity": "token", "steps": 1},
+    "plain_3x": {"mode": None, "granularity": None, "steps": 3},
+    "plain_10x": {"mode": None, "granularity": None, "steps": 10},
+}
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    steps: int
+    batch: int = 32
+    lr: float = 1e-3
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    steps: int
+    prompts_per_step: int = 4
+    generations: int = 8
+    temperature: float = 1.0
+    lr: float = 5e-4
+    max_completion_length: int = 40
+
+
+def _quiet() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("trl").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def load_scored(scored: Path):
+    """The weighted dataset (training columns only) and its weight config, as `pear-data score` wrote them."""
+    import datasets
+
+    from pear_data.weights import WeightConfig
+
+    columns = ["input_ids", "completion_mask", "behavior_logprobs", "pear_token_weight", "pear_block_weight",
+               "pear_seq_weight"]
+    files = sorted((scored / "data").glob("*.parquet"))
+    table = pq.ParquetDataset(files).read(columns=columns)
+    manifest = json.loads((scored / "manifest.json").read_text())
+    return datasets.Dataset(table), WeightConfig.from_dict(manifest["weights"])
+
+
+def sft(model, tokenizer, scored: Path, arm: str, config: SFTConfig, seed: int, work: Path) -> dict:
+    """Train `model` in place with the arm's SFT loss; returns the logged weight diagnostics (PEAR arms)."""
+    import transformers
+
+    from pear_data.collator import PearCollator
+    from pear_data.trainer import PearTrainer
+
+    _quiet()
+    spec = ARMS[arm]
+    train, weights = load_scored(scored)
+    args = transformers.TrainingArguments(
+        output_dir=str(work / "sft"), per_device_train_batch_size=config.batch,
+        max_steps=config.steps * spec["steps"], learning_rate=config.lr, lr_scheduler_type="constant",
+        warmup_steps=0, weight_decay=0.0, logging_steps=10, save_strategy="no", report_to=[], use_cpu=True,
+        seed=seed, data_seed=seed, disable_tqdm=True, dataloader_num_workers=0,
+    )
+    if spec["mode"] is None:
+        collator = PearCollator(pad_token_id=tokenizer.pad_token_id, weights=None)
+        args.remove_unused_columns = False
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
+    else:
+        weights = dataclasses.replace(weights, granularity=spec["granularity"])
+        trainer = PearTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                              pear_mode=spec["mode"], pear_config=weights)
+    trainer.remove_callback(transformers.PrinterCallback)
+    trainer.train()
+    model.eval()
+    logged = [log for log in trainer.state.log_history if "pear/weight_ess" in log]
+    if not logged:
+        return {}
+    return {"ess_fraction": sum(log["pear/weight_ess"] for log in logged) / len(logged),
+            "weight_mean": sum(log["pear/weight_mean"] for log in logged) / len(logged)}
+
+
+def grpo(model, tokenizer, problems: list[tuple[int, ...]], config: RLConfig, seed: int, work: Path) -> list[float]:
+    """One GRPO stage (TRL) with the verifier reward; trains `model` in place, returns the mean reward per step."""
+    import datasets
+    import transformers
+    from trl import GRPOConfig, GRPOTrainer
+
+    _quiet()
+    batch = config.prompts_per_step * config.generations
+    prompts = datasets.Dataset.from_dict({
+        "prompt": [prompt_text(d) + SEPARATOR for d in problems],
+        "digits": [list(d) for d in problems],
+    })
+
+    def verifier(completions: list[str], digits: list[list[int]], **_: object) -> list[float]:
+        return [reward(c, tuple(d)) for c, d in zip(completions, digits)]
+
+    args = GRPOConfig(
+        output_dir=str(work / "rl"), per_device_train_batch_size=batch, num_generations=config.generations,
+        max_completion_length=config.max_completion_length, temperature=config.temperature, top_k=0, top_p=1.0,
+        learning_rate=config.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, beta=0.0,
+        max_steps=config.steps, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
+        seed=seed, data_seed=seed, disable_tqdm=True, dataloader_num_workers=0,
+    )
+    trainer = GRPOTrainer(model=model, reward_funcs=verifier, args=args, train_dataset=prompts,
+                          processing_class=tokenizer)
+    trainer.remove_callback(transformers.PrinterCallback)
+    trainer.train()
+    model.eval()
+    return [log["reward"] for log in trainer.state.log_history if "reward" in log]
