@@ -66,7 +66,7 @@ PRESETS = {
                     corpus_rows=128, sft=SFTConfig(steps=4, batch=16), rl=RLConfig(steps=2, prompts_per_step=2),
                     test_problems=32, val_problems=32, rl_problems=64, seeds=(0,), grid_seeds=(0,)),
     "small": Preset(shape=ModelShape(hidden=96, layers=3, heads=4, intermediate=256), pretrain_steps=400,
-                    corpus_rows=2000, sft=SFTConfig(steps=60), rl=RLConfig(steps=60)),
+                    corpus_rows=2000, sft=SFTConfig(steps=150), rl=RLConfig(steps=60, prompts_per_step=8)),
     "gpu": Preset(shape=ModelShape(hidden=256, layers=6, heads=8, intermediate=768), pretrain_steps=2000,
                   corpus_rows=20000, sft=SFTConfig(steps=300, batch=64), rl=RLConfig(steps=300, prompts_per_step=16),
                   test_problems=1000, val_problems=500, rl_problems=10000, seeds=(0, 1, 2, 3, 4)),

@@ -46,7 +46,7 @@ class RLConfig:
     prompts_per_step: int = 4
     generations: int = 8
     temperature: float = 1.0
-    lr: float = 5e-4
+    lr: float = 1e-4
     max_completion_length: int = 40
 
 
@@ -101,10 +101,8 @@ def sft(model, tokenizer, scored: Path, arm: str, config: SFTConfig, seed: int, 
     trainer.train()
     model.eval()
     logged = [log for log in trainer.state.log_history if "pear/weight_ess" in log]
-    if not logged:
-        return {}
-    return {"ess_fraction": sum(log["pear/weight_ess"] for log in logged) / len(logged),
-            "weight_mean": sum(log["pear/weight_mean"] for log in logged) / len(logged)}
+    names = sorted({k for log in logged for k in log if k.startswith("pear/")})
+    return {name[5:]: sum(log[name] for log in logged) / len(logged) for name in names}
 
 
 def grpo(model, tokenizer, problems: list[tuple[int, ...]], config: RLConfig, seed: int, work: Path) -> list[float]:
