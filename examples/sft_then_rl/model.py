@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from task import SEPARATOR, Writer, prompt_text, reward
 
 ALPHABET = "0123456789+=,;\n"
@@ -135,6 +134,9 @@ def pass_at_k(model, tokenizer, problems: list[tuple[int, ...]], k: int, tempera
 
 def save(model, tokenizer, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

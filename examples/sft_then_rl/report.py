@@ -37,7 +37,7 @@ def _weights(diagnostics: dict, granularity: str) -> dict:
 def _online(logged: dict | None) -> dict | None:
     if not logged:
         return None
-    return {"ess_fraction": logged.get("ess_fraction"), "mean": logged.get("weight_mean"),
+    return {"ess_fraction": logged.get("weight_ess"), "mean": logged.get("weight_mean"),
             "share_at_upper_bound": logged.get("at_upper_bound"), "share_at_lower_bound": logged.get("at_lower_bound"),
             "mean_log_ratio": logged.get("log_ratio_mean"), "logged_over": "SFT steps (mean of the logged batches)"}
 
@@ -69,7 +69,7 @@ def _arm_table(names: list[str], seeds: tuple[int, ...], results: dict, baseline
     return arms
 
 
-def results(preset_name: str, task: str, preset, results_: dict, scored: Path) -> dict:
+def results(preset_name: str, task: str, preset, results_: dict, scored: Path, reference: dict) -> dict:
     manifest = json.loads((scored / "manifest.json").read_text())
     arms = _arm_table(list(preset.arms), preset.seeds, results_, "plain")
     for name, entry in arms.items():
@@ -82,11 +82,11 @@ def results(preset_name: str, task: str, preset, results_: dict, scored: Path) -
     return _round({
         "preset": preset_name, "task": task, "seeds": list(preset.seeds), "eval_set": "test",
         "test_problems": preset.test_problems, "k": preset.k, "sampling_temperature": 1.0,
-        "weights_config": manifest["weights"], "arms": arms,
+        "weights_config": manifest["weights"], "before_sft": reference, "arms": arms,
     })
 
 
-def grid_results(preset_name: str, preset, results_: dict, out: Path) -> dict:
+def grid_results(preset_name: str, preset, results_: dict, out: Path, reference: dict) -> dict:
     names = sorted({name for name, _ in results_})
     table = _arm_table(names, preset.grid_seeds, results_, "plain")
     for name, entry in table.items():
@@ -98,7 +98,8 @@ def grid_results(preset_name: str, preset, results_: dict, out: Path) -> dict:
     best = max((n for n in names if "/" in n),
                key=lambda n: (table[n]["mean"]["post_rl"]["pass@8"], table[n]["mean"]["post_rl"]["pass@1"], n))
     return _round({"preset": preset_name, "seeds": list(preset.grid_seeds), "eval_set": "validation",
-                   "val_problems": preset.val_problems, "selection": "highest mean post-RL pass@8, then pass@1",
+                   "val_problems": preset.val_problems, "before_sft": reference,
+                   "selection": "highest mean post-RL pass@8, then pass@1",
                    "best": best, "configs": table})
 
 

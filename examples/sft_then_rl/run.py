@@ -56,7 +56,7 @@ class Preset:
     val_problems: int = 200
     rl_problems: int = 1000
     k: int = 8
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     grid_seeds: tuple[int, ...] = (0, 1)
     arms: tuple[str, ...] = tuple(ARMS)
 
@@ -116,7 +116,7 @@ def build_base(preset: Preset, sets: Sets, out: Path) -> Path:
                         lr=3e-3, seed=0)
     M.save(target, tokenizer, base)
     print(f"base target: {sum(p.numel() for p in target.parameters()):,} parameters, pretraining loss "
-          f"{losses[0]:.3f} -> {losses[-1]:.3f} in {preset.pretrain_steps} steps")
+          f"{losses[0]:.3f} -> {losses[-1]:.3f} in {preset.pretrain_steps} steps", flush=True)
     return base
 
 
@@ -134,7 +134,7 @@ def write_corpus(sets: Sets, out: Path) -> Path:
 
 def pear_data(*args: str) -> None:
     command = [str(Path(sys.executable).with_name("pear-data")), *args]
-    print("$ pear-data " + " ".join(args[:1] + tuple(Path(a).name if "/" in a else a for a in args[1:])))
+    print("$ pear-data " + " ".join(args[:1] + tuple(Path(a).name if "/" in a else a for a in args[1:])), flush=True)
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 
@@ -148,13 +148,13 @@ def score(corpus: Path, base: Path, out: Path) -> Path:
 
 def job(preset: Preset, arm: str, seed: int, base: Path, scored: Path, eval_set: str, work: Path) -> dict:
     """One arm, one seed: SFT from the base, pass@k, GRPO, pass@k. One thread, its own process."""
+    import model as M
     import torch
+    import train
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import model as M
-    import train
-
     torch.set_num_threads(1)
+    train.quiet()
     sets = make_sets(preset)
     problems_ = sets.test if eval_set == "test" else sets.val
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -166,6 +166,35 @@ def job(preset: Preset, arm: str, seed: int, base: Path, scored: Path, eval_set:
     post = M.pass_at_k(target, tokenizer, problems_, preset.k, temperature=1.0, seed=2000 + seed)
     return {"pre_rl": pre, "post_rl": post, "rl_reward": rewards, "online_weights": weights or None,
             "seconds": time.perf_counter() - start}
+
+
+def reference(preset: Preset, base: Path, eval_set: str, out: Path) -> dict:
+    """pass@k of the untrained model (chance: the base's initial weights) and of the base target, before SFT."""
+    path = out / "runs" / f"reference-{eval_set}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    with ProcessPoolExecutor(max_workers=1) as pool:
+        result = pool.submit(_reference, preset, base, eval_set).result()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, sort_keys=True))
+    return result
+
+
+def _reference(preset: Preset, base: Path, eval_set: str) -> dict:
+    import model as M
+    import torch
+    import train
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)
+    train.quiet()
+    sets = make_sets(preset)
+    problems_ = sets.test if eval_set == "test" else sets.val
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    untrained = M.build_model(tokenizer, preset.shape, seed=0)
+    target = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    return {"untrained": M.pass_at_k(untrained, tokenizer, problems_, preset.k, temperature=1.0, seed=999),
+            "base_target": M.pass_at_k(target, tokenizer, problems_, preset.k, temperature=1.0, seed=999)}
 
 
 def run_jobs(preset: Preset, specs: list[tuple[str, str, int, Path]], base: Path, eval_set: str, out: Path,
@@ -230,13 +259,13 @@ def main() -> None:
             specs += [(f"{name}/{g}", f"pear_{g}_static", seed, grid_dir)
                       for g in GRID_GRANULARITIES for seed in preset.grid_seeds]
         results = run_jobs(preset, specs, base, "val", out, args.jobs)
-        summary = report.grid_results(args.preset, preset, results, out)
+        summary = report.grid_results(args.preset, preset, results, out, reference(preset, base, "val", out))
         (out / "grid.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
         report.print_grid(summary)
     else:
         specs = [(arm, arm, seed, scored) for arm in preset.arms for seed in preset.seeds]
         results = run_jobs(preset, specs, base, "test", out, args.jobs)
-        summary = report.results(args.preset, TASK, preset, results, scored)
+        summary = report.results(args.preset, TASK, preset, results, scored, reference(preset, base, "test", out))
         (out / "results.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
         report.plot(summary, results, out / "results.png")
         report.print_table(summary)

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import torch
-
 from task import SEPARATOR, prompt_text, reward
 
 # The arms of the experiment: how each one's SFT loss is weighted, and how many SFT steps it takes (x base).
@@ -50,7 +48,8 @@ class RLConfig:
     max_completion_length: int = 40
 
 
-def _quiet() -> None:
+def quiet() -> None:
+    """No per-step log lines, progress bars or library warnings from the trainers."""
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
@@ -80,7 +79,7 @@ def sft(model, tokenizer, scored: Path, arm: str, config: SFTConfig, seed: int, 
     from pear_data.collator import PearCollator
     from pear_data.trainer import PearTrainer
 
-    _quiet()
+    quiet()
     spec = ARMS[arm]
     train, weights = load_scored(scored)
     args = transformers.TrainingArguments(
@@ -111,7 +110,7 @@ def grpo(model, tokenizer, problems: list[tuple[int, ...]], config: RLConfig, se
     import transformers
     from trl import GRPOConfig, GRPOTrainer
 
-    _quiet()
+    quiet()
     batch = config.prompts_per_step * config.generations
     prompts = datasets.Dataset.from_dict({
         "prompt": [prompt_text(d) + SEPARATOR for d in problems],
