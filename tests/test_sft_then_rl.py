@@ -18,7 +18,7 @@ import report  # noqa: E402
 import task  # noqa: E402
 
 ARMS = ["plain", "pear_token_static", "pear_block_static", "pear_sequence_static", "pear_token_online",
-        "plain_3x", "plain_10x"]
+        "plain_3x", "plain_10x", "pear_sequence_static_clip_narrow"]
 
 
 def test_writer_distribution_enumerates_every_completion_with_its_probability():

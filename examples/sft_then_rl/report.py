@@ -69,11 +69,18 @@ def _arm_table(names: list[str], seeds: tuple[int, ...], results: dict, baseline
     return arms
 
 
-def results(preset_name: str, task: str, preset, results_: dict, scored: Path, reference: dict) -> dict:
-    manifest = json.loads((scored / "manifest.json").read_text())
+def results(preset_name: str, task: str, preset, results_: dict, out: Path, reference: dict) -> dict:
+    from train import ARMS
+
+    manifest = json.loads((out / "scored" / "manifest.json").read_text())
     arms = _arm_table(list(preset.arms), preset.seeds, results_, "plain")
     for name, entry in arms.items():
-        if name in _STATIC:
+        spec = ARMS[name]
+        if spec.get("reweight"):
+            other = json.loads((out / "reweighted" / name / "manifest.json").read_text())
+            entry["weights"] = _weights(other["diagnostics"], spec["granularity"])
+            entry["weights_config"] = other["weights"]
+        elif name in _STATIC:
             entry["weights"] = _weights(manifest["diagnostics"], _STATIC[name])
         elif name == "pear_token_online":
             entry["weights"] = _online(results_[name, preset.seeds[0]]["online_weights"])
@@ -104,14 +111,14 @@ def grid_results(preset_name: str, preset, results_: dict, out: Path, reference:
 
 
 def print_table(summary: dict) -> None:
-    print(f"\n{'arm':<22} {'pre pass@1':>10} {'pre pass@8':>10} {'post pass@1':>11} {'post pass@8':>11}   "
+    print(f"\n{'arm':<34} {'pre pass@1':>10} {'pre pass@8':>10} {'post pass@1':>11} {'post pass@8':>11}   "
           f"post pass@8 vs plain (95% CI)   ESS")
     for name, entry in summary["arms"].items():
         pre, post = entry["mean"]["pre_rl"], entry["mean"]["post_rl"]
         diff = entry["vs_plain"]["post_rl"]["pass@8"]
         ci = "" if diff["ci95"] is None else f"[{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]"
         ess = (entry.get("weights") or {}).get("ess_fraction")
-        print(f"{name:<22} {pre['pass@1']:>10.3f} {pre['pass@8']:>10.3f} {post['pass@1']:>11.3f} "
+        print(f"{name:<34} {pre['pass@1']:>10.3f} {pre['pass@8']:>10.3f} {post['pass@1']:>11.3f} "
               f"{post['pass@8']:>11.3f}   {diff['mean']:+.3f} {ci:<20}  {'' if ess is None else f'{ess:.3f}'}")
 
 
@@ -157,3 +164,38 @@ def plot(summary: dict, results_: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _ci(diff: dict) -> str:
+    if diff["ci95"] is None:
+        return f"{diff['mean']:+.3f}"
+    return f"{diff['mean']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]"
+
+
+def markdown(summary: dict) -> str:
+    """The results table as Markdown (what docs/results.md shows)."""
+    lines = ["| arm | pre-RL pass@1 | pre-RL pass@8 | post-RL pass@1 | post-RL pass@8 | post pass@1 - plain (95% CI) "
+             "| post pass@8 - plain (95% CI) | ESS | at upper / lower bound |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, entry in summary["arms"].items():
+        pre, post, vs = entry["mean"]["pre_rl"], entry["mean"]["post_rl"], entry["vs_plain"]["post_rl"]
+        w = entry.get("weights") or {}
+        ess = "" if w.get("ess_fraction") is None else f"{w['ess_fraction']:.3f}"
+        bounds = "" if w.get("share_at_upper_bound") is None else (
+            f"{w['share_at_upper_bound']:.3f} / {w['share_at_lower_bound']:.3f}")
+        d1, d8 = ("", "") if name == "plain" else (_ci(vs["pass@1"]), _ci(vs["pass@8"]))
+        lines.append(f"| {name} | {pre['pass@1']:.3f} | {pre['pass@8']:.3f} | {post['pass@1']:.3f} | "
+                     f"{post['pass@8']:.3f} | {d1} | {d8} | {ess} | {bounds} |")
+    return "\n".join(lines) + "\n"
+
+
+def grid_markdown(summary: dict) -> str:
+    lines = ["| configuration | post-RL pass@1 | post-RL pass@8 | pre-RL pass@1 | pre-RL pass@8 | ESS "
+             "| at upper / lower bound |", "|---|---|---|---|---|---|---|"]
+    for name, entry in summary["configs"].items():
+        pre, post, w = entry["mean"]["pre_rl"], entry["mean"]["post_rl"], entry.get("weights") or {}
+        ess = "" if not w else f"{w['ess_fraction']:.3f}"
+        bounds = "" if not w else f"{w['share_at_upper_bound']:.3f} / {w['share_at_lower_bound']:.3f}"
+        lines.append(f"| {name} | {post['pass@1']:.3f} | {post['pass@8']:.3f} | {pre['pass@1']:.3f} | "
+                     f"{pre['pass@8']:.3f} | {ess} | {bounds} |")
+    return "\n".join(lines) + "\n"

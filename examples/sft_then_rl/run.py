@@ -261,13 +261,22 @@ def main() -> None:
         results = run_jobs(preset, specs, base, "val", out, args.jobs)
         summary = report.grid_results(args.preset, preset, results, out, reference(preset, base, "val", out))
         (out / "grid.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+        (out / "grid.md").write_text(report.grid_markdown(summary))
         report.print_grid(summary)
     else:
-        specs = [(arm, arm, seed, scored) for arm in preset.arms for seed in preset.seeds]
+        specs = []
+        for arm in preset.arms:
+            data = scored
+            if ARMS[arm].get("reweight"):
+                data = out / "reweighted" / arm
+                if not (data / "manifest.json").exists():
+                    pear_data("reweight", str(scored), "--out", str(data), "--overwrite", *ARMS[arm]["reweight"])
+            specs += [(arm, arm, seed, data) for seed in preset.seeds]
         results = run_jobs(preset, specs, base, "test", out, args.jobs)
-        summary = report.results(args.preset, TASK, preset, results, scored, reference(preset, base, "test", out))
+        summary = report.results(args.preset, TASK, preset, results, out, reference(preset, base, "test", out))
         (out / "results.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
         report.plot(summary, results, out / "results.png")
+        (out / "results.md").write_text(report.markdown(summary))
         report.print_table(summary)
     print(f"wall time {time.perf_counter() - start:.0f} s; results in {out}")
 
