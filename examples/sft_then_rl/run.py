@@ -199,10 +199,11 @@ def _reference(preset: Preset, base: Path, eval_set: str) -> dict:
 
 def run_jobs(preset: Preset, specs: list[tuple[str, str, int, Path]], base: Path, eval_set: str, out: Path,
              jobs: int) -> dict[tuple[str, int], dict]:
-    """Run (name, arm, seed, scored) jobs, longest first, `jobs` at a time; reuse results already in out/runs."""
+    """Run (name, arm, seed, scored) jobs, longest first, `jobs` at a time; reuse results already in
+    out/runs/EVAL_SET (a job's result depends on its name, seed, the evaluation set and the preset)."""
     results, pending = {}, []
     for name, arm, seed, scored in specs:
-        path = out / "runs" / name / f"seed-{seed}.json"
+        path = out / "runs" / eval_set / name / f"seed-{seed}.json"
         if path.exists():
             results[name, seed] = json.loads(path.read_text())
         else:
