@@ -30,7 +30,7 @@ def paired_ci(values: list[float], baseline: list[float]) -> dict | None:
 def _weights(diagnostics: dict, granularity: str) -> dict:
     d = diagnostics.get(granularity, {})
     return {"ess_fraction": d.get("ess_fraction"), "share_at_upper_bound": d.get("share_at_upper_bound"),
-            "share_at_lower_bound": d.get("share_at_lower_bound"), "mean_log_ratio": d.get("mean_log_ratio"),
+            "share_at_lower_bound": d.get("share_at_lower_bound"), "mean_log_ratio": diagnostics.get("mean_log_ratio"),
             "mean": d.get("mean")}
 
 
@@ -86,8 +86,13 @@ def results(preset_name: str, task: str, preset, results_: dict, out: Path, refe
             entry["weights"] = _online(results_[name, preset.seeds[0]]["online_weights"])
         else:
             entry["weights"] = None
+    online_vs_static = {
+        stage: {m: paired_ci([results_["pear_token_online", s][stage][m] for s in preset.seeds],
+                             [results_["pear_token_static", s][stage][m] for s in preset.seeds]) for m in METRICS}
+        for stage in ("pre_rl", "post_rl")} if {"pear_token_online", "pear_token_static"} <= set(arms) else None
     return _round({
-        "preset": preset_name, "task": task, "seeds": list(preset.seeds), "eval_set": "test",
+        "preset": preset_name, "task": task, "online_minus_static_token": online_vs_static,
+        "seeds": list(preset.seeds), "eval_set": "test",
         "test_problems": preset.test_problems, "k": preset.k, "sampling_temperature": 1.0,
         "weights_config": manifest["weights"], "before_sft": reference, "arms": arms,
     })
