@@ -10,7 +10,8 @@ from pathlib import Path
 METRICS = ("pass@1", "pass@8")
 # Two-sided 95% Student t quantiles by degrees of freedom (the paired difference over n seeds has n - 1).
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-_STATIC = {"pear_token_static": "token", "pear_block_static": "block", "pear_sequence_static": "sequence"}
+_STATIC = {"pear_token_static": "token", "pear_block_static": "block", "pear_sequence_static": "sequence",
+           "pear_sequence_static_10x": "sequence"}
 
 
 def fmt(metrics: dict) -> str:
@@ -82,7 +83,7 @@ def results(preset_name: str, task: str, preset, results_: dict, out: Path, refe
             entry["weights_config"] = other["weights"]
         elif name in _STATIC:
             entry["weights"] = _weights(manifest["diagnostics"], _STATIC[name])
-        elif name == "pear_token_online":
+        elif name.startswith("pear_token_online"):
             entry["weights"] = _online(results_[name, preset.seeds[0]]["online_weights"])
         else:
             entry["weights"] = None

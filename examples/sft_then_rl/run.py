@@ -40,7 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import report  # noqa: E402
 from model import ModelShape  # noqa: E402
 from task import PRETRAIN_WRITER, TEACHER, problems, prompt_text  # noqa: E402
-from train import ARMS, RLConfig, SFTConfig  # noqa: E402
+from train import ARMS, MAIN_ARMS, RLConfig, SFTConfig  # noqa: E402
 
 TASK = "digit sums in a symbolic language: left chains, right chains or a direct answer (task.py)"
 
@@ -58,7 +58,7 @@ class Preset:
     k: int = 8
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     grid_seeds: tuple[int, ...] = (0, 1)
-    arms: tuple[str, ...] = tuple(ARMS)
+    arms: tuple[str, ...] = MAIN_ARMS
 
 
 PRESETS = {
@@ -229,7 +229,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--grid", action="store_true", help="run the weight-flag grid (validation set) instead")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="jobs at a time (processes)")
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS), help="only these arms (default: all)")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS),
+                        help="only these arms, and plain (default: the preset's; pear_sequence_static_10x and "
+                             "pear_token_online_10x run only when named)")
     parser.add_argument("--seeds", nargs="+", type=int, help="only these seeds (default: the preset's)")
     args = parser.parse_args()
     preset = PRESETS[args.preset]

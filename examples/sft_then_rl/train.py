@@ -33,6 +33,13 @@ ARMS = {
     "pear_sequence_static_clip_narrow": {"mode": "static", "granularity": "sequence", "steps": 1,
                                          "reweight": ["--log-ratio-clip=-0.02,0.1"]},
 }
+# Not in the presets' table: PEAR at the 10x SFT budget (run with --arms), next to plain_10x.
+EXTRA_ARMS = {
+    "pear_sequence_static_10x": {"mode": "static", "granularity": "sequence", "steps": 10},
+    "pear_token_online_10x": {"mode": "online", "granularity": "token", "steps": 10},
+}
+MAIN_ARMS = tuple(ARMS)
+ARMS.update(EXTRA_ARMS)
 
 
 @dataclass(frozen=True)
