@@ -30,26 +30,15 @@ def build_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    to_symbol = _bytes_to_unicode()
-    vocab = {to_symbol[ord(ch)]: i for i, ch in enumerate(ALPHABET)}
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False, trim_offsets=False)
+    # each character's symbol as the ByteLevel pre-tokenizer writes it (GPT-2's byte table)
+    vocab = {byte_level.pre_tokenize_str(ch)[0][0]: i for i, ch in enumerate(ALPHABET)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False, trim_offsets=False)
+    backend.pre_tokenizer = byte_level
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(["<eos>", "<pad>"])
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>",
                                    padding_side="left", model_max_length=128)
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (what the ByteLevel pre-tokenizer writes)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    chars, extra = list(keep), 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(keep, chars)}
 
 
 def build_model(tokenizer, shape: ModelShape, seed: int):

@@ -10,8 +10,6 @@ from pathlib import Path
 METRICS = ("pass@1", "pass@8")
 # Two-sided 95% Student t quantiles by degrees of freedom (the paired difference over n seeds has n - 1).
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-_STATIC = {"pear_token_static": "token", "pear_block_static": "block", "pear_sequence_static": "sequence",
-           "pear_sequence_static_10x": "sequence"}
 
 
 def fmt(metrics: dict) -> str:
@@ -81,9 +79,9 @@ def results(preset_name: str, task: str, preset, results_: dict, out: Path, refe
             other = json.loads((out / "reweighted" / name / "manifest.json").read_text())
             entry["weights"] = _weights(other["diagnostics"], spec["granularity"])
             entry["weights_config"] = other["weights"]
-        elif name in _STATIC:
-            entry["weights"] = _weights(manifest["diagnostics"], _STATIC[name])
-        elif name.startswith("pear_token_online"):
+        elif spec["mode"] == "static":
+            entry["weights"] = _weights(manifest["diagnostics"], spec["granularity"])
+        elif spec["mode"] == "online":
             entry["weights"] = _online(results_[name, preset.seeds[0]]["online_weights"])
         else:
             entry["weights"] = None

@@ -146,9 +146,8 @@ def score(corpus: Path, base: Path, out: Path) -> Path:
     return scored
 
 
-def job(preset: Preset, arm: str, seed: int, base: Path, scored: Path, eval_set: str, work: Path) -> dict:
-    """One arm, one seed: SFT from the base, pass@k, GRPO, pass@k. One thread, its own process."""
-    import model as M
+def _start_worker(preset: Preset, base: Path, eval_set: str):
+    """In a job's process: one thread, quiet trainers; the problem sets, the evaluation set, the base target."""
     import torch
     import train
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -159,6 +158,15 @@ def job(preset: Preset, arm: str, seed: int, base: Path, scored: Path, eval_set:
     problems_ = sets.test if eval_set == "test" else sets.val
     tokenizer = AutoTokenizer.from_pretrained(base)
     target = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    return sets, problems_, tokenizer, target
+
+
+def job(preset: Preset, arm: str, seed: int, base: Path, scored: Path, eval_set: str, work: Path) -> dict:
+    """One arm, one seed: SFT from the base, pass@k, GRPO, pass@k. One thread, its own process."""
+    import model as M
+    import train
+
+    sets, problems_, tokenizer, target = _start_worker(preset, base, eval_set)
     start = time.perf_counter()
     weights = train.sft(target, tokenizer, scored, arm, preset.sft, seed, work)
     pre = M.pass_at_k(target, tokenizer, problems_, preset.k, temperature=1.0, seed=1000 + seed)
@@ -182,17 +190,9 @@ def reference(preset: Preset, base: Path, eval_set: str, out: Path) -> dict:
 
 def _reference(preset: Preset, base: Path, eval_set: str) -> dict:
     import model as M
-    import torch
-    import train
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(1)
-    train.quiet()
-    sets = make_sets(preset)
-    problems_ = sets.test if eval_set == "test" else sets.val
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    _, problems_, tokenizer, target = _start_worker(preset, base, eval_set)
     untrained = M.build_model(tokenizer, preset.shape, seed=0)
-    target = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     return {"untrained": M.pass_at_k(untrained, tokenizer, problems_, preset.k, temperature=1.0, seed=999),
             "base_target": M.pass_at_k(target, tokenizer, problems_, preset.k, temperature=1.0, seed=999)}
 
