@@ -278,7 +278,7 @@ def score(
     on_overflow: Annotated[
         str,
         typer.Option(
-            help="Rows over --max-length: truncate (prompt from the left first), skip (reject), or error.",
+            help="Rows over --max-length: truncate (keep the first N tokens), skip (reject), or error.",
             rich_help_panel="Corpus",
         ),
     ] = "truncate",
@@ -425,6 +425,12 @@ def reweight(
     max_weight: MaxWeightOpt = _D.max_weight,
     length_normalize: LengthNormalizeOpt = _D.length_normalize,
     center: CenterOpt = _D.center,
+    max_length: Annotated[
+        int | None,
+        typer.Option(help="Cut rows to their first N tokens (the truncation rule of `score` and the trainers) and "
+                     "recompute their weights for the cut; a row left with no completion token is a reject.",
+                     min=2),
+    ] = None,
     shard_rows: Annotated[int, typer.Option(help="Input rows per output shard.", min=1)] = 10_000,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing pear-data output dir.")] = False,
 ) -> None:
@@ -434,7 +440,8 @@ def reweight(
 
     config = weight_config(granularity, gamma, horizon, block_size, log_ratio_clip, weight_clip, normalize,
                            max_weight, length_normalize, center)
-    manifest = run(src, out_dir, config, ReweightOptions(shard_rows=shard_rows, overwrite=overwrite))
+    options = ReweightOptions(shard_rows=shard_rows, overwrite=overwrite, max_length=max_length)
+    manifest = run(src, out_dir, config, options)
     _report(manifest, out_dir)
 
 

@@ -54,6 +54,11 @@ class ResumeMismatchError(OutputError):
     """--resume on an OUT written with a different input fingerprint or different flags."""
 
 
+class TrainingError(PearDataError, ValueError):
+    """A trainer option or a training dataset that cannot train as asked (names the option or column and what
+    to do); raised when the trainer is built, before any step."""
+
+
 class PushError(PearDataError):
     """The output directory cannot be pushed (unfinished, incomplete, invalid repo id, the Hub refused)."""
 

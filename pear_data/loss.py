@@ -67,6 +67,44 @@ _CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass
+class LossStats:
+    """Sufficient statistics of a batch's label tokens, so that diagnostics add up exactly over micro-batches,
+    logging steps and ranks (`+`, and a sum / min / max all-reduce of the three tensors).
+
+    sums:       float64 [7]: label_tokens, weight_sum, weight_sq_sum, nll_sum (unweighted NLL), log_ratio_sum,
+                at_lower, at_upper (online only: the clipped d_k and the tokens at each weight bound)
+    weight_min: float64 0-dim (+inf with no label token); weight_max: float64 0-dim (-inf with none)
+    """
+
+    FIELDS = ("label_tokens", "weight_sum", "weight_sq_sum", "nll_sum", "log_ratio_sum", "at_lower", "at_upper")
+
+    sums: torch.Tensor
+    weight_min: torch.Tensor
+    weight_max: torch.Tensor
+
+    def __add__(self, other: LossStats) -> LossStats:
+        return LossStats(self.sums + other.sums, torch.minimum(self.weight_min, other.weight_min),
+                         torch.maximum(self.weight_max, other.weight_max))
+
+    def scaled(self, factor: float) -> LossStats:
+        """The stats of the same tokens with every weight multiplied by `factor` (> 0)."""
+        scale = self.sums.new_tensor([1.0, factor, factor * factor, 1.0, 1.0, 1.0, 1.0])
+        return LossStats(self.sums * scale, self.weight_min * factor, self.weight_max * factor)
+
+    def summary(self, online: bool = False) -> dict[str, float]:
+        """weight_mean, weight_ess ((sum w)^2 / (n sum w^2)), weight_min, weight_max, nll (mean unweighted NLL);
+        online also log_ratio_mean, at_lower_bound, at_upper_bound (shares). Empty ({}) with no label token."""
+        n, w_sum, w_sq, nll, d_sum, lower, upper = self.sums.tolist()
+        if n == 0:
+            return {}
+        out = {"weight_mean": w_sum / n, "weight_ess": w_sum * w_sum / (n * w_sq) if w_sq > 0 else 0.0,
+               "weight_min": float(self.weight_min), "weight_max": float(self.weight_max), "nll": nll / n}
+        if online:
+            out.update(log_ratio_mean=d_sum / n, at_lower_bound=lower / n, at_upper_bound=upper / n)
+        return out
+
+
+@dataclass
 class PearLossOutput:
     """Result of `pear_loss`. Every [B, L] tensor is aligned with `labels` and detached.
 
@@ -74,6 +112,7 @@ class PearLossOutput:
     weights:         float32 [B, L], the weight of each label token's NLL (0.0 where labels == -100 and at i = 0).
     token_logprobs:  float32 [B, L], log p_model(labels[b, i] | input_ids[b, :i]) from the live model
                      (0.0 where there is no label): in online mode, the target log-probs.
+    stats:           `LossStats` of the label tokens (for logging over steps and ranks).
     diagnostics:     0-dim float64 tensors over the batch's label tokens, for logging:
                      weight_mean, weight_ess (ESS fraction (sum w)^2 / (n sum w^2)), weight_min, weight_max,
                      label_tokens; online also log_ratio_mean (mean d_k), at_lower_bound / at_upper_bound (shares).
@@ -82,6 +121,7 @@ class PearLossOutput:
     loss: torch.Tensor
     weights: torch.Tensor
     token_logprobs: torch.Tensor
+    stats: LossStats
     diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -165,22 +205,45 @@ def label_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, chunk_tokens: 
 # --------------------------------------------------------------------------- PEAR weights in torch
 
 
+def segment_starts(shape: tuple[int, int], position_ids: torch.Tensor | None, device: torch.device | None = None
+                   ) -> torch.Tensor:
+    """bool [B, L]: True where a packed row (a segment) begins.
+
+    Without position_ids every batch row is one segment (a padded batch). With position_ids (packing,
+    padding-free batches: several rows concatenated in one batch row), a segment begins where the position
+    restarts at 0, as transformers' attention reads packed sequences. Position 0 of a batch row always begins one.
+    """
+    if position_ids is None:
+        starts = torch.zeros(shape, dtype=torch.bool, device=device)
+    else:
+        if tuple(position_ids.shape) != tuple(shape):
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, labels {tuple(shape)}: pass the "
+                             "[B, L] position_ids the model gets (packed rows restart at 0)")
+        starts = position_ids == 0
+    starts[:, 0] = True
+    return starts
+
+
 @dataclass
 class Completion:
-    """The completion tokens of a padded batch, packed left: the torch twin of `weights.CompletionIndex`.
+    """The completion tokens of a batch, per segment (a padded row, or one row of a packed batch), packed left:
+    the torch twin of `weights.CompletionIndex`.
 
-    Row b's k-th completion token (k = 1..T_b, in position order, gaps such as user turns skipped) sits at
-    [b, k - 1] of a [B, T] "completion space", T = max T_b.
+    Segment s's k-th completion token (k = 1..T_s, in position order, gaps such as user turns skipped) sits at
+    [s, k - 1] of an [S, T] "completion space", T = max T_s. Segments are numbered in flat (row-major) order of
+    the [B, L] batch, so every weight sum, block boundary and per-row normalization restarts at each packed row.
 
-    rows, positions: long [Nc], the (b, i) of every completion token (row-major order)
-    ranks:           long [Nc], k - 1 of every completion token
-    lengths:         long [B], T_b
-    valid:           bool [B, T], k - 1 < T_b
-    span_ends:       bool [B, T] or None, the tokens that close a span (design 3.7); None: every token
+    positions: long [Nc], flat index b * L + i of every completion token (row-major order)
+    rows:      long [Nc], the segment of every completion token
+    ranks:     long [Nc], k - 1 of every completion token
+    lengths:   long [S], T_s
+    valid:     bool [S, T], k - 1 < T_s
+    span_ends: bool [S, T] or None, the tokens that close a span (design 3.7); None: every token
+    shape:     (B, L) of the batch
     """
 
-    rows: torch.Tensor
     positions: torch.Tensor
+    rows: torch.Tensor
     ranks: torch.Tensor
     lengths: torch.Tensor
     valid: torch.Tensor
@@ -188,14 +251,22 @@ class Completion:
     shape: tuple[int, int]
 
     @classmethod
-    def from_mask(cls, completion_mask: torch.Tensor, shared_boundary: torch.Tensor | None = None) -> Completion:
+    def from_mask(cls, completion_mask: torch.Tensor, shared_boundary: torch.Tensor | None = None,
+                  starts: torch.Tensor | None = None) -> Completion:
+        """`starts`: bool [B, L] where segments begin (`segment_starts`); None: one segment per batch row."""
         mask = completion_mask.bool()
-        lengths = mask.sum(dim=1)
-        t_max = int(lengths.max()) if mask.shape[0] else 0
-        rows, positions = mask.nonzero(as_tuple=True)
-        ranks = (mask.cumsum(dim=1) - 1)[rows, positions]
+        if starts is None:
+            starts = segment_starts(tuple(mask.shape), None, mask.device)
+        segment = starts.reshape(-1).long().cumsum(0) - 1
+        n_segments = int(segment[-1]) + 1 if segment.numel() else 0
+        positions = mask.reshape(-1).nonzero().squeeze(-1)
+        rows = segment.index_select(0, positions)
+        lengths = torch.bincount(rows, minlength=n_segments)
+        before = lengths.cumsum(0) - lengths  # completion tokens of the earlier segments
+        ranks = torch.arange(positions.numel(), device=mask.device) - before.index_select(0, rows)
+        t_max = int(lengths.max()) if n_segments else 0
         valid = torch.arange(t_max, device=mask.device)[None, :] < lengths[:, None]
-        completion = cls(rows, positions, ranks, lengths, valid, None, tuple(mask.shape))
+        completion = cls(positions, rows, ranks, lengths, valid, None, tuple(mask.shape))
         if shared_boundary is not None:
             ends = completion.pack(shared_boundary) > 0
             ends |= torch.arange(t_max, device=mask.device)[None, :] == (lengths[:, None] - 1)  # a row's last
@@ -207,16 +278,21 @@ class Completion:
         return self.valid.shape[1]
 
     def pack(self, values: torch.Tensor) -> torch.Tensor:
-        """[B, N] aligned with the mask -> float64 [B, T] in completion space (0 past T_b)."""
+        """[B, L] aligned with the mask -> float64 [S, T] in completion space (0 past T_s)."""
         out = torch.zeros(self.valid.shape, dtype=torch.float64, device=values.device)
-        out[self.rows, self.ranks] = values[self.rows, self.positions].to(torch.float64)
+        out[self.rows, self.ranks] = values.reshape(-1).index_select(0, self.positions).to(torch.float64)
         return out
 
     def unpack(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """[B, T] in completion space -> [B, N] aligned with the mask (0 off the completion)."""
-        out = torch.zeros(self.shape, dtype=dtype, device=values.device)
-        out[self.rows, self.positions] = values[self.rows, self.ranks].to(dtype)
-        return out
+        """[S, T] in completion space -> [B, L] aligned with the mask (0 off the completion)."""
+        out = torch.zeros(self.shape[0] * self.shape[1], dtype=dtype, device=values.device)
+        out[self.positions] = values[self.rows, self.ranks].to(dtype)
+        return out.view(self.shape)
+
+    def where(self, s: int, k: int) -> tuple[int, int]:
+        """(b, i) in the batch of segment s's completion token k."""
+        flat = int(self.positions[(self.rows == s) & (self.ranks == k)][0])
+        return divmod(flat, self.shape[1])
 
 
 def log_ratios(lt: torch.Tensor, lb: torch.Tensor, completion: Completion, config: WeightConfig) -> torch.Tensor:
@@ -337,31 +413,26 @@ def pear_weights(
     config: WeightConfig,
     granularity: str | None = None,
     shared_boundary: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> BatchWeights:
-    """PEAR weights of design section 3 for a padded batch: the torch twin of `pear_data.weights.weigh`.
+    """PEAR weights of design section 3 for a batch: the torch twin of `pear_data.weights.weigh`.
 
     target_logprobs, behavior_logprobs: float [B, N], aligned with completion_mask.
     completion_mask: bool/int [B, N]; padding is simply 0.
     config: a `pear_data.weights.WeightConfig`; granularity overrides config.granularity.
     normalize="dataset" normalizes over the batch's completion tokens (the batch stands in for the dataset).
     shared_boundary: bool/int [B, N] or None, the dataset column of cross-tokenizer rows (design 3.7).
+    position_ids: long [B, N] or None; packed rows restart at 0 and get their own sums (`segment_starts`).
 
     Computed in float64, returned as float32, no loop over tokens or rows.
-    Raises ValueError on a behavior log-prob that is NaN or > 0, or a log-ratio that stays infinite.
+    Raises ValueError on a target log-prob that is NaN, a behavior log-prob that is NaN or > 0, or a log-ratio
+    that stays infinite.
     """
-    completion = Completion.from_mask(completion_mask, shared_boundary)
+    starts = segment_starts(tuple(completion_mask.shape), position_ids, completion_mask.device)
+    completion = Completion.from_mask(completion_mask, shared_boundary, starts)
     lt, lb = completion.pack(target_logprobs), completion.pack(behavior_logprobs)
     d = log_ratios(lt, lb, completion, config)
-    bad = completion.valid & (lb.isnan() | (lb > 0) | ~d.isfinite())
-    if bool(bad.any()):
-        b, k = (int(v) for v in bad.nonzero()[0])
-        position = int(completion.positions[(completion.rows == b) & (completion.ranks == k)][0])
-        raise ValueError(
-            f"behavior_logprobs[{b}, {position}] = {float(lb[b, k])} with target log-prob {float(lt[b, k])}: "
-            "a behavior log-prob must be a number <= 0, and -inf needs a finite --log-ratio-clip bound "
-            "(WeightConfig.log_ratio_clip) on that side and no --center (design 3.1); check the dataset column "
-            "and its alignment"
-        )
+    _check_log_ratios(lt, lb, d, completion)
     logw = log_weights(d, completion, config, granularity or config.granularity)
     w, at_lower, at_upper = bounded_weights(logw, completion, config)
     w, at_upper = normalized_weights(w, at_upper, completion, config)
@@ -373,6 +444,31 @@ def pear_weights(
     )
 
 
+def _check_log_ratios(lt: torch.Tensor, lb: torch.Tensor, d: torch.Tensor, completion: Completion) -> None:
+    """ValueError naming the first bad position: the live target log-prob (the model's), or the stored
+    behavior log-prob (the dataset's)."""
+    valid = completion.valid
+    bad_target = valid & (lt.isnan() | (lt == math.inf))
+    bad_behavior = valid & (lb.isnan() | (lb > 0) | ~d.isfinite())
+    if bool(bad_target.any()):
+        s, k = (int(v) for v in bad_target.nonzero()[0])
+        b, i = completion.where(s, k)
+        raise ValueError(
+            f"the model's log-prob of label token [{b}, {i}] is {float(lt[s, k])}: the live target log-probs "
+            "hold NaN (the model's forward pass diverged: check the learning rate, the loss scale, bf16/fp16 "
+            "overflow, or NaN parameters); the dataset's behavior_logprobs are not the cause"
+        )
+    if bool(bad_behavior.any()):
+        s, k = (int(v) for v in bad_behavior.nonzero()[0])
+        b, i = completion.where(s, k)
+        raise ValueError(
+            f"behavior_logprobs[{b}, {i}] = {float(lb[s, k])} with target log-prob {float(lt[s, k])}: "
+            "a behavior log-prob must be a number <= 0, and -inf needs a finite --log-ratio-clip bound "
+            "(WeightConfig.log_ratio_clip) on that side and no --center (design 3.1); check the dataset column "
+            "and its alignment"
+        )
+
+
 # --------------------------------------------------------------------------- the loss
 
 
@@ -382,20 +478,31 @@ def _default_config() -> WeightConfig:
     return WeightConfig()
 
 
-def _weight_diagnostics(w: torch.Tensor, label_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def _loss_stats(w: torch.Tensor, nll: torch.Tensor, label_mask: torch.Tensor,
+                online: BatchWeights | None) -> LossStats:
     wl = w[label_mask].double()
-    n = wl.numel()
-    if n == 0:
-        zero = torch.zeros((), dtype=torch.float64, device=w.device)
-        return {"weight_mean": zero, "weight_ess": zero, "weight_min": zero, "weight_max": zero, "label_tokens": zero}
-    total = wl.sum()
-    return {
-        "weight_mean": total / n,
-        "weight_ess": total.square() / (n * wl.square().sum()).clamp(min=torch.finfo(torch.float64).tiny),
-        "weight_min": wl.min(),
-        "weight_max": wl.max(),
-        "label_tokens": torch.tensor(float(n), dtype=torch.float64, device=w.device),
-    }
+    zero = torch.zeros((), dtype=torch.float64, device=w.device)
+    sums = [wl.new_tensor(float(wl.numel())), wl.sum(), wl.square().sum(), nll[label_mask].double().sum()]
+    if online is not None:
+        sums += [online.log_ratio.sum(), online.at_lower.sum().double(), online.at_upper.sum().double()]
+    else:
+        sums += [zero, zero, zero]
+    empty = wl.numel() == 0
+    return LossStats(torch.stack(sums), wl.new_tensor(math.inf) if empty else wl.min(),
+                     wl.new_tensor(-math.inf) if empty else wl.max())
+
+
+def _diagnostics(stats: LossStats, online: bool) -> dict[str, torch.Tensor]:
+    """The per-batch diagnostics as 0-dim tensors (all 0.0 with no label token)."""
+    n, w_sum, w_sq, _, d_sum, lower, upper = stats.sums.unbind()
+    m = n.clamp(min=1)
+    has = n > 0
+    out = {"weight_mean": w_sum / m, "weight_ess": torch.where(w_sq > 0, w_sum.square() / (m * w_sq), 0.0),
+           "weight_min": torch.where(has, stats.weight_min, 0.0), "weight_max": torch.where(has, stats.weight_max, 0.0),
+           "label_tokens": n}
+    if online:
+        out.update(log_ratio_mean=d_sum / m, at_lower_bound=lower / m, at_upper_bound=upper / m)
+    return out
 
 
 def _check_aligned(name: str, tensor: torch.Tensor | None, labels: torch.Tensor) -> None:
@@ -430,9 +537,11 @@ def pear_loss(
     weights: torch.Tensor | None = None,
     behavior_logprobs: torch.Tensor | None = None,
     shared_boundary: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
     config: WeightConfig | None = None,
     normalize: LossNormalize = "tokens",
     num_items_in_batch: int | torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
     chunk_tokens: int | None = None,
 ) -> PearLossOutput:
     """PEAR-weighted causal-LM NLL: sum_i w_i * nll_i / normalizer (module docstring).
@@ -445,15 +554,20 @@ def pear_loss(
           out: "aligned" [B, L], index i = log p(token i) (what `label_logprobs` returns), or "shifted"
           [B, L - 1], index j = log p(token j + 1) (TRL's `FusedCausalLMOutput.log_probs`).
     The weights, at most one of:
-      weights: float [B, L] aligned with labels (a `pear_*_weight` column, padded) or [B] (one per row):
-          static PEAR. Must be finite and >= 0 on label tokens.
+      weights: float [B, L] aligned with labels (a `pear_*_weight` column, padded) or [B] (one per row of a
+          padded batch): static PEAR. Must be finite and >= 0 on label tokens.
       behavior_logprobs: float [B, L] aligned with labels (the dataset column, padded): online PEAR with
           `config` (a `pear_data.weights.WeightConfig`, default WeightConfig()); the weights come from the
           detached live log-probs. `shared_boundary` [B, L] (the dataset column, padded) for rows whose
           behavior was aligned from another tokenizer (design 3.7); None: every label token is its own span.
       neither: plain NLL, every weight 1.
+    position_ids: long [B, L] of a packed or padding-free batch (several rows in one batch row, each restarting
+        at position 0): online suffix sums, blocks, sequence sums and per-row normalization restart at every
+        row, and the first token of a row is never a label. None: each batch row is one row.
     normalize: "tokens" divides by the label-token count, or by `num_items_in_batch` (transformers'
         gradient-accumulation convention) when given; "weights" by the sum of the weights.
+    normalizer: the denominator itself, instead of this batch's (a trainer passes the total over every
+        micro-batch of an accumulation step and every rank); excludes num_items_in_batch.
     """
     if (logits is None) == (logprobs is None):
         raise ValueError("pass exactly one of logits= (causal-LM logits [B, L, V]) or logprobs= (label log-probs)")
@@ -463,47 +577,55 @@ def pear_loss(
         raise ValueError("pass weights (static PEAR) or behavior_logprobs (online PEAR), not both")
     if shared_boundary is not None and behavior_logprobs is None:
         raise ValueError("shared_boundary only applies to online PEAR (behavior_logprobs=)")
-    batch, length = labels.shape
-    if logits is not None:
-        logp = label_logprobs(logits, labels, chunk_tokens=chunk_tokens)
-    elif logprobs_layout == "shifted":
-        if tuple(logprobs.shape) != (batch, length - 1):
-            raise ValueError(f"logprobs_layout='shifted' needs logprobs of shape {(batch, length - 1)} "
-                             f"(index j = token j + 1), got {tuple(logprobs.shape)}")
-        logp = torch.cat([logprobs.new_zeros(batch, 1), logprobs], dim=1)
-    elif logprobs_layout == "aligned":
-        _check_aligned("logprobs", logprobs, labels)
-        logp = logprobs
-    else:
-        raise ValueError(f"logprobs_layout must be 'aligned' or 'shifted', got {logprobs_layout!r}")
-    label_mask = labels != IGNORE_INDEX
-    label_mask[:, 0] = False  # position 0 has no context: never a loss term
-    logp = logp.float()
-    diagnostics: dict[str, torch.Tensor] = {}
+    if normalizer is not None and num_items_in_batch is not None:
+        raise ValueError("pass normalizer= or num_items_in_batch=, not both")
+    logp = _label_logprobs(labels, logits, logprobs, logprobs_layout, chunk_tokens)
+    starts = segment_starts(tuple(labels.shape), position_ids, labels.device)
+    label_mask = (labels != IGNORE_INDEX) & ~starts  # a row's first token has no context: never a loss term
 
+    online = None
     if behavior_logprobs is not None:
         _check_aligned("behavior_logprobs", behavior_logprobs, labels)
         _check_aligned("shared_boundary", shared_boundary, labels)
         online = pear_weights(logp.detach(), behavior_logprobs, label_mask, config or _default_config(),
-                              shared_boundary=shared_boundary)
+                              shared_boundary=shared_boundary, position_ids=position_ids)
         w = online.weights
-        n = label_mask.sum().clamp(min=1)
-        diagnostics["log_ratio_mean"] = online.log_ratio.sum() / n
-        diagnostics["at_lower_bound"] = online.at_lower.sum().double() / n
-        diagnostics["at_upper_bound"] = online.at_upper.sum().double() / n
     elif weights is not None:
+        if weights.dim() == 1 and position_ids is not None:
+            raise ValueError("weights of shape [B] (one per batch row) cannot be used with position_ids: a packed "
+                             "batch row holds several rows; pass [B, L] weights aligned with input_ids")
         w = _static_weights(weights, labels, label_mask)
     else:
         w = label_mask.float()
     w = w.detach()
 
-    weighted = -(w * torch.where(label_mask, logp, 0.0)).sum()
-    if normalize == "weights":
-        loss = weighted / w.sum().clamp(min=torch.finfo(torch.float32).tiny)
-    elif num_items_in_batch is not None:
-        loss = weighted / torch.as_tensor(num_items_in_batch, device=logp.device).clamp(min=1)
-    else:
-        loss = weighted / label_mask.sum().clamp(min=1)
-    diagnostics.update(_weight_diagnostics(w, label_mask))
+    nll = -torch.where(label_mask, logp, 0.0)
+    weighted = (w * nll).sum()
+    if normalizer is None:
+        if normalize == "weights":
+            normalizer = w.sum().clamp(min=torch.finfo(torch.float32).tiny)
+        elif num_items_in_batch is not None:
+            normalizer = torch.as_tensor(num_items_in_batch, device=logp.device).clamp(min=1)
+        else:
+            normalizer = label_mask.sum().clamp(min=1)
+    loss = weighted / torch.as_tensor(normalizer, device=logp.device)
+    stats = _loss_stats(w, nll.detach(), label_mask, online)
     return PearLossOutput(loss=loss, weights=w, token_logprobs=torch.where(label_mask, logp.detach(), 0.0),
-                          diagnostics=diagnostics)
+                          stats=stats, diagnostics=_diagnostics(stats, online is not None))
+
+
+def _label_logprobs(labels: torch.Tensor, logits: torch.Tensor | None, logprobs: torch.Tensor | None,
+                    layout: LogprobsLayout, chunk_tokens: int | None) -> torch.Tensor:
+    """The label log-probs as float32 [B, L] aligned with labels, from whichever form the caller has."""
+    batch, length = labels.shape
+    if logits is not None:
+        return label_logprobs(logits, labels, chunk_tokens=chunk_tokens)
+    if layout == "shifted":
+        if tuple(logprobs.shape) != (batch, length - 1):
+            raise ValueError(f"logprobs_layout='shifted' needs logprobs of shape {(batch, length - 1)} "
+                             f"(index j = token j + 1), got {tuple(logprobs.shape)}")
+        return torch.cat([logprobs.new_zeros(batch, 1), logprobs], dim=1).float()
+    if layout == "aligned":
+        _check_aligned("logprobs", logprobs, labels)
+        return logprobs.float()
+    raise ValueError(f"logprobs_layout must be 'aligned' or 'shifted', got {layout!r}")

@@ -33,9 +33,12 @@ from .writer import MANIFEST_FILE, DatasetWriter, check_output_apart, read_manif
 
 @dataclass(frozen=True)
 class ReweightOptions:
+    """shard_rows: input rows per output shard; max_length: cut rows by the truncation rule first (None: whole)."""
+
     shard_rows: int = 10_000
     batch_rows: int = 1024
     overwrite: bool = False
+    max_length: int | None = None
 
 
 def reweight(src: str | Path, out: str | Path, config: WeightConfig,
@@ -57,7 +60,7 @@ def reweight(src: str | Path, out: str | Path, config: WeightConfig,
     source = read_manifest(src) if Path(src).is_dir() and (Path(src) / MANIFEST_FILE).is_file() else {}
     fingerprint = files_fingerprint(files)
     run_key = {"command": "reweight", "input_fingerprint": fingerprint, "weights": config.to_dict(),
-               "shard_rows": options.shard_rows}
+               "shard_rows": options.shard_rows, "max_length": options.max_length}
     writer = DatasetWriter(out, run_key, overwrite=options.overwrite, resumable=False)
     try:
         return _reweight(writer, src, files, fingerprint, source, config, options)
@@ -67,15 +70,15 @@ def reweight(src: str | Path, out: str | Path, config: WeightConfig,
 
 def _reweight(writer: DatasetWriter, src: str | Path, files: list[Path], fingerprint: str, source: dict,
               config: WeightConfig, options: ReweightOptions) -> dict:
-    means = dataset_means(files, config, options.batch_rows) if config.normalize == "dataset" else None
+    means = dataset_means(files, config, options) if config.normalize == "dataset" else None
 
     diagnostics = Diagnostics()
-    tokens = completion_tokens = 0
+    tokens = completion_tokens = truncated = truncated_prompt = rows_truncated = 0
     slices = shard_slices(prefetch(batches(files, options.batch_rows)), options.shard_rows)
     for _, group in itertools.groupby(slices, key=lambda item: item[0]):
         with writer.shard() as handle:
             for _, start, part in group:
-                weighed = weigh_table(part, config, means, diagnostics)
+                weighed = weigh_table(part, config, means, diagnostics, options.max_length)
                 if len(weighed.rejected_rows):
                     rejected = part.take(pa.array(weighed.rejected_rows))
                     rejected = rejected.append_column(ROW_INDEX, pa.array(start + weighed.rejected_rows, pa.int64()))
@@ -83,6 +86,9 @@ def _reweight(writer: DatasetWriter, src: str | Path, files: list[Path], fingerp
                 handle.write(weighed.kept)
                 tokens += weighed.tokens
                 completion_tokens += weighed.completion_tokens
+                truncated += weighed.truncated_completion
+                truncated_prompt += weighed.truncated_prompt
+                rows_truncated += weighed.rows_truncated
                 end = start + len(part)
             handle.commit(end)
 
@@ -91,7 +97,9 @@ def _reweight(writer: DatasetWriter, src: str | Path, files: list[Path], fingerp
         "command": "reweight",
         "input": {"name": Path(src).resolve().name, "fingerprint": fingerprint, "files": len(files)},
         "weights": config.to_dict(),
-        "tokens": {"total": tokens, "completion": completion_tokens},
+        "tokens": {"total": tokens, "completion": completion_tokens, "truncated_completion": truncated,
+                   "truncated_prompt": truncated_prompt, "rows_truncated": rows_truncated},
+        "max_length": options.max_length,
         "diagnostics": summary,
         "warnings": degeneracy_warnings(summary),
         "dataset_means": means,
@@ -120,7 +128,7 @@ def shard_slices(tables: Iterator[pa.Table], shard_rows: int) -> Iterator[tuple[
             table = table.slice(take)
 
 
-def dataset_means(files: list[Path], config: WeightConfig, batch_rows: int) -> dict[str, float]:
+def dataset_means(files: list[Path], config: WeightConfig, options: ReweightOptions) -> dict[str, float]:
     """First pass of `--normalize dataset`: mean bounded W per granularity over the valid rows.
 
     Reads only the columns the weigh stage needs; files are summed on a few threads (reading and the engine
@@ -131,8 +139,8 @@ def dataset_means(files: list[Path], config: WeightConfig, batch_rows: int) -> d
     def file_sums(path: Path) -> WeightSums:
         names = read_schema(path).names
         sums = WeightSums()
-        for table in batches([path], batch_rows, [c for c in (INPUT_IDS, *ENGINE_COLUMNS) if c in names]):
-            sums.add(weigh_table(table, unnormalized).sums)
+        for table in batches([path], options.batch_rows, [c for c in (INPUT_IDS, *ENGINE_COLUMNS) if c in names]):
+            sums.add(weigh_table(table, unnormalized, max_length=options.max_length).sums)
         return sums
 
     total = WeightSums()

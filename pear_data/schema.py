@@ -76,6 +76,8 @@ WEIGHTS: tuple[Column, ...] = (
 
 ADDED: tuple[Column, ...] = SCORED + WEIGHTS
 ADDED_NAMES: tuple[str, ...] = tuple(c.name for c in ADDED)
+# The list columns aligned with input_ids (index i is token i): what a cut to max_length slices.
+TOKEN_COLUMNS: tuple[str, ...] = tuple(c.name for c in ADDED if pa.types.is_list(c.type))
 COLUMNS: dict[str, Column] = {c.name: c for c in ADDED}
 
 # What `reweight` and the weigh stage need; shared_boundary is optional (absent: every completion token

@@ -41,12 +41,11 @@ the completion text (`completion_spans`).
 
 `max_length` overflow (`TokenizeConfig.on_overflow`):
 
-- "truncate": drop prompt tokens from the LEFT (keep the last prompt tokens,
-  which condition the completion) until the row fits; only when the
-  completion part alone (first completion token to the end) does not fit
-  next to one prompt token, keep exactly one prompt token and cut the end of
-  the row. `truncated_prompt_tokens` / `truncated_completion_tokens` count the
-  dropped tokens with mask 0 / 1.
+- "truncate": the one truncation rule (`pear_data.truncation`, design 2.6):
+  keep the first `max_length` tokens. A row left with no completion token
+  (the prompt alone fills `max_length`) is a reject.
+  `truncated_prompt_tokens` / `truncated_completion_tokens` count the dropped
+  tokens with mask 0 / 1.
 - "skip": `RowError("over max length: 2310 tokens > 2048")` (the row is rejected).
 - "error": `OverflowAbort` (the CLI stops with exit code 2).
 """
@@ -339,15 +338,6 @@ def first_uncovered(text: str, starts: np.ndarray, ends: np.ndarray, lo: int = 0
     return next((lo + int(h) for h in holes if not text[lo + h].isspace()), None)
 
 
-def _truncate(mask: np.ndarray, max_length: int) -> slice:
-    """The kept window [lo, hi) of a row longer than max_length (module docstring, "truncate")."""
-    n = mask.shape[0]
-    first = int(np.argmax(mask))  # first completion token; >= 1 (position 0 is prompt)
-    if n - first + 1 <= max_length:
-        return slice(n - max_length, n)  # drop leading prompt only, at least one prompt token stays
-    return slice(first - 1, first - 1 + max_length)
-
-
 class SpecialTokens:
     """Finds the special (control) tokens of a tokenizer spelled inside a text.
 
@@ -457,12 +447,13 @@ class ConversationTokenizer:
                 raise OverflowAbort(n, max_length)
             if self.config.on_overflow == "skip":
                 raise RowError(f"over max length: {n} tokens > {max_length}")
-            keep = _truncate(mask, max_length)
-            dropped = np.ones(n, dtype=bool)
-            dropped[keep] = False
-            truncated_completion = int(mask[dropped].sum())
-            truncated_prompt = int(dropped.sum()) - truncated_completion
-            input_ids, mask, offsets = input_ids[keep], mask[keep], offsets[keep]
+            truncated_completion = int(mask[max_length:].sum())
+            truncated_prompt = n - max_length - truncated_completion
+            input_ids, mask, offsets = input_ids[:max_length], mask[:max_length], offsets[:max_length]
+            if not mask.any():
+                raise RowError(f"no completion token within --max-length {max_length}: the row's first "
+                               f"{max_length} tokens are all prompt (the rule keeps a row's start; raise "
+                               "--max-length or shorten the prompt)")
 
         return TokenizedRow(
             input_ids=input_ids,

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from .schema import BEHAVIOR_LOGPROBS, COMPLETION_MASK, SHARED_BOUNDARY, TARGET_LOGPROBS, WEIGHT_COLUMNS
+from .schema import BEHAVIOR_LOGPROBS, COMPLETION_MASK, INPUT_IDS, SHARED_BOUNDARY, TARGET_LOGPROBS, WEIGHT_COLUMNS
+from .truncation import truncate_table
 from .validate import flat_list, validate
 from .weights import RowWeights, TokenRows, WeightConfig, WeightObserver, WeightSums, weigh
 
@@ -30,6 +31,8 @@ class Weighed:
     rejected_rows: int64 [R - K], index in the input table of each rejected row
     reasons:       why, one per rejected row ("behavior_logprobs[17] is NaN")
     tokens:        tokens of the kept rows; completion_tokens: their completion tokens
+    truncated_completion / truncated_prompt / rows_truncated: completion and other tokens, and kept rows,
+                   cut by `max_length`
     sums:          per granularity, the sum of the bounded W before normalization and cap, over
                    the kept completion tokens (dataset normalization sums these over the output)
     """
@@ -41,6 +44,9 @@ class Weighed:
     tokens: int = 0
     completion_tokens: int = 0
     sums: WeightSums = field(default_factory=WeightSums)
+    truncated_completion: int = 0
+    truncated_prompt: int = 0
+    rows_truncated: int = 0
 
 
 def weigh_table(
@@ -48,21 +54,41 @@ def weigh_table(
     config: WeightConfig,
     means: dict[str, float] | None = None,
     observer: WeightObserver | None = None,
+    max_length: int | None = None,
 ) -> Weighed:
     """Validate every row, weigh the valid ones (`weights.weigh`), set their weight columns.
 
     means: the dataset means of the bounded W per granularity, needed with
     `config.normalize == "dataset"` (`WeightSums.means()` of a first pass).
     observer: sees the weights as they are computed (`diagnostics.Diagnostics`).
-    Every other column of the table is kept as it is.
+    max_length: cut the valid rows by the one truncation rule first (`pear_data.truncation`); a row left with
+    no completion token is rejected (rejects keep the whole row). Every other column is kept as it is.
     """
     reasons = validate(table, config)
     bad = np.fromiter((r is not None for r in reasons), dtype=bool, count=len(reasons))
-    kept_rows, rejected_rows = np.flatnonzero(~bad), np.flatnonzero(bad)
+    kept_rows = np.flatnonzero(~bad)
+    kept = table if len(kept_rows) == table.num_rows else table.take(pa.array(kept_rows))
+    cut_completion = np.zeros(len(kept_rows), dtype=np.int64)
+    if max_length is not None and len(kept_rows):
+        lengths = np.diff(flat_list(kept.column(INPUT_IDS))[0])
+        kept, cut_completion = truncate_table(kept, max_length)
+        offsets, mask = flat_list(kept.column(COMPLETION_MASK))
+        counts = np.concatenate(([0], np.cumsum(mask != 0, dtype=np.int64)))
+        emptied = counts[offsets[1:]] == counts[offsets[:-1]]
+        for i in np.flatnonzero(emptied):
+            reasons[kept_rows[i]] = (f"no completion token within --max-length {max_length} (the rule keeps a "
+                                     f"row's first {max_length} tokens)")
+        if emptied.any():
+            kept, kept_rows = kept.filter(pa.array(~emptied)), kept_rows[~emptied]
+            lengths, cut_completion = lengths[~emptied], cut_completion[~emptied]
+    rejected_rows = np.setdiff1d(np.arange(table.num_rows), kept_rows)
     result = Weighed(table.slice(0, 0), kept_rows, rejected_rows, [reasons[i] for i in rejected_rows])
     if not len(kept_rows):
         return result
-    kept = table if not len(rejected_rows) else table.take(pa.array(kept_rows))
+    if max_length is not None:
+        result.truncated_completion = int(cut_completion.sum())
+        result.truncated_prompt = int(np.maximum(lengths - max_length, 0).sum()) - result.truncated_completion
+        result.rows_truncated = int((lengths > max_length).sum())
     rows = token_rows(kept)
     weights = weigh(rows, config, means, observer=observer)
     result.kept = with_columns(kept, weight_columns(rows, weights))

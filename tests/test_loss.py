@@ -367,3 +367,91 @@ def test_loss_module_imports_only_torch():
     heavy = ("transformers", "trl", "datasets", "pyarrow", "pear_data.weights")
     code = f"import sys, pear_data.loss; bad = [m for m in {heavy!r} if m in sys.modules]; assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------- packed rows (position_ids)
+
+
+def _pack_rows(lengths, *padded: np.ndarray) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Concatenate the rows of padded [B, N] arrays into one batch row [1, sum n], as a padding-free collator
+    does; returns position_ids (restarting at 0 on every row) and the packed arrays."""
+    position_ids = torch.from_numpy(np.concatenate([np.arange(n) for n in lengths]))[None, :]
+    packed = [torch.from_numpy(np.concatenate([x[b, :n] for b, n in enumerate(lengths)]))[None, :] for x in padded]
+    return position_ids, packed
+
+
+@pytest.mark.parametrize("spans", [False, True], ids=["direct", "cross-tokenizer"])
+@pytest.mark.parametrize("granularity,horizon,block_size,center,normalize,cap", FLAGS[::5])
+def test_packed_rows_get_the_weights_of_the_same_rows_padded(granularity, horizon, block_size, center, normalize,
+                                                            cap, spans):
+    """Suffix sums, blocks, spans, sequence sums and per-row normalization restart at every packed row."""
+    seed = FLAGS.index((granularity, horizon, block_size, center, normalize, cap))
+    lengths, mask, lt, lb = _scored_batch(seed=seed)
+    shared = _spans(mask, seed) if spans else np.where(mask == 1, 1, 0).astype(np.int8)
+    config = WeightConfig(granularity=granularity, horizon=horizon, block_size=block_size, center=center,
+                          normalize=normalize, max_weight=cap, gamma=0.98, log_ratio_clip=(-0.4, 0.5),
+                          weight_clip=(0.02, 40.0))
+    padded = pear_weights(torch.from_numpy(lt), torch.from_numpy(lb), torch.from_numpy(mask), config,
+                          shared_boundary=torch.from_numpy(shared)).weights
+    position_ids, (plt, plb, pmask, pshared) = _pack_rows(lengths, lt, lb, mask, shared)
+    packed = pear_weights(plt, plb, pmask, config, shared_boundary=pshared, position_ids=position_ids).weights
+    expected = torch.cat([padded[b, :n] for b, n in enumerate(lengths)])
+    torch.testing.assert_close(packed[0], expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["static", "online"])
+@pytest.mark.parametrize("normalize", ["tokens", "weights"])
+def test_a_packed_batch_gives_the_loss_and_gradients_of_the_padded_one(mode, normalize):
+    lengths, mask, _, lb = _scored_batch(seed=7, batch=4, length=20)
+    g = torch.Generator().manual_seed(0)
+    n_max = mask.shape[1]
+    logits = torch.randn(len(lengths), n_max, VOCAB, generator=g)
+    ids = torch.randint(0, VOCAB, mask.shape, generator=g)
+    labels = torch.where(torch.from_numpy(mask) == 1, ids, -100)
+    weights = (torch.rand(mask.shape, generator=g) * 3).numpy()
+    config = WeightConfig(log_ratio_clip=(-2.0, 2.0), normalize="sequence")
+    extra = {"weights": torch.from_numpy(weights)} if mode == "static" else {
+        "behavior_logprobs": torch.from_numpy(lb), "config": config}
+    padded_logits = logits.clone().requires_grad_(True)
+    padded = pear_loss(labels, logits=padded_logits, normalize=normalize, **extra)
+    padded.loss.backward()
+
+    position_ids, (plabels, pw, plb) = _pack_rows(lengths, labels.numpy(), weights, lb)
+    packed_logits = torch.cat([logits[b, :n] for b, n in enumerate(lengths)])[None].requires_grad_(True)
+    extra = {"weights": pw} if mode == "static" else {"behavior_logprobs": plb, "config": config}
+    packed = pear_loss(plabels, logits=packed_logits, position_ids=position_ids, normalize=normalize, **extra)
+    packed.loss.backward()
+    torch.testing.assert_close(packed.loss, padded.loss, rtol=1e-6, atol=0)
+    expected = torch.cat([padded_logits.grad[b, :n] for b, n in enumerate(lengths)])
+    torch.testing.assert_close(packed_logits.grad[0], expected, rtol=1e-5, atol=1e-8)
+    assert packed.stats.sums.tolist() == pytest.approx(padded.stats.sums.tolist(), rel=1e-6)
+
+
+def test_the_first_token_of_a_packed_row_is_never_a_label():
+    logits = torch.randn(1, 12, VOCAB, generator=torch.Generator().manual_seed(2))
+    labels = torch.arange(12)[None] % VOCAB  # every position labelled
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4]])
+    out = pear_loss(labels, logits=logits, weights=torch.ones(1, 12), position_ids=position_ids)
+    assert out.weights[0].nonzero().squeeze(-1).tolist() == [1, 2, 3, 5, 6, 8, 9, 10, 11]
+    with pytest.raises(ValueError, match="one per batch row"):
+        pear_loss(labels, logits=logits, weights=torch.ones(1), position_ids=position_ids)
+
+
+def test_an_explicit_normalizer_replaces_the_batch_one():
+    logits, labels, weights = _batch(seed=4)
+    whole = pear_loss(labels, logits=logits, weights=weights, normalizer=123.0).loss
+    local = pear_loss(labels, logits=logits, weights=weights).loss
+    n = int(((labels != -100) & (torch.arange(labels.shape[1]) > 0)).sum())
+    torch.testing.assert_close(whole * 123.0, local * n)
+    with pytest.raises(ValueError, match="not both"):
+        pear_loss(labels, logits=logits, weights=weights, normalizer=3.0, num_items_in_batch=3)
+
+
+def test_a_nan_target_log_prob_blames_the_model_not_the_behavior_column():
+    logits, labels, _ = _batch(seed=5)
+    logits = logits.detach().clone()
+    logits[0, 4] = float("nan")  # predicts label 5 of row 0
+    behavior = torch.where(labels != -100, -1.0, 0.0)
+    with pytest.raises(ValueError, match=r"the model's log-prob of label token \[0, 5\] is nan") as info:
+        pear_loss(labels, logits=logits, behavior_logprobs=behavior)
+    assert "behavior_logprobs[" not in str(info.value)

@@ -272,51 +272,41 @@ def test_row_at_max_length_is_untouched(smollm2: Any, long_row: tuple[list[dict]
         assert row.truncated_prompt_tokens == row.truncated_completion_tokens == 0
 
 
-def test_truncate_cuts_prompt_from_the_left_and_keeps_the_completion(
-    smollm2: Any, long_row: tuple[list[dict], TokenizedRow]
-) -> None:
-    conversation, full = long_row
-    row = tokenize_conversation(conversation, smollm2, TokenizeConfig(max_length=full.num_tokens - 5))
-    assert np.array_equal(row.input_ids, full.input_ids[5:])
-    assert np.array_equal(row.completion_mask, full.completion_mask[5:])
-    assert np.array_equal(row.offsets, full.offsets[5:])
-    assert (row.truncated_prompt_tokens, row.truncated_completion_tokens) == (5, 0)
-    assert masked_segments(row, smollm2) == [conversation[1]["content"] + IM_END]
-    assert row.completion_mask[0] == 0
-
-
-def test_truncate_cuts_completion_from_the_right_only_when_it_alone_is_too_long(
-    smollm2: Any, long_row: tuple[list[dict], TokenizedRow]
-) -> None:
+def test_truncate_keeps_the_start_of_the_row(smollm2: Any, long_row: tuple[list[dict], TokenizedRow]) -> None:
+    """The one truncation rule (design 2.6): the first max_length tokens, whatever they are."""
     conversation, full = long_row
     first = int(np.argmax(full.completion_mask))
-    n_completion = full.num_completion_tokens
-    max_length = n_completion - 10
+    max_length = first + 10
     row = tokenize_conversation(conversation, smollm2, TokenizeConfig(max_length=max_length))
-    assert row.num_tokens == max_length
-    # exactly one prompt token is kept: the last one before the completion
-    assert np.array_equal(row.input_ids, full.input_ids[first - 1 : first - 1 + max_length])
-    assert row.completion_mask[0] == 0 and row.completion_mask[1:].all()
-    trailing_prompt = full.num_tokens - (first + n_completion)  # the "\n" after <|im_end|>, cut with the tail
-    assert trailing_prompt == 1
-    assert row.truncated_prompt_tokens == first - 1 + trailing_prompt
-    assert row.truncated_completion_tokens == n_completion - (max_length - 1)
+    assert np.array_equal(row.input_ids, full.input_ids[:max_length])
+    assert np.array_equal(row.completion_mask, full.completion_mask[:max_length])
+    assert np.array_equal(row.offsets, full.offsets[:max_length])
+    assert (row.truncated_prompt_tokens, row.truncated_completion_tokens) == (
+        full.num_tokens - max_length - (full.num_completion_tokens - 10), full.num_completion_tokens - 10)
+
+
+def test_a_row_whose_prompt_fills_max_length_is_a_reject(smollm2: Any, long_row: tuple[list[dict], TokenizedRow]
+                                                         ) -> None:
+    conversation, full = long_row
+    first = int(np.argmax(full.completion_mask))
+    with pytest.raises(RowError, match=f"no completion token within --max-length {first}"):
+        tokenize_conversation(conversation, smollm2, TokenizeConfig(max_length=first))
+    row = tokenize_conversation(conversation, smollm2, TokenizeConfig(max_length=first + 1))
+    assert row.num_completion_tokens == 1
 
 
 def test_truncation_invariants_for_every_max_length(smollm2: Any) -> None:
     conversation = chat_rows()[2]  # two assistant turns with a user turn between them
     full = tokenize_conversation(conversation, smollm2)
-    for max_length in range(2, full.num_tokens + 1):
+    first = int(np.argmax(full.completion_mask))
+    for max_length in range(first + 1, full.num_tokens + 1):
         row = ConversationTokenizer(smollm2, TokenizeConfig(max_length=max_length))(conversation)
         assert row.num_tokens == max_length
         assert row.completion_mask[0] == 0 and row.completion_mask.sum() >= 1
         dropped = full.num_tokens - row.num_tokens
         assert row.truncated_prompt_tokens + row.truncated_completion_tokens == dropped
         assert row.truncated_completion_tokens == full.num_completion_tokens - row.num_completion_tokens
-        # the kept tokens are one window of the full row: leading prompt cut first, else one prompt token kept
-        first = int(np.argmax(full.completion_mask))
-        start = full.num_tokens - max_length if full.num_tokens - first + 1 <= max_length else first - 1
-        assert np.array_equal(row.input_ids, full.input_ids[start : start + max_length])
+        assert np.array_equal(row.input_ids, full.input_ids[:max_length])
 
 
 def test_skip_rejects_the_row_with_both_lengths(smollm2: Any, long_row: tuple[list[dict], TokenizedRow]) -> None:

@@ -64,15 +64,26 @@ STRICT_ROLES_TEMPLATE = (
 )
 
 
-def build_tokenizer(flavor: str = "chatml", template: str | None = None):
-    """A byte-level `PreTrainedTokenizerFast` with the flavor's special tokens and chat template."""
+# BPE merges of frequent English pairs: a tokenizer with them splits text differently from the byte-level one,
+# so rows aligned between the two have spans of several tokens (design 3.7).
+MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("e", "r"), ("a", "n"), ("r", "e"), ("o", "n"),
+          ("Ġ", "a"), ("e", "s"), ("s", "t"), ("Ġ", "s"), ("Ġ", "w"), ("Ġ", "o"), ("a", "t"), ("e", "n"),
+          ("o", "u"), ("Ġ", "h"), ("Ġ", "b"), ("n", "d"), ("Ġa", "nd"), ("Ġ", "1"), ("Ġ", "2"), ("0", "0")]
+
+
+def build_tokenizer(flavor: str = "chatml", template: str | None = None, merges: bool = False):
+    """A byte-level `PreTrainedTokenizerFast` with the flavor's special tokens and chat template (and
+    `MERGES` when `merges`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     spec = FLAVORS[flavor]
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {symbol: i for i, symbol in enumerate(sorted(alphabet))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
+    pairs = MERGES if merges else []
+    for left, right in pairs:
+        vocab.setdefault(left + right, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True, trim_offsets=False)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(spec["special"])
@@ -88,14 +99,14 @@ def build_tokenizer(flavor: str = "chatml", template: str | None = None):
 
 
 def make_tiny_model(directory: str | Path, flavor: str = "chatml", template: str | None = None,
-                    seed: int = 0) -> Path:
+                    seed: int = 0, merges: bool = False) -> Path:
     """Write a tiny model directory (module docstring) and return its path."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(flavor, template)
+    tokenizer = build_tokenizer(flavor, template, merges)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
