@@ -61,7 +61,10 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model spec (default: the dataset's target model)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--max-length", type=int, default=1024,
+                        help="longest training row; static weights need rows no longer (pear-data reweight "
+                        "--max-length cuts them), online rows are cut")
+    parser.add_argument("--packing", action="store_true", help="pack rows into --max-length tokens (bfd, padding-free)")
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--output-dir", type=Path, default=None, help="checkpoints and logs (default: a temp dir)")
     parser.add_argument("--save", action="store_true", help="save the final model to --output-dir")
@@ -107,6 +110,7 @@ def main() -> None:
         use_cpu=True,
         bf16=False,
         seed=0,
+        packing=args.packing,
     )
     trainer = PearSFTTrainer(model=model, args=sft_args, train_dataset=train, processing_class=tokenizer,
                              pear_mode=args.mode, pear_config=config, pear_normalize=args.normalize)

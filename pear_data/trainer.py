@@ -108,6 +108,7 @@ class PearLossMixin:
         super().__init__(model, trainer_args, data_collator, train_dataset, eval_dataset, *more, **kwargs)
         if trainer_args is not args:
             self.args = args
+        self._check_parallelism()
 
     # ------------------------------------------------------------------ set-up
 
@@ -153,6 +154,18 @@ class PearLossMixin:
                 "is known only after the last forward. Use gradient_accumulation_steps=1 on one rank, drop the "
                 "cap, or normalize='sequence' / 'none'"
             )
+
+    def _check_parallelism(self) -> None:
+        """Tensor, context and sequence parallelism split a row's tokens or its vocabulary across ranks: the
+        PEAR sums of a row (and the step normalizers, which count each row once per data-parallel rank) would
+        be computed on pieces. Refused by name."""
+        config = getattr(self.accelerator, "parallelism_config", None)
+        for name in ("tp_size", "cp_size", "sp_size"):
+            size = getattr(config, name, None) or 1
+            if size > 1:
+                raise TrainingError(f"the PEAR trainers do not support {name}={size} (tensor, context or sequence "
+                                    "parallelism): a row's tokens or logits would be split across ranks; use data "
+                                    "parallelism (DDP, FSDP, DeepSpeed ZeRO)")
 
     def _set_signature_columns_if_needed(self) -> None:
         # remove_unused_columns keeps only these: add what the collator reads (all added columns when the

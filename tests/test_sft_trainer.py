@@ -220,3 +220,27 @@ def test_a_capped_dataset_normalization_over_several_micro_batches_is_refused(ti
     with pytest.raises(TrainingError, match="cap"):
         _trainer(tiny_scored, tmp_path, mode="online", config=WeightConfig(normalize="dataset", max_weight=3.0),
                  gradient_accumulation_steps=2)
+
+
+@pytest.mark.parametrize("mode", ["static", "online"])
+def test_pear_trainer_with_a_padding_free_collator_gives_the_padded_step(mode, tiny_scored_cross, tmp_path):
+    """`transformers.Trainer` (PearTrainer): the loss from full logits, padding-free through the collator."""
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from pear_data.collator import PearCollator
+    from pear_data.trainer import PearTrainer
+
+    def step(padding_free: bool):
+        grab = _Gradient()
+        args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=ROWS, max_steps=1,
+                                 learning_rate=1.0, optim="sgd", logging_steps=1, save_strategy="no", report_to=[],
+                                 use_cpu=True, max_grad_norm=0.0, disable_tqdm=True)
+        online = mode == "online"
+        collator = PearCollator(0, weights=None if online else "block", behavior=online, padding_free=padding_free)
+        trainer = PearTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_scored_cross.model), args=args,
+                              train_dataset=tiny_scored_cross.dataset(tmp_path / "cache"), data_collator=collator,
+                              pear_mode=mode, pear_config=WeightConfig(granularity="block"), callbacks=[grab])
+        trainer.train()
+        return next(h for h in trainer.state.log_history if "loss" in h), grab.gradient
+
+    _same_step(step(False), step(True))
