@@ -24,7 +24,7 @@ from trl.trainer import sft_trainer
 
 from .errors import TrainingError
 from .loss import PearLossOutput, pear_loss
-from .trainer import PearLossMixin
+from .loss_mixin import PearLossMixin
 from .training_data import TrainingData, prepare_dataset
 
 
