@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +27,14 @@ class ModelShape:
     intermediate: int = 384
 
 
-def build_tokenizer():
+def build_tokenizer(alphabet: str = ALPHABET):
+    """One token per character of `alphabet`, then `<eos>` and `<pad>`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False, trim_offsets=False)
     # each character's symbol as the ByteLevel pre-tokenizer writes it (GPT-2's byte table)
-    vocab = {byte_level.pre_tokenize_str(ch)[0][0]: i for i, ch in enumerate(ALPHABET)}
+    vocab = {byte_level.pre_tokenize_str(ch)[0][0]: i for i, ch in enumerate(alphabet)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
     backend.pre_tokenizer = byte_level
     backend.decoder = decoders.ByteLevel()
@@ -58,20 +60,28 @@ def build_model(tokenizer, shape: ModelShape, seed: int):
     return model
 
 
-def encode(tokenizer, digits: tuple[int, ...], completion: str) -> list[int]:
-    return tokenizer(prompt_text(digits) + SEPARATOR + completion)["input_ids"] + [tokenizer.eos_token_id]
+def encode(tokenizer, prompt: str, completion: str) -> list[int]:
+    return tokenizer(prompt + SEPARATOR + completion)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def pretrain(model, tokenizer, writer: Writer, pool: list[tuple[int, ...]], steps: int, batch: int, lr: float,
+def writer_texts(writer: Writer, pool: list[tuple[int, ...]]) -> Callable[[random.Random, int], list]:
+    """Pretraining text for the digit-sum task: `batch` (prompt, completion) pairs the writer samples for random
+    problems of `pool`."""
+    def texts(rng: random.Random, batch: int) -> list[tuple[str, str]]:
+        return [(prompt_text(d), writer.sample(d, rng)[0]) for d in rng.choices(pool, k=batch)]
+    return texts
+
+
+def pretrain(model, tokenizer, texts: Callable[[random.Random, int], list], steps: int, batch: int, lr: float,
              seed: int) -> list[float]:
-    """Plain causal-LM training on text the writer samples for random problems of `pool`; returns the losses."""
+    """Plain causal-LM training on `texts(rng, batch)` (prompt, completion) pairs, whole rows; returns the losses."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     losses = []
     for _ in range(steps):
-        rows = [encode(tokenizer, d, writer.sample(d, rng)[0]) for d in rng.choices(pool, k=batch)]
+        rows = [encode(tokenizer, prompt, completion) for prompt, completion in texts(rng, batch)]
         width = max(map(len, rows))
         ids = torch.full((batch, width), tokenizer.pad_token_id)
         mask = torch.zeros((batch, width), dtype=torch.long)
@@ -89,19 +99,19 @@ def pretrain(model, tokenizer, writer: Writer, pool: list[tuple[int, ...]], step
 
 
 @torch.no_grad()
-def sample(model, tokenizer, problems: list[tuple[int, ...]], n: int, temperature: float, seed: int,
-           max_new_tokens: int = 40) -> list[list[str]]:
-    """n completions per problem at `temperature` (prompts of one length batched together, no padding)."""
+def sample(model, tokenizer, prompts: list[str], n: int, temperature: float, seed: int, max_new_tokens: int = 40
+           ) -> list[list[str]]:
+    """n completions per prompt at `temperature` (prompts of one token length batched together, no padding)."""
     model.eval()
+    encoded = [tokenizer(prompt + SEPARATOR)["input_ids"] for prompt in prompts]
     by_length: dict[int, list[int]] = defaultdict(list)
-    for i, digits in enumerate(problems):
-        by_length[len(digits)].append(i)
-    out: list[list[str]] = [[] for _ in problems]
+    for i, ids in enumerate(encoded):
+        by_length[len(ids)].append(i)
+    out: list[list[str]] = [[] for _ in prompts]
     generator_seed = seed
     for length in sorted(by_length):
         index = by_length[length]
-        prompts = [tokenizer(prompt_text(problems[i]) + SEPARATOR)["input_ids"] for i in index]
-        ids = torch.tensor(prompts).repeat_interleave(n, dim=0)
+        ids = torch.tensor([encoded[i] for i in index]).repeat_interleave(n, dim=0)
         torch.manual_seed(generator_seed)
         generator_seed += 1
         generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
@@ -115,7 +125,7 @@ def sample(model, tokenizer, problems: list[tuple[int, ...]], n: int, temperatur
 def pass_at_k(model, tokenizer, problems: list[tuple[int, ...]], k: int, temperature: float, seed: int
               ) -> dict[str, float]:
     """pass@1 (mean reward over the k samples) and pass@k (share of problems with a correct sample)."""
-    completions = sample(model, tokenizer, problems, k, temperature, seed)
+    completions = sample(model, tokenizer, [prompt_text(d) for d in problems], k, temperature, seed)
     rewards = [[reward(c, d) for c in cs] for cs, d in zip(completions, problems)]
     return {"pass@1": sum(map(sum, rewards)) / (k * len(problems)),
             f"pass@{k}": sum(max(r) for r in rewards) / len(problems)}

@@ -39,7 +39,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import report  # noqa: E402
 from model import ModelShape  # noqa: E402
-from task import PRETRAIN_WRITER, TEACHER, problems, prompt_text  # noqa: E402
+from task import PRETRAIN_WRITER, TEACHER, problems, prompt_text, reward  # noqa: E402
 from train import ARMS, MAIN_ARMS, RLConfig, SFTConfig  # noqa: E402
 
 TASK = "digit sums in a symbolic language: left chains, right chains or a direct answer (task.py)"
@@ -112,8 +112,8 @@ def build_base(preset: Preset, sets: Sets, out: Path) -> Path:
         return base
     tokenizer = M.build_tokenizer()
     target = M.build_model(tokenizer, preset.shape, seed=0)
-    losses = M.pretrain(target, tokenizer, PRETRAIN_WRITER, sets.pretrain, preset.pretrain_steps, batch=64,
-                        lr=3e-3, seed=0)
+    losses = M.pretrain(target, tokenizer, M.writer_texts(PRETRAIN_WRITER, sets.pretrain), preset.pretrain_steps,
+                        batch=64, lr=3e-3, seed=0)
     M.save(target, tokenizer, base)
     print(f"base target: {sum(p.numel() for p in target.parameters()):,} parameters, pretraining loss "
           f"{losses[0]:.3f} -> {losses[-1]:.3f} in {preset.pretrain_steps} steps", flush=True)
@@ -168,11 +168,12 @@ def job(preset: Preset, arm: str, seed: int, base: Path, scored: Path, eval_set:
 
     sets, problems_, tokenizer, target = _start_worker(preset, base, eval_set)
     start = time.perf_counter()
-    weights = train.sft(target, tokenizer, scored, arm, preset.sft, seed, work)
+    weights = train.sft(target, tokenizer, scored, ARMS[arm], preset.sft, seed, work)
     pre = M.pass_at_k(target, tokenizer, problems_, preset.k, temperature=1.0, seed=1000 + seed)
-    rewards = train.grpo(target, tokenizer, sets.rl, preset.rl, seed, work)
+    rl = train.grpo(target, tokenizer, [prompt_text(d) for d in sets.rl], [list(d) for d in sets.rl],
+                    lambda completion, digits: reward(completion, tuple(digits)), preset.rl, seed, work)
     post = M.pass_at_k(target, tokenizer, problems_, preset.k, temperature=1.0, seed=2000 + seed)
-    return {"pre_rl": pre, "post_rl": post, "rl_reward": rewards, "online_weights": weights or None,
+    return {"pre_rl": pre, "post_rl": post, "rl_reward": rl["reward"], "online_weights": weights or None,
             "seconds": time.perf_counter() - start}
 
 

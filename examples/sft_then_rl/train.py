@@ -13,11 +13,12 @@ import dataclasses
 import json
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from task import SEPARATOR, prompt_text, reward
+from task import SEPARATOR
 
 # The arms of the experiment: how each one's SFT loss is weighted, how many SFT steps it takes (x base), and
 # for an arm on other weight flags, the `pear-data reweight` flags that make its weights from the scored corpus.
@@ -75,27 +76,27 @@ def load_scored(scored: Path):
 
     from pear_data.weights import WeightConfig
 
-    columns = ["input_ids", "completion_mask", "behavior_logprobs", "pear_token_weight", "pear_block_weight",
-               "pear_seq_weight"]
+    columns = ["input_ids", "completion_mask", "behavior_logprobs", "shared_boundary", "pear_token_weight",
+               "pear_block_weight", "pear_seq_weight"]
     files = sorted((scored / "data").glob("*.parquet"))
     table = pq.ParquetDataset(files).read(columns=columns)
     manifest = json.loads((scored / "manifest.json").read_text())
     return datasets.Dataset(table), WeightConfig.from_dict(manifest["weights"])
 
 
-def sft(model, tokenizer, scored: Path, arm: str, config: SFTConfig, seed: int, work: Path) -> dict:
-    """Train `model` in place with the arm's SFT loss; returns the logged weight diagnostics (PEAR arms)."""
+def sft(model, tokenizer, scored: Path, spec: dict, config: SFTConfig, seed: int, work: Path) -> dict:
+    """Train `model` in place with an arm's SFT loss (`spec` as in ARMS: mode, granularity, and steps as a multiple
+    of config.steps); returns the logged weight diagnostics (PEAR arms). The data order is drawn from `seed`."""
     import transformers
 
     from pear_data.collator import PearCollator
     from pear_data.trainer import PearTrainer
 
     quiet()
-    spec = ARMS[arm]
     train, weights = load_scored(scored)
     args = transformers.TrainingArguments(
         output_dir=str(work / "sft"), per_device_train_batch_size=config.batch,
-        max_steps=config.steps * spec["steps"], learning_rate=config.lr, lr_scheduler_type="constant",
+        max_steps=round(config.steps * spec["steps"]), learning_rate=config.lr, lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.0, logging_steps=10, save_strategy="no", report_to=[], use_cpu=True,
         seed=seed, data_seed=seed, disable_tqdm=True, dataloader_num_workers=0,
     )
@@ -115,21 +116,21 @@ def sft(model, tokenizer, scored: Path, arm: str, config: SFTConfig, seed: int, 
     return {name[5:]: sum(log[name] for log in logged) / len(logged) for name in names}
 
 
-def grpo(model, tokenizer, problems: list[tuple[int, ...]], config: RLConfig, seed: int, work: Path) -> list[float]:
-    """One GRPO stage (TRL) with the verifier reward; trains `model` in place, returns the mean reward per step."""
+def grpo(model, tokenizer, prompts: list[str], problems: list, score: Callable[[str, object], float],
+         config: RLConfig, seed: int, work: Path) -> dict[str, list[float]]:
+    """One GRPO stage (TRL) on `prompts` with the reward `score(completion, problem)`; trains `model` in place.
+    Returns TRL's per-step logs: the mean reward (`reward`) and the share of prompt groups whose rollouts all
+    got the same reward, so no gradient (`frac_reward_zero_std`)."""
     import datasets
     import transformers
     from trl import GRPOConfig, GRPOTrainer
 
     quiet()
     batch = config.prompts_per_step * config.generations
-    prompts = datasets.Dataset.from_dict({
-        "prompt": [prompt_text(d) + SEPARATOR for d in problems],
-        "digits": [list(d) for d in problems],
-    })
+    dataset = datasets.Dataset.from_dict({"prompt": [p + SEPARATOR for p in prompts], "problem": problems})
 
-    def verifier(completions: list[str], digits: list[list[int]], **_: object) -> list[float]:
-        return [reward(c, tuple(d)) for c, d in zip(completions, digits)]
+    def verifier(completions: list[str], problem: list, **_: object) -> list[float]:
+        return [score(c, p) for c, p in zip(completions, problem)]
 
     args = GRPOConfig(
         output_dir=str(work / "rl"), per_device_train_batch_size=batch, num_generations=config.generations,
@@ -138,9 +139,10 @@ def grpo(model, tokenizer, problems: list[tuple[int, ...]], config: RLConfig, se
         max_steps=config.steps, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
         seed=seed, data_seed=seed, disable_tqdm=True, dataloader_num_workers=0,
     )
-    trainer = GRPOTrainer(model=model, reward_funcs=verifier, args=args, train_dataset=prompts,
+    trainer = GRPOTrainer(model=model, reward_funcs=verifier, args=args, train_dataset=dataset,
                           processing_class=tokenizer)
     trainer.remove_callback(transformers.PrinterCallback)
     trainer.train()
     model.eval()
-    return [log["reward"] for log in trainer.state.log_history if "reward" in log]
+    logged = [log for log in trainer.state.log_history if "reward" in log]
+    return {key: [log[key] for log in logged] for key in ("reward", "frac_reward_zero_std")}
