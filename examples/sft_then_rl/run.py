@@ -225,8 +225,10 @@ def run_jobs(preset: Preset, specs: list[tuple[str, str, int, Path]], base: Path
 
 
 def main() -> None:
+    import mechanism
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--preset", choices=sorted(PRESETS) + sorted(mechanism.PRESETS), default="small")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--grid", action="store_true", help="run the weight-flag grid (validation set) instead")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="jobs at a time (processes)")
@@ -234,7 +236,18 @@ def main() -> None:
                         help="only these arms, and plain (default: the preset's; pear_sequence_static_10x and "
                              "pear_token_online_10x run only when named)")
     parser.add_argument("--seeds", nargs="+", type=int, help="only these seeds (default: the preset's)")
+    parser.add_argument("--validation-only", action="store_true",
+                        help="mechanism presets: stop after the gates and the clip choice (validation set)")
+    parser.add_argument("--rl-lrs", nargs="+", type=float,
+                        help="mechanism presets: only RL from the base at these learning rates (validation set)")
     args = parser.parse_args()
+    if args.preset in mechanism.PRESETS:
+        if args.grid or args.arms:
+            parser.error("--grid and --arms belong to the first experiment's presets")
+        mechanism.main(args.preset, args.out, args.jobs, args.seeds, args.validation_only, args.rl_lrs)
+        return
+    if args.validation_only or args.rl_lrs:
+        parser.error("--validation-only and --rl-lrs belong to the mechanism presets")
     preset = PRESETS[args.preset]
     if args.arms:
         preset = dataclasses.replace(preset, arms=tuple(a for a in ARMS if a in args.arms or a == "plain"))
