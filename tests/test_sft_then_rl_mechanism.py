@@ -64,6 +64,18 @@ def test_problem_sets_are_disjoint_and_in_range():
     assert all(2 <= len(p) <= 8 and all(pair in cups.PAIRS for pair in p) for p in test + train)
 
 
+def test_a_step_is_one_token_and_text_round_trips():
+    import model
+
+    tokenizer = model.build_tokenizer(cups.ALPHABET, cups.MERGES)
+    problem = ((1, 2), (2, 3), (1, 3))
+    text = cups.prompt_text(problem) + "\n\n" + cups.chain_text(problem, cups.arrangements(problem))
+    ids = tokenizer(text)["input_ids"]
+    assert [tokenizer.decode([i]) for i in ids[:5]] == ["a12", " ", "b23", " ", "c13"]
+    assert tokenizer.decode(ids) == text
+    assert len(tokenizer(";ACB")["input_ids"]) == 4  # the teacher's answers: one token per character
+
+
 def test_pass_at_k_is_the_unbiased_estimator():
     # brute force: the share of k-subsets of n draws (c right) that hold at least one right draw
     n, k = 8, 3

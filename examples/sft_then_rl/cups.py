@@ -29,6 +29,9 @@ START = "ABC"
 PAIRS = ((1, 2), (1, 3), (2, 3))
 STEPS = "abcdefghij"  # the letter of each step, in the prompt and in chains
 ALPHABET = "ABC123" + STEPS + " ;\n"
+# One token per step (a letter and its swap, `b23`), so that restating step k copies the one prompt token
+# whose letter follows the last one restated.
+MERGES = tuple((str(i), str(j)) for i, j in PAIRS) + tuple((s, f"{i}{j}") for s in STEPS for i, j in PAIRS)
 ARRANGEMENTS = tuple("".join(p) for p in itertools.permutations(START))
 STYLES = ("chain", "direct", "malformed")
 _ANSWER = re.compile(r";([A-C]{3})$")

@@ -77,7 +77,7 @@ PRESETS = {
         budgets=(0, 0.5, 2), weak=0.5, strong=2, test_problems=16, val_problems=16, rl_problems=32, seeds=(0, 1),
         clip_seeds=(0,)),
     "mechanism": Preset(
-        shape=ModelShape(hidden=64, layers=2, heads=4, intermediate=170), pretrain_steps=1400, slip=0.3,
+        shape=ModelShape(hidden=64, layers=2, heads=4, intermediate=170), pretrain_steps=2000, slip=0.3,
         corpus_rows=1920, sft=SFTConfig(steps=60, batch=32, lr=1e-4),
         rl=RLConfig(steps=60, prompts_per_step=8, lr=3e-4, max_completion_length=64)),
 }
@@ -122,7 +122,7 @@ def pretrain_base(preset: Preset, seed: int, path: Path) -> dict:
         drawn = rng.choices(sets.pretrain, k=batch)
         return [(cups.prompt_text(p), cups.slipped_chain(p, preset.slip, rng)) for p in drawn]
 
-    tokenizer = M.build_tokenizer(cups.ALPHABET)
+    tokenizer = M.build_tokenizer(cups.ALPHABET, cups.MERGES)
     target = M.build_model(tokenizer, preset.shape, seed=seed)
     losses = M.pretrain(target, tokenizer, texts, preset.pretrain_steps, batch=preset.pretrain_batch,
                         lr=preset.pretrain_lr, seed=seed)
@@ -154,13 +154,19 @@ def write_corpus(sets: Sets, out: Path) -> Path:
 
 
 def pear_data(*args: str) -> None:
-    """The pear-data CLI as a user runs it (one thread, so the weights do not depend on the machine)."""
+    """The pear-data CLI as a user runs it (one thread, so the weights do not depend on the machine); its
+    warnings are printed on one line, its progress is not."""
     import os
     import subprocess
     import sys
 
     command = [str(Path(sys.executable).with_name("pear-data")), *args]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if "warning:" in done.stderr:
+        out = Path(args[args.index("--out") + 1])
+        print(f"  pear-data {args[0]} --out .../{out.parent.name}/{out.name}: "
+              + " ".join(done.stderr[done.stderr.index("warning:"):].split()), flush=True)
 
 
 def data_dir(out: Path, seed: int, clip_scale: float | None) -> Path:

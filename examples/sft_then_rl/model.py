@@ -27,15 +27,19 @@ class ModelShape:
     intermediate: int = 384
 
 
-def build_tokenizer(alphabet: str = ALPHABET):
-    """One token per character of `alphabet`, then `<eos>` and `<pad>`."""
+def build_tokenizer(alphabet: str = ALPHABET, merges: tuple[tuple[str, str], ...] = ()):
+    """One token per character of `alphabet` and one per BPE merge of two earlier tokens (in order), then
+    `<eos>` and `<pad>`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False, trim_offsets=False)
-    # each character's symbol as the ByteLevel pre-tokenizer writes it (GPT-2's byte table)
-    vocab = {byte_level.pre_tokenize_str(ch)[0][0]: i for i, ch in enumerate(alphabet)}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
+
+    def symbol(text: str) -> str:  # the text as the ByteLevel pre-tokenizer writes it (GPT-2's byte table)
+        return byte_level.pre_tokenize_str(text)[0][0]
+
+    vocab = {symbol(text): i for i, text in enumerate(list(alphabet) + [left + right for left, right in merges])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[(symbol(a), symbol(b)) for a, b in merges], fuse_unk=False))
     backend.pre_tokenizer = byte_level
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(["<eos>", "<pad>"])
