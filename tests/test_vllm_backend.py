@@ -10,8 +10,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,32 +18,12 @@ import pytest
 from pear_data.scoring import SamplingParams, vllm_backend
 from pear_data.scoring.vllm_backend import VllmScorer, prompt_logprobs_to_arrays
 
-
-@dataclass
-class Logprob:
-    """Shaped like vllm.logprobs.Logprob."""
-
-    logprob: float
-    rank: int | None = None
-    decoded_token: str | None = None
-
-
-class FlatLogprobsLike(Sequence):
-    """A non-list sequence of per-position dicts, as vLLM's FlatLogprobs presents itself (position 0: empty)."""
-
-    def __init__(self, positions: list[dict | None]) -> None:
-        self.positions = [p or {} for p in positions]
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, index):
-        return self.positions[index]
+from .fake_vllm import FlatLogprobs, Logprob, prompt_logprobs
 
 
 def entries_for(sequence: list[int], logprobs: list[float]) -> list[dict | None]:
-    """prompt_logprobs=0 output: None at 0, then {token_i: Logprob(logprob_i, rank)} (the prompt token only)."""
-    return [None] + [{t: Logprob(v, rank=3)} for t, v in zip(sequence[1:], logprobs)]
+    """prompt_logprobs=0 output in the list format: None at 0, then {token_i: Logprob(logprob_i, rank)}."""
+    return prompt_logprobs(sequence, logprobs, flat=False)
 
 
 def test_position_zero_and_prompt_positions_are_zero_and_completion_is_filled() -> None:
@@ -64,11 +42,23 @@ def test_the_chosen_token_is_taken_even_when_it_is_not_the_top_token() -> None:
     np.testing.assert_array_equal(got, np.array([0.0, -0.25, -3.5], np.float32))
 
 
-def test_plain_float_values_and_a_flat_sequence_are_accepted() -> None:
+def test_plain_float_values_are_accepted() -> None:
     sequence = np.array([10, 11, 12], np.int64)
-    flat = FlatLogprobsLike([None, {11: -1.5}, {12: Logprob(-2.5)}])
-    (got,) = prompt_logprobs_to_arrays([flat], [sequence], [np.array([0, 1, 1], bool)])
+    (got,) = prompt_logprobs_to_arrays([[None, {11: -1.5}, {12: Logprob(-2.5)}]], [sequence],
+                                       [np.array([0, 1, 1], bool)])
     np.testing.assert_array_equal(got, np.array([0.0, -1.5, -2.5], np.float32))
+
+
+def test_the_flat_format_is_indexed_with_python_ints() -> None:
+    """vLLM's FlatLogprobs (vllm/logprobs.py) takes an int or a slice and raises TypeError on a numpy integer;
+    the conversion reads it with Python ints, in both formats."""
+    flat = prompt_logprobs([10, 11, 12, 13], [-1.5, -2.5, -0.5], flat=True)
+    with pytest.raises(TypeError, match="Invalid index type"):
+        flat[np.int64(1)]
+    assert isinstance(flat, FlatLogprobs) and len(flat) == 4 and flat[0] == {}
+    sequence, mask = np.array([10, 11, 12, 13], np.int64), np.array([0, 1, 0, 1], np.int8)
+    (got,) = prompt_logprobs_to_arrays([flat], [sequence], [mask])
+    np.testing.assert_array_equal(got, np.array([0.0, -1.5, 0.0, -0.5], np.float32))
 
 
 def test_a_missing_chosen_token_is_a_clear_error() -> None:
@@ -119,7 +109,8 @@ class FakeEngine:
         outputs = []
         for prompt in prompts:
             ids = prompt["prompt_token_ids"]
-            outputs.append(SimpleNamespace(prompt_logprobs=entries_for(ids, [-t / 10 for t in ids[1:]])))
+            outputs.append(SimpleNamespace(prompt_token_ids=list(ids),
+                                           prompt_logprobs=entries_for(ids, [-t / 10 for t in ids[1:]])))
         return outputs
 
 
@@ -147,6 +138,17 @@ def test_scorer_sends_token_ids_of_rows_with_completion_and_returns_input_order(
             np.testing.assert_allclose(row, want, rtol=1e-6)
             assert row.dtype == np.float32
     assert target[0] is not again[0]  # one array per policy
+
+
+def test_outputs_for_other_token_ids_are_a_clear_error(fake_params: object) -> None:
+    """Each output's prompt_token_ids (vllm/outputs.py RequestOutput) must be the ids sent for its row."""
+    class Shuffled(FakeEngine):
+        def generate(self, prompts, sampling_params, use_tqdm=True):
+            return super().generate(prompts, sampling_params, use_tqdm)[::-1]
+
+    rows, masks = [np.array([1, 2, 3], np.int32), np.array([1, 2, 4], np.int32)], [np.array([0, 1, 1])] * 2
+    with pytest.raises(ValueError, match=r"row 0: vLLM's prompt_token_ids are not the 3 ids sent .* position 2"):
+        VllmScorer("m", llm=Shuffled()).score(rows, masks, [SamplingParams()])
 
 
 def test_scorer_refuses_tempered_or_nucleus_policies_and_points_to_torch() -> None:

@@ -75,10 +75,21 @@ def prompt_logprobs_to_arrays(
                                  "prompt_logprobs=0?)")
             if len(entries) != len(sequence):
                 raise ValueError(f"row {r}: {len(entries)} prompt log-prob entries for {len(sequence)} tokens")
-            for i in scored:
-                out[i] = _chosen_logprob(entries[i], int(sequence[i]), r, int(i))
+            for i in scored.tolist():  # Python ints: vLLM's FlatLogprobs refuses numpy integers as indexes
+                out[i] = _chosen_logprob(entries[i], int(sequence[i]), r, i)
         arrays.append(out)
     return arrays
+
+
+def check_prompt_token_ids(row: int, sent: list[int], returned: Sequence[int] | None) -> None:
+    """ValueError, naming the row and the first position that differs, unless vLLM's
+    `RequestOutput.prompt_token_ids` are the ids sent for that row (the outputs belong to these rows)."""
+    returned = [] if returned is None else list(returned)
+    if returned == sent:
+        return
+    at = next((i for i, (a, b) in enumerate(zip(sent, returned)) if a != b), min(len(sent), len(returned)))
+    raise ValueError(f"row {row}: vLLM's prompt_token_ids are not the {len(sent)} ids sent (they have "
+                     f"{len(returned)}, and differ from position {at} on): were the outputs paired with other rows?")
 
 
 def _chosen_logprob(entry: Mapping[int, Any] | None, token: int, row: int, position: int) -> float:
@@ -171,7 +182,8 @@ class VllmScorer:
             outputs = list(self._engine().generate(prompts, _vllm_request_params(), use_tqdm=False))
             if len(outputs) != len(sent):
                 raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(sent)} prompts")
-            for r, output in zip(sent, outputs):
+            for r, prompt, output in zip(sent, prompts, outputs):
+                check_prompt_token_ids(r, prompt["prompt_token_ids"], output.prompt_token_ids)
                 per_row[r] = output.prompt_logprobs
         values = prompt_logprobs_to_arrays(per_row, sequences, completion_masks)
         if self.progress is not None:
