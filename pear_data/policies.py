@@ -264,8 +264,9 @@ BACKENDS = ("torch", "vllm")
 def check_backend(options: ScoreOptions) -> None:
     """UsageError unless the backend can score with these flags (checked before any output is written).
 
-    vllm (experimental): CUDA only, vLLM installed in this environment, and the behavior log-probs recorded
-    with the data: vLLM scores the raw model distribution of the target, nothing else.
+    vllm (experimental): CUDA only, a vLLM this backend supports (`vllm_backend.MIN_VLLM` on) installed in this
+    environment, and the behavior log-probs recorded with the data: vLLM scores the raw model distribution of
+    the target, nothing else.
     """
     if options.backend not in BACKENDS:
         raise UsageError(f"--backend {options.backend}: choose one of {', '.join(BACKENDS)}")
@@ -273,12 +274,15 @@ def check_backend(options: ScoreOptions) -> None:
         return
     import importlib.util
 
-    from .scoring.vllm_backend import INSTALL_HINT
+    from .scoring.vllm_backend import INSTALL_HINT, installed_vllm_version, version_problem
 
     if options.device == "cpu":
         raise UsageError("--backend vllm runs on CUDA GPUs only; use --backend torch on CPU")
     if importlib.util.find_spec("vllm") is None:
         raise UsageError(f"--backend vllm needs vLLM: {INSTALL_HINT}")
+    version = installed_vllm_version()
+    if version is not None and version_problem(version):
+        raise UsageError(f"--backend vllm: {version_problem(version)}")
     if options.behavior.logprobs_field is None:
         raise UsageError(
             "--backend vllm scores the target only (vLLM's prompt log-probs are the raw model distribution, at "
@@ -302,7 +306,7 @@ def vllm_scorer(source: ModelSource, options: ScoreOptions, progress: Callable |
 def scoring_record(options: ScoreOptions, device_type: str) -> dict:
     """The manifest's `scoring`: what decides the numbers, the same for any worker count or engine."""
     if options.backend == "vllm":
-        return {"backend": "vllm", "device": "cuda", "dtype": "bfloat16",
+        return {"backend": "vllm", "device": "cuda", "dtype": "bfloat16", "head_dtype": "float32",
                 "engine": {"gpu_memory_utilization": options.vllm_gpu_memory_utilization,
                            "tensor_parallel_size": options.vllm_tensor_parallel_size}}
     from .scoring import default_batch_tokens

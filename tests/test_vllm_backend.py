@@ -10,15 +10,16 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from pear_data.scoring import SamplingParams, vllm_backend
 from pear_data.scoring.vllm_backend import VllmScorer, prompt_logprobs_to_arrays
 
-from .fake_vllm import FlatLogprobs, Logprob, prompt_logprobs
+from . import fake_vllm
+from .fake_vllm import FlatLogprobs, Logprob, make_vllm, prompt_logprobs
 
 
 def entries_for(sequence: list[int], logprobs: list[float]) -> list[dict | None]:
@@ -95,64 +96,64 @@ def test_rows_keep_their_order_and_rows_without_completion_need_no_output() -> N
         prompt_logprobs_to_arrays(per_row[:2], sequences, masks)
 
 
-# --------------------------------------------------------------------------- VllmScorer with a fake engine
+# --------------------------------------------------------------------------- VllmScorer on a stand-in vLLM
 
 
-class FakeEngine:
-    """Answers generate() like vllm.LLM: one output per prompt, in order, with prompt_logprobs; log-prob = -token/10."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[list, object]] = []
-
-    def generate(self, prompts, sampling_params, use_tqdm=True):
-        self.calls.append((prompts, sampling_params))
-        outputs = []
-        for prompt in prompts:
-            ids = prompt["prompt_token_ids"]
-            outputs.append(SimpleNamespace(prompt_token_ids=list(ids),
-                                           prompt_logprobs=entries_for(ids, [-t / 10 for t in ids[1:]])))
-        return outputs
+def install_vllm(monkeypatch: pytest.MonkeyPatch, version: str):
+    """Put a stand-in vllm module of that version (tests/fake_vllm.py) where `import vllm` finds it."""
+    module = make_vllm(version)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setitem(sys.modules, "vllm.exceptions", module.exceptions)
+    return module
 
 
 @pytest.fixture
-def fake_params(monkeypatch: pytest.MonkeyPatch) -> object:
-    sentinel = object()
-    monkeypatch.setattr(vllm_backend, "_vllm_request_params", lambda: sentinel)
-    return sentinel
+def vllm(monkeypatch: pytest.MonkeyPatch):
+    return install_vllm(monkeypatch, "0.34.0")
 
 
-def test_scorer_sends_token_ids_of_rows_with_completion_and_returns_input_order(fake_params: object) -> None:
-    engine = FakeEngine()
+def scoring_engine(vllm, **engine_kwargs):
+    """A stand-in engine built as VllmScorer builds its own (`engine_settings`: float32 head, no prefix cache)."""
+    return vllm.LLM("m", **vllm_backend.engine_settings(engine_kwargs))
+
+
+def expected_logprobs(sequence, mask) -> list[float]:
+    """What the stand-in model gives at the completion positions (>= 1), 0.0 elsewhere."""
+    return [fake_vllm.logprob(i, int(t)) if i and m else 0.0 for i, (t, m) in enumerate(zip(sequence, mask))]
+
+
+def test_scorer_sends_token_ids_of_rows_with_completion_and_returns_input_order(vllm) -> None:
+    engine = scoring_engine(vllm)
     sequences = [np.array([1, 2, 3], np.int32), np.array([9, 8], np.int32), np.array([4, 5, 6, 7], np.int32)]
     masks = [np.array([0, 1, 1], np.int8), np.array([0, 0], np.int8), np.array([0, 0, 1, 0], np.int8)]
     target, again = VllmScorer("some/model", llm=engine).score(sequences, masks, [SamplingParams(), SamplingParams()])
     assert len(engine.calls) == 1
     prompts, params = engine.calls[0]
-    assert params is fake_params
     # row 1 has nothing to score
     assert prompts == [{"prompt_token_ids": [1, 2, 3]}, {"prompt_token_ids": [4, 5, 6, 7]}]
-    assert all(isinstance(t, int) for p in prompts for t in p["prompt_token_ids"])
-    expected = [[0.0, -0.2, -0.3], [0.0, 0.0], [0.0, 0.0, -0.6, 0.0]]
+    assert all(type(t) is int for p in prompts for t in p["prompt_token_ids"])
+    assert all(p.max_tokens == 1 and p.temperature == 1.0 and not p.detokenize for p in params)
     for got in (target, again):
-        for row, want in zip(got, expected):
-            np.testing.assert_allclose(row, want, rtol=1e-6)
+        for row, sequence, mask in zip(got, sequences, masks):
+            np.testing.assert_allclose(row, expected_logprobs(sequence, mask), rtol=1e-6)
             assert row.dtype == np.float32
     assert target[0] is not again[0]  # one array per policy
 
 
-def test_outputs_for_other_token_ids_are_a_clear_error(fake_params: object) -> None:
+def test_outputs_for_other_token_ids_are_a_clear_error(vllm) -> None:
     """Each output's prompt_token_ids (vllm/outputs.py RequestOutput) must be the ids sent for its row."""
-    class Shuffled(FakeEngine):
-        def generate(self, prompts, sampling_params, use_tqdm=True):
-            return super().generate(prompts, sampling_params, use_tqdm)[::-1]
+    class Shuffled(vllm.LLM):
+        def generate(self, prompts, sampling_params, *, use_tqdm=True):
+            return super().generate(prompts, sampling_params, use_tqdm=use_tqdm)[::-1]
 
     rows, masks = [np.array([1, 2, 3], np.int32), np.array([1, 2, 4], np.int32)], [np.array([0, 1, 1])] * 2
+    scorer = VllmScorer("m", llm=Shuffled("m", hf_overrides={"head_dtype": "float32"}))
     with pytest.raises(ValueError, match=r"row 0: vLLM's prompt_token_ids are not the 3 ids sent .* position 2"):
-        VllmScorer("m", llm=Shuffled()).score(rows, masks, [SamplingParams()])
+        scorer.score(rows, masks, [SamplingParams()])
 
 
-def test_scorer_refuses_tempered_or_nucleus_policies_and_points_to_torch() -> None:
-    scorer = VllmScorer("some/model", llm=FakeEngine())
+def test_scorer_refuses_tempered_or_nucleus_policies_and_points_to_torch(vllm) -> None:
+    scorer = VllmScorer("some/model", llm=scoring_engine(vllm))
     rows, masks = [np.array([1, 2], np.int32)], [np.array([0, 1], np.int8)]
     for policy in (SamplingParams(temperature=0.7), SamplingParams(top_p=0.9)):
         with pytest.raises(ValueError, match=r"raw model distribution.*--backend torch"):
@@ -163,9 +164,9 @@ def test_scorer_refuses_tempered_or_nucleus_policies_and_points_to_torch() -> No
         scorer.score(rows, [np.array([1])], [SamplingParams()])
 
 
-def test_scorer_checks_the_vocabulary_and_reports_progress(fake_params: object) -> None:
+def test_scorer_checks_the_vocabulary_and_reports_progress(vllm) -> None:
     calls: list[tuple[int, int]] = []
-    scorer = VllmScorer("m", llm=FakeEngine(), vocab_size=10, progress=lambda r, t: calls.append((r, t)))
+    scorer = VllmScorer("m", llm=scoring_engine(vllm), vocab_size=10, progress=lambda r, t: calls.append((r, t)))
     with pytest.raises(ValueError, match=r"row 1: token id 10 is outside the model's vocabulary \[0, 10\)"):
         scorer.score([np.array([1, 2], np.int32), np.array([3, 10], np.int32)], [np.array([0, 1])] * 2,
                      [SamplingParams()])
@@ -174,20 +175,80 @@ def test_scorer_checks_the_vocabulary_and_reports_progress(fake_params: object) 
     assert calls == [(2, 5)]
 
 
-def test_no_engine_call_when_nothing_is_scored(fake_params: object) -> None:
-    engine = FakeEngine()
+def test_no_engine_call_when_nothing_is_scored(vllm) -> None:
+    engine = scoring_engine(vllm)
     (got,) = VllmScorer("m", llm=engine).score([np.array([5], np.int32)], [np.array([1], np.int8)], [SamplingParams()])
     assert engine.calls == [] and got[0].tolist() == [0.0]
 
 
-def test_describe_is_json_ready() -> None:
+def test_describe_is_json_ready(vllm) -> None:
     import json
 
-    described = VllmScorer("org/model", llm=FakeEngine(), dtype="bfloat16", max_model_len=4096).describe()
+    described = VllmScorer("org/model", llm=scoring_engine(vllm), dtype="bfloat16", max_model_len=4096).describe()
     assert described["backend"] == "vllm" and described["model"] == "org/model"
-    assert described["engine"] == {"enable_prefix_caching": False, "dtype": "bfloat16", "max_model_len": 4096}
-    assert described["request"] == {"max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0}
+    assert described["engine"] == {"enable_prefix_caching": False, "dtype": "bfloat16", "max_model_len": 4096,
+                                   "hf_overrides": {"head_dtype": "float32"}}
     json.dumps(described)
+
+
+# --------------------------------------------------------------------------- the engine's settings
+
+
+def test_the_engine_is_built_with_a_float32_head(vllm) -> None:
+    """vLLM runs a generation model's lm_head in the model dtype unless hf_overrides names head_dtype
+    (vllm/config/model.py ModelConfig.head_dtype, read by model_executor/layers/logits_processor.py)."""
+    scorer = VllmScorer("org/model", dtype="bfloat16", hf_overrides={"rope_theta": 1e6})
+    scorer.score([np.array([1, 2], np.int32)], [np.array([0, 1], np.int8)], [SamplingParams()])
+    built = scorer._llm
+    assert built.kwargs["hf_overrides"] == {"rope_theta": 1e6, "head_dtype": "float32"}
+    assert built.kwargs["enable_prefix_caching"] is False
+    assert built.llm_engine.model_config.head_dtype == torch.float32
+    with pytest.raises(ValueError, match="head_dtype='bfloat16'.*leave head_dtype out"):
+        VllmScorer("m", hf_overrides={"head_dtype": "bfloat16"})
+    with pytest.raises(ValueError, match="hf_overrides must be a dict"):
+        VllmScorer("m", hf_overrides=lambda config: config)
+
+
+def test_an_engine_whose_head_is_not_float32_is_refused(vllm) -> None:
+    """An engine built without the override (or on a platform without float32, where vLLM falls back to the
+    model dtype) would round every logit to bfloat16 before the log-softmax."""
+    from pear_data.errors import UsageError
+
+    scorer = VllmScorer("m", llm=vllm.LLM("m", dtype="bfloat16"))
+    with pytest.raises(UsageError, match=r"lm_head in bfloat16, not float32.*head_dtype"):
+        scorer.score([np.array([1, 2], np.int32)], [np.array([0, 1], np.int8)], [SamplingParams()])
+
+
+def test_logprobs_modes_that_return_logits_are_refused(vllm) -> None:
+    """vllm/config/model.py LogprobsMode: raw_logits and processed_logits put logits where log-probs go."""
+    from pear_data.errors import UsageError
+
+    for mode in ("raw_logits", "processed_logits"):
+        with pytest.raises(ValueError, match=f"logprobs_mode='{mode}' makes vLLM return logits"):
+            VllmScorer("m", logprobs_mode=mode)
+        engine = vllm.LLM("m", logprobs_mode=mode, hf_overrides={"head_dtype": "float32"})
+        with pytest.raises(UsageError, match=f"the vLLM engine: logprobs_mode='{mode}'"):
+            VllmScorer("m", llm=engine).score([np.array([1, 2], np.int32)], [np.array([0, 1])], [SamplingParams()])
+        assert engine.calls == []
+    engine = vllm.LLM("m", logprobs_mode="processed_logprobs", hf_overrides={"head_dtype": "float32"})
+    VllmScorer("m", llm=engine).score([np.array([1, 2], np.int32)], [np.array([0, 1])], [SamplingParams()])
+
+
+def test_vllm_older_than_the_first_float32_head_is_refused(monkeypatch) -> None:
+    """Up to 0.25 ModelConfig.head_dtype exists (from 0.10.2) but only pooling heads read it: the lm_head of a
+    generation model ignores it (model_executor/layers/logits_processor.py of 0.25 vs 0.26)."""
+    from pear_data.errors import UsageError
+    from pear_data.policies import check_backend
+
+    install_vllm(monkeypatch, "0.25.0")
+    with pytest.raises(ImportError, match=r"vLLM 0.25.0 is older than 0.26.*pip install 'vllm>=0.26'"):
+        VllmScorer("m").score([np.array([1, 2], np.int32)], [np.array([0, 1])], [SamplingParams()])
+    assert vllm_backend.version_problem("0.26.0") is None and vllm_backend.version_problem("0.34.1.dev3+g1") is None
+    assert vllm_backend.version_problem("0.8.5.post1") and vllm_backend.version_problem("0.9")
+    monkeypatch.setattr(vllm_backend, "installed_vllm_version", lambda: "0.8.5")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else None)
+    with pytest.raises(UsageError, match=r"--backend vllm: vLLM 0.8.5 is older than 0.26"):
+        check_backend(_options())
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")

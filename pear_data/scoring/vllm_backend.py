@@ -27,6 +27,7 @@ so.
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -41,6 +42,12 @@ INSTALL_HINT = (
 )
 # A vLLM log-prob may come out a rounding error above 0; beyond this it is not a log-prob.
 _POSITIVE_TOLERANCE = 1e-4
+# The first vLLM whose LogitsProcessor computes the lm_head in `ModelConfig.head_dtype` for generation models
+# (vllm/model_executor/layers/logits_processor.py); before it head_dtype was read by pooling heads only.
+MIN_VLLM = (0, 26)
+HEAD_DTYPE = "float32"
+# vllm/config/model.py LogprobsMode values under which prompt log-probs are logits.
+LOGITS_MODES = ("raw_logits", "processed_logits")
 
 
 def prompt_logprobs_to_arrays(
@@ -112,12 +119,86 @@ def _vllm_request_params() -> Any:
 
 
 def _import_vllm() -> Any:
+    """The vllm module, once its version is one this backend supports (ImportError otherwise)."""
     try:
         import vllm
     except ImportError as exc:
         raise ImportError(f"the vllm scoring backend needs vLLM, which is not installed ({exc}): "
                           f"{INSTALL_HINT}") from None
+    problem = version_problem(vllm.__version__)
+    if problem:
+        raise ImportError(problem)
     return vllm
+
+
+def installed_vllm_version() -> str | None:
+    """The installed vLLM's version from its package metadata (vLLM is not imported), None if unknown."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vllm")
+    except PackageNotFoundError:
+        return None
+
+
+def version_problem(version: str) -> str | None:
+    """Why this vLLM version cannot score for pear-data (a sentence that says what to do), None if it can."""
+    numbers = re.match(r"(\d+)\.(\d+)", version)
+    if numbers and (int(numbers[1]), int(numbers[2])) >= MIN_VLLM:
+        return None
+    floor = ".".join(map(str, MIN_VLLM))
+    return (f"vLLM {version} is older than {floor}, the first whose lm_head honours "
+            f"hf_overrides={{'head_dtype': 'float32'}} (older ones round every logit to the model dtype): "
+            f"pip install 'vllm>={floor}' in the vLLM environment")
+
+
+def engine_settings(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments for `vllm.LLM`: engine_kwargs with prefix caching off unless asked for, and
+    `hf_overrides` holding `head_dtype: float32` (the lm_head's output in float32, as the torch backend's).
+
+    Raises ValueError for a `logprobs_mode` that returns logits, an `hf_overrides` that is not a dict, or one
+    that asks for another head dtype.
+    """
+    refuse_logits_mode(engine_kwargs.get("logprobs_mode"))
+    overrides = engine_kwargs.get("hf_overrides") or {}
+    if not isinstance(overrides, dict):
+        raise ValueError("hf_overrides must be a dict for the vllm backend: it adds head_dtype='float32' to it")
+    if str(overrides.get("head_dtype", HEAD_DTYPE)).removeprefix("torch.") != HEAD_DTYPE:
+        raise ValueError(f"hf_overrides asks for head_dtype={overrides['head_dtype']!r}: the vllm backend "
+                         "computes the lm_head in float32, as the torch backend does; leave head_dtype out")
+    return {"enable_prefix_caching": False, **engine_kwargs, "hf_overrides": {**overrides, "head_dtype": HEAD_DTYPE}}
+
+
+def refuse_logits_mode(mode: str | None) -> None:
+    """ValueError for a vLLM `logprobs_mode` under which prompt log-probs are logits, not log-probs."""
+    if mode in LOGITS_MODES:
+        raise ValueError(f"logprobs_mode={mode!r} makes vLLM return logits in place of log-probs: leave it "
+                         "unset (raw_logprobs) or use processed_logprobs")
+
+
+def check_engine(llm: Any) -> None:
+    """UsageError unless a built engine returns float32-head log-probs: its `logprobs_mode` is not a logits
+    mode and its lm_head runs in float32 (vLLM falls back to the model dtype, with a warning, on a platform
+    without float32)."""
+    from pear_data.errors import UsageError
+
+    config = llm.llm_engine.model_config
+    try:
+        refuse_logits_mode(config.logprobs_mode)
+    except ValueError as exc:
+        raise UsageError(f"the vLLM engine: {exc}") from None
+    head = str(config.head_dtype).removeprefix("torch.")
+    if head != HEAD_DTYPE:
+        raise UsageError(f"the vLLM engine computes the lm_head in {head}, not float32: build it with "
+                         "hf_overrides={'head_dtype': 'float32'} on a platform that supports float32 (vLLM "
+                         "falls back to the model dtype where it does not)")
+
+
+def _json_ready(value: Any) -> Any:
+    """value with its dicts kept, its scalars as they are and anything else as its str()."""
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
 
 
 class VllmScorer:
@@ -139,10 +220,11 @@ class VllmScorer:
     def __init__(self, model: str, *, llm: Any = None, vocab_size: int | None = None,
                  progress: Callable[[int, int], None] | None = None, **engine_kwargs: Any) -> None:
         self.model = model
-        self.engine_kwargs = {"enable_prefix_caching": False, **engine_kwargs}
+        self.engine_kwargs = engine_settings(engine_kwargs)
         self.vocab_size = vocab_size
         self.progress = progress
         self._llm = llm
+        self._checked = False
 
     def score(
         self,
@@ -196,13 +278,17 @@ class VllmScorer:
         return {
             "backend": "vllm",
             "model": self.model,
-            "engine": {k: v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
-                       for k, v in self.engine_kwargs.items()},
+            "engine": _json_ready(self.engine_kwargs),
             "vllm_version": getattr(vllm, "__version__", None),
             "request": {"max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0},
         }
 
     def _engine(self) -> Any:
+        """The engine, built on first use and checked once (`check_engine`); vLLM's version is checked first."""
+        vllm = _import_vllm()
         if self._llm is None:
-            self._llm = _import_vllm().LLM(model=self.model, **self.engine_kwargs)
+            self._llm = vllm.LLM(model=self.model, **self.engine_kwargs)
+        if not self._checked:
+            check_engine(self._llm)
+            self._checked = True
         return self._llm
