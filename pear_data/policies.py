@@ -10,6 +10,7 @@ The weigh stage (weigh.py) and the writer take it from there.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import pyarrow as pa
 from .align import AlignmentStats
 from .behavior import DEFAULT_BEHAVIOR, BehaviorRow, BehaviorSource, choose_behavior
 from .corpus import (
+    Conversation,
     CorpusRow,
     InputColumnError,
     InputColumns,
@@ -134,13 +136,16 @@ class Policies:
     """The loaded target (tokenizer and scorer) and the behavior source; see the module docstring."""
 
     def __init__(self, target_tokenizer: ConversationTokenizer, target_scorer: Any, behavior: BehaviorSource,
-                 shape: RowShape, description: dict, columns: InputColumns | None = None) -> None:
+                 shape: RowShape, description: dict, columns: InputColumns | None = None, *,
+                 row_limit: int | None = None) -> None:
         self.target_tokenizer = target_tokenizer
         self.target_scorer = target_scorer
         self.behavior = behavior
         self.shape = shape
         self.description = description
         self.columns = columns
+        # The longest row the target scorer takes (vLLM's engine: max_model_len - 1), None: no limit.
+        self.row_limit = row_limit
 
     @classmethod
     def load(cls, options: ScoreOptions, sources: ModelSources, shape: RowShape,
@@ -204,7 +209,9 @@ class Policies:
             "template": target_tokenizer.mode,
             "alignment": behavior.alignment,
         }
-        return cls(target_tokenizer, target_scorer, behavior, shape, description, columns)
+        row_limit = getattr(target_scorer, "max_row_tokens", None)
+        return cls(target_tokenizer, target_scorer, behavior, shape, description, columns,
+                   row_limit=row_limit() if row_limit else None)
 
     def prepare(self, shard: list[CorpusRow]) -> PreparedShard:
         """Decode, normalize and tokenize a shard's rows; every row lands in `rows` or `rejects`."""
@@ -216,6 +223,8 @@ class Policies:
             try:
                 conversation = to_conversation(row.record, self.shape)
                 target = self.target_tokenizer(conversation)
+                if self.row_limit is not None and target.num_tokens > self.row_limit:
+                    target = self._fit_row_limit(conversation, target.num_tokens)
                 behavior = self.behavior.prepare(row.record, conversation, target)
             except RowError as exc:
                 prepared.rejects.append((row, exc.reason))
@@ -224,6 +233,22 @@ class Policies:
         if prepared.rows:
             self._records(prepared)
         return prepared
+
+    def _fit_row_limit(self, conversation: Conversation, n_tokens: int) -> TokenizedRow:
+        """A row longer than the scorer takes (`row_limit`), under the run's --on-overflow rule against that
+        limit: truncate keeps its first row_limit tokens (design 2.6), skip is a RowError, error a UsageError."""
+        limit, rule = self.row_limit, self.target_tokenizer.config.on_overflow
+        what = f"{n_tokens} tokens, more than the vLLM engine takes ({limit}: its max_model_len less one)"
+        if rule == "error":
+            raise UsageError(f"a row has {what}: pass --max-length {limit}, or --on-overflow truncate or skip")
+        if rule == "skip":
+            raise RowError(f"over the vLLM engine's length: {what}")
+        cut = copy.copy(self.target_tokenizer)
+        cut.config = dataclasses.replace(cut.config, max_length=limit)
+        try:
+            return cut(conversation)
+        except RowError as exc:
+            raise RowError(f"the vLLM engine takes {limit} tokens: {exc.reason}") from None
 
     def _records(self, prepared: PreparedShard) -> None:
         """Build the prepared rows' own columns (`records_table`); a row whose value does not fit its column's

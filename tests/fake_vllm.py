@@ -163,6 +163,7 @@ class LLM:
     (outputs.py). `calls` records the requests of each generate that ran; `aborted` those aborted."""
 
     version = (0, 34)
+    error: type[Exception] = Exception  # the version's VLLMValidationError (make_vllm)
 
     def __init__(self, model: str, *, max_model_len: int = 64, dtype: str = "bfloat16", hf_overrides=None,
                  logprobs_mode: str = "raw_logprobs", vocab_size: int = 1000, **kwargs) -> None:
@@ -183,7 +184,7 @@ class LLM:
         self.aborted: list[list[int]] = []
 
     def generate(self, prompts, sampling_params, *, use_tqdm=True):
-        error = validation_error_class(self.version)
+        error = self.error
         params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise error(f"The lengths of prompts ({len(prompts)}) and params ({len(params)}) must be the same.")
@@ -266,5 +267,5 @@ def make_vllm(version: str) -> types.ModuleType:
     module.exceptions.VLLMValidationError = validation_error_class(numbers)
     module.SamplingParams = (SamplingParams032 if numbers >= (0, 32) else SamplingParams031
                              if numbers == (0, 31) else SamplingParams)
-    module.LLM = type("LLM", (LLM,), {"version": numbers})
+    module.LLM = type("LLM", (LLM,), {"version": numbers, "error": module.exceptions.VLLMValidationError})
     return module

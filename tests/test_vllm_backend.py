@@ -20,6 +20,7 @@ from pear_data.scoring.vllm_backend import VllmScorer, prompt_logprobs_to_arrays
 
 from . import fake_vllm
 from .fake_vllm import FlatLogprobs, Logprob, make_vllm, prompt_logprobs
+from .tiny_model import tiny_model_dir_fixture  # noqa: F401 (a fixture)
 
 
 def entries_for(sequence: list[int], logprobs: list[float]) -> list[dict | None]:
@@ -259,6 +260,44 @@ def test_without_vllm_the_error_says_how_to_install_it() -> None:
         scorer.score([np.array([1, 2], np.int32)], [np.array([0, 1], np.int8)], [SamplingParams()])
 
 
+# --------------------------------------------------------------------------- row length and vLLM's refusals
+
+
+def test_a_row_the_engine_cannot_take_is_refused_before_anything_is_sent(vllm) -> None:
+    """vLLM's generate refuses a prompt of max_model_len tokens or more (v1/engine/input_processor.py
+    `_validate_prompt_len`: one output token is reserved), and one refused prompt aborts every request already
+    added (entrypoints/common/offline.py `_render_and_add_requests`)."""
+    engine = scoring_engine(vllm, max_model_len=8)
+    ok, long = np.arange(1, 8, dtype=np.int32), np.arange(1, 9, dtype=np.int32)
+    error = vllm.exceptions.VLLMValidationError
+    with pytest.raises(error, match=r"prompt \(length 8\) plus the number of requested output tokens"):
+        engine.generate([{"prompt_token_ids": ok.tolist()}, {"prompt_token_ids": long.tolist()}], None)
+    assert engine.aborted == [ok.tolist()] and engine.calls == []
+    scorer = VllmScorer("m", llm=engine)
+    assert scorer.max_row_tokens() == 7
+    masks = [np.ones(7, np.int8), np.ones(8, np.int8)]
+    with pytest.raises(ValueError, match=r"row 1: 8 tokens, more than the vLLM engine takes \(7: .*nothing was sent"):
+        scorer.score([ok, long], masks, [SamplingParams()])
+    assert engine.calls == [] and engine.aborted == [ok.tolist()]
+    (got,) = scorer.score([ok], masks[:1], [SamplingParams()])
+    np.testing.assert_allclose(got[0], expected_logprobs(ok, masks[0]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("version", ["0.26.0", "0.34.0"])
+def test_a_request_vllm_refuses_is_a_usage_error_that_names_vllms_error(monkeypatch, version) -> None:
+    """VLLMValidationError (vllm/exceptions.py) is a ValueError up to 0.26 and a plain VLLMError from 0.27:
+    both are caught and named."""
+    from pear_data.errors import UsageError
+
+    vllm = install_vllm(monkeypatch, version)
+    assert issubclass(vllm.exceptions.VLLMValidationError, ValueError) == (version == "0.26.0")
+    scorer = VllmScorer("m", llm=scoring_engine(vllm, max_model_len=4))
+    monkeypatch.setattr(VllmScorer, "max_row_tokens", lambda self: 100)  # let a row through that vLLM refuses
+    with pytest.raises(UsageError, match=r"vLLM refused a request of a batch of 1 rows.*VLLMValidationError: The "
+                                         r"decoder prompt \(length 5\) is longer"):
+        scorer.score([np.arange(1, 6, dtype=np.int32)], [np.ones(5, np.int8)], [SamplingParams()])
+
+
 # --------------------------------------------------------------------------- wiring into `score`
 
 
@@ -319,3 +358,49 @@ def test_score_refuses_vllm_on_cpu_before_writing_anything(tmp_path) -> None:
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "CUDA GPUs only" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def _vllm_policies(monkeypatch, model_dir, max_model_len: int, **tokenize):
+    """Policies.load for --backend vllm on the tiny model's tokenizer, its scorer on a stand-in engine."""
+    from pear_data import policies, scoring
+    from pear_data.corpus import RowShape
+    from pear_data.policies import ModelSources, Policies
+    from pear_data.tokenize import TokenizeConfig
+
+    vllm = install_vllm(monkeypatch, "0.34.0")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else None)
+    monkeypatch.setattr(vllm_backend, "installed_vllm_version", lambda: "0.34.0")
+    monkeypatch.setattr(scoring, "resolve_device", lambda device: device)  # no GPU here
+    monkeypatch.setattr(scoring, "scoring_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(policies, "vllm_scorer", lambda source, options, progress: VllmScorer(
+        "m", llm=scoring_engine(vllm, max_model_len=max_model_len)))
+    options = _options(target=str(model_dir), tokenize=TokenizeConfig(**tokenize))
+    return Policies.load(options, ModelSources.resolve(options), RowShape("prompt_completion"))
+
+
+def test_score_fits_rows_to_the_vllm_engine_by_the_on_overflow_rule(monkeypatch, tiny_model_dir) -> None:
+    """A row longer than the engine takes never reaches generate: --on-overflow truncate cuts it to the engine's
+    limit (the one truncation rule), skip rejects it, error stops the run (exit code 2); --max-length within
+    the limit leaves nothing to do."""
+    from pear_data.corpus import CorpusRow
+    from pear_data.errors import UsageError
+
+    # byte-level tiny tokenizer: 83 and 25 tokens, of which 61 and 3 completion (the end-of-turn token included)
+    rows = [CorpusRow(0, {"prompt": "hi", "completion": "x" * 60, "recorded": [-0.5] * 61}),
+            CorpusRow(1, {"prompt": "hi", "completion": "ok", "recorded": [-0.5] * 3})]
+    truncating = _vllm_policies(monkeypatch, tiny_model_dir, 32)
+    assert truncating.row_limit == 31
+    prepared = truncating.prepare(rows)
+    assert prepared.rejects == [] and [r.target.num_tokens for r in prepared.rows][0] == 31
+    assert prepared.rows[0].target.truncated_completion_tokens > 0
+    scored = truncating.score(prepared)
+    assert scored.table.num_rows == 2 and truncating.target_scorer._llm.calls
+    skipping = _vllm_policies(monkeypatch, tiny_model_dir, 32, on_overflow="skip")
+    prepared = skipping.prepare(rows)
+    assert [r.index for r, _ in prepared.rejects] == [0] and len(prepared.rows) == 1
+    reason = prepared.rejects[0][1]
+    assert "over the vLLM engine's length" in reason and "(31: its max_model_len" in reason
+    with pytest.raises(UsageError, match=r"more than the vLLM engine takes \(31.*pass --max-length 31"):
+        _vllm_policies(monkeypatch, tiny_model_dir, 32, on_overflow="error").prepare(rows)
+    within = _vllm_policies(monkeypatch, tiny_model_dir, 32, max_length=20, on_overflow="skip").prepare(rows)
+    assert "over max length" in within.rejects[0][1]

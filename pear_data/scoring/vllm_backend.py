@@ -112,6 +112,19 @@ def _chosen_logprob(entry: Mapping[int, Any] | None, token: int, row: int, posit
     return min(value, 0.0)
 
 
+def _check_policies(policies: list[SamplingParams]) -> None:
+    """ValueError unless there is at least one policy and every one is the raw distribution (T = 1, top-p = 1)."""
+    if not policies:
+        raise ValueError("policies is empty: pass at least one SamplingParams (the target is SamplingParams())")
+    for params in policies:
+        if params.temperature != 1.0 or params.top_p != 1.0:
+            raise ValueError(
+                f"the vllm backend scores log-probs of the raw model distribution only (temperature 1, top_p 1), "
+                f"got temperature={params.temperature}, top_p={params.top_p}: vLLM's prompt log-probs ignore "
+                "the sampling temperature and top-p. Score this policy with the torch backend (--backend torch)."
+            )
+
+
 def _vllm_request_params() -> Any:
     """vLLM's SamplingParams for scoring a prompt: one throwaway generated token, the prompt tokens' log-probs."""
     vllm = _import_vllm()
@@ -232,16 +245,34 @@ class VllmScorer:
         completion_masks: list[np.ndarray],
         policies: list[SamplingParams],
     ) -> list[list[np.ndarray]]:
-        """Same contract as `TorchScorer.score`, for target policies only (every policy T = 1, top-p = 1)."""
-        if not policies:
-            raise ValueError("policies is empty: pass at least one SamplingParams (the target is SamplingParams())")
-        for params in policies:
-            if params.temperature != 1.0 or params.top_p != 1.0:
-                raise ValueError(
-                    f"the vllm backend scores log-probs of the raw model distribution only (temperature 1, top_p 1), "
-                    f"got temperature={params.temperature}, top_p={params.top_p}: vLLM's prompt log-probs ignore "
-                    "the sampling temperature and top-p. Score this policy with the torch backend (--backend torch)."
-                )
+        """Same contract as `TorchScorer.score`, for target policies only (every policy T = 1, top-p = 1).
+
+        Every row with a completion position goes to the engine in one `generate` call, and only once all of
+        them are checked: a row longer than `max_row_tokens()` is a ValueError naming it before anything is
+        sent (vLLM would refuse it and abort the whole call). A request vLLM refuses all the same is a
+        UsageError that names vLLM's error.
+        """
+        _check_policies(policies)
+        self._check_rows(sequences, completion_masks)
+        # Only rows with something to score go to the engine (vLLM refuses an empty prompt).
+        sent = [r for r, mask in enumerate(completion_masks) if np.any(np.asarray(mask)[1:] != 0)]
+        per_row: list[Any] = [None] * len(sequences)
+        if sent:
+            for r, output in zip(sent, self._generate(sequences, sent)):
+                per_row[r] = output.prompt_logprobs
+        values = prompt_logprobs_to_arrays(per_row, sequences, completion_masks)
+        if self.progress is not None:
+            self.progress(len(sequences), int(sum(len(s) for s in sequences)))
+        return [values] + [[v.copy() for v in values] for _ in policies[1:]]
+
+    def max_row_tokens(self) -> int:
+        """The longest row the engine takes: its `max_model_len` less one, since vLLM's `generate` refuses a
+        prompt of max_model_len tokens or more (it reserves one output token). Builds the engine."""
+        return int(self._engine().llm_engine.model_config.max_model_len) - 1
+
+    def _check_rows(self, sequences: list[np.ndarray], completion_masks: list[np.ndarray]) -> None:
+        """ValueError naming the first row that is not a 1-D integer array with a mask of its shape and, when
+        vocab_size is known, ids in [0, vocab_size)."""
         if len(sequences) != len(completion_masks):
             raise ValueError(f"{len(sequences)} sequences but {len(completion_masks)} completion masks")
         for r, (sequence, mask) in enumerate(zip(sequences, completion_masks)):
@@ -256,21 +287,29 @@ class VllmScorer:
                 bad = int(sequence.max() if sequence.max() >= self.vocab_size else sequence.min())
                 raise ValueError(f"row {r}: token id {bad} is outside the model's vocabulary [0, {self.vocab_size}): "
                                  "was the row tokenized with another tokenizer?")
-        # Only rows with something to score go to the engine (vLLM refuses an empty prompt).
-        sent = [r for r, mask in enumerate(completion_masks) if np.any(np.asarray(mask)[1:] != 0)]
-        per_row: list[Any] = [None] * len(sequences)
-        if sent:
-            prompts = [{"prompt_token_ids": [int(t) for t in sequences[r]]} for r in sent]  # a vllm TokensPrompt
+
+    def _generate(self, sequences: list[np.ndarray], sent: list[int]) -> list[Any]:
+        """vLLM's outputs for rows `sent`, in that order, each checked to hold its row's token ids."""
+        from pear_data.errors import UsageError
+
+        limit = self.max_row_tokens()
+        too_long = next((r for r in sent if len(sequences[r]) > limit), None)
+        if too_long is not None:
+            raise ValueError(f"row {too_long}: {len(sequences[too_long])} tokens, more than the vLLM engine takes "
+                             f"({limit}: max_model_len less the one output token); nothing was sent: cut or drop "
+                             "such rows first (pear-data score does, by its --on-overflow rule)")
+        prompts = [{"prompt_token_ids": np.asarray(sequences[r]).tolist()} for r in sent]  # a vllm TokensPrompt
+        vllm = _import_vllm()
+        try:
             outputs = list(self._engine().generate(prompts, _vllm_request_params(), use_tqdm=False))
-            if len(outputs) != len(sent):
-                raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(sent)} prompts")
-            for r, prompt, output in zip(sent, prompts, outputs):
-                check_prompt_token_ids(r, prompt["prompt_token_ids"], output.prompt_token_ids)
-                per_row[r] = output.prompt_logprobs
-        values = prompt_logprobs_to_arrays(per_row, sequences, completion_masks)
-        if self.progress is not None:
-            self.progress(len(sequences), int(sum(len(s) for s in sequences)))
-        return [values] + [[v.copy() for v in values] for _ in policies[1:]]
+        except (vllm.exceptions.VLLMValidationError, ValueError) as exc:
+            raise UsageError(f"vLLM refused a request of a batch of {len(sent)} rows, and so the whole batch: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        if len(outputs) != len(sent):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(sent)} prompts")
+        for r, prompt, output in zip(sent, prompts, outputs):
+            check_prompt_token_ids(r, prompt["prompt_token_ids"], output.prompt_token_ids)
+        return outputs
 
     def describe(self) -> dict:
         """The settings that decide the numbers, for a manifest (JSON-ready; the vLLM version once it is loaded)."""
