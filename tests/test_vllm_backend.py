@@ -260,6 +260,81 @@ def test_without_vllm_the_error_says_how_to_install_it() -> None:
         scorer.score([np.array([1, 2], np.int32)], [np.array([0, 1], np.int8)], [SamplingParams()])
 
 
+# --------------------------------------------------------------------------- how each vLLM version is asked
+
+# Rows with the shapes that matter: a completion from position 1, one after a prompt, two assistant turns
+# (a gap in the mask), a row with nothing to score.
+ROWS = [np.array([5, 6, 7], np.int32), np.array([1, 2, 3, 4, 5, 6], np.int64),
+        np.array([9, 8, 7, 6, 5, 4, 3], np.int32), np.array([4, 4], np.int32)]
+MASKS = [np.array([1, 1, 1], np.int8), np.array([0, 0, 0, 1, 1, 1], np.int8),
+         np.array([0, 0, 1, 1, 0, 1, 1], bool), np.array([0, 0], np.int8)]
+
+
+def score_on(monkeypatch, version: str, **engine_state):
+    """Score ROWS on a stand-in vLLM of that version; returns (values, the engine, its one call's params)."""
+    vllm = install_vllm(monkeypatch, version)
+    engine = scoring_engine(vllm)
+    for name, value in engine_state.items():
+        target = engine.llm_engine.vllm_config
+        setattr(target.cache_config if name == "kv_sharing_fast_prefill" else target, name, value)
+    (values,) = VllmScorer("m", llm=engine).score(ROWS, MASKS, [SamplingParams()])
+    for row, sequence, mask in zip(values, ROWS, MASKS):
+        np.testing.assert_allclose(row, expected_logprobs(sequence, mask), rtol=1e-6)
+        assert row.dtype == np.float32
+    (prompts, params), = engine.calls
+    assert [p["prompt_token_ids"] for p in prompts] == [r.tolist() for r in ROWS[:3]]
+    return values, engine, params
+
+
+@pytest.mark.parametrize("version,state", [("0.26.0", {}), ("0.30.0", {}), ("0.31.0", {}),
+                                           ("0.33.0", {"use_v2_model_runner": False}),
+                                           ("0.34.0", {"kv_sharing_fast_prefill": True})])
+def test_prompt_logprobs_in_the_flat_format_where_token_ids_are_not_taken(monkeypatch, version, state) -> None:
+    """prompt_logprobs=0 with flat_logprobs (vllm/sampling_params.py, since 0.12): before 0.32, where 0.31's
+    prompt_logprob_token_ids is one id list for every row; on 0.32-0.33's V1 runner fallback
+    (v1/engine/input_processor.py refuses token ids there) and with --kv-sharing-fast-prefill."""
+    _, _, params = score_on(monkeypatch, version, **state)
+    assert len(params) == 3 and all(p is params[0] for p in params)  # one SamplingParams for the call
+    assert params[0].prompt_logprobs == 0 and params[0].flat_logprobs is True
+    assert getattr(params[0], "prompt_logprob_token_ids", None) is None
+
+
+@pytest.mark.parametrize("version", ["0.32.0", "0.33.0", "0.34.0"])
+def test_token_ids_from_the_first_completion_position_where_vllm_takes_them(monkeypatch, version) -> None:
+    """vllm/sampling_params.py (0.32 on): prompt_logprob_token_ids [rows, ids], row i scored as the prediction
+    of prompt token prompt_logprob_start + i + 1; outputs.py: prompt_token_id_logprobs float32 [rows, ids];
+    v1/worker/gpu/sample/prompt_logprob.py runs the lm_head on those rows only."""
+    _, engine, params = score_on(monkeypatch, version)
+    firsts = [1, 3, 2]
+    assert [p.prompt_logprob_start for p in params] == [f - 1 for f in firsts]
+    for p, sequence, first in zip(params, ROWS, firsts):
+        assert p.prompt_logprobs is None and p.max_tokens == 1 and p.temperature == 1.0
+        np.testing.assert_array_equal(p.prompt_logprob_token_ids, sequence[first:].reshape(-1, 1))
+        assert p.prompt_logprob_token_ids.dtype.kind == "i"
+    # the stand-in refuses what vLLM refuses: a row count that does not match the prompt and start
+    bad = vllm_backend._import_vllm().SamplingParams(max_tokens=1, prompt_logprob_start=0,
+                                                     prompt_logprob_token_ids=np.array([[6]]))
+    with pytest.raises(engine.error, match="prompt_logprob_token_ids has 1 rows, but the prompt has 2"):
+        engine.generate([{"prompt_token_ids": [5, 6, 7]}], bad)
+
+
+def test_token_id_logprobs_convert_with_checks() -> None:
+    sequence, mask = np.array([1, 2, 3, 4], np.int32), np.array([0, 0, 1, 1], np.int8)
+    scores = np.array([[-0.5], [-np.inf]], np.float32)  # rows for positions 2 and 3
+    (got,) = vllm_backend.token_id_logprobs_to_arrays([scores], [sequence], [mask])
+    assert got.dtype == np.float32 and got[:3].tolist() == [0.0, 0.0, -0.5] and np.isneginf(got[3])
+    (got,) = vllm_backend.token_id_logprobs_to_arrays([np.array([[1e-6], [-1.0]])], [sequence], [mask])
+    assert got.tolist() == [0.0, 0.0, 0.0, -1.0]
+    with pytest.raises(ValueError, match=r"row 0: prompt_token_id_logprobs has shape \(3, 1\), expected \(2, 1\)"):
+        vllm_backend.token_id_logprobs_to_arrays([np.zeros((3, 1))], [sequence], [mask])
+    with pytest.raises(ValueError, match="row 0: vLLM returned no prompt_token_id_logprobs"):
+        vllm_backend.token_id_logprobs_to_arrays([None], [sequence], [mask])
+    with pytest.raises(ValueError, match=r"row 0, position 3: vLLM returned log-prob nan"):
+        vllm_backend.token_id_logprobs_to_arrays([np.array([[-1.0], [np.nan]])], [sequence], [mask])
+    (nothing,) = vllm_backend.token_id_logprobs_to_arrays([None], [sequence], [np.zeros(4)])
+    assert nothing.tolist() == [0.0] * 4
+
+
 # --------------------------------------------------------------------------- row length and vLLM's refusals
 
 

@@ -26,7 +26,6 @@ so.
 
 from __future__ import annotations
 
-import math
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -46,6 +45,11 @@ _POSITIVE_TOLERANCE = 1e-4
 # (vllm/model_executor/layers/logits_processor.py); before it head_dtype was read by pooling heads only.
 MIN_VLLM = (0, 26)
 HEAD_DTYPE = "float32"
+# The first vLLM whose prompt_logprob_token_ids are per prompt row ([rows, ids], vllm/sampling_params.py); 0.31
+# has the field with another meaning (one list of ids scored at every row).
+TOKEN_IDS_VLLM = (0, 32)
+# How the engine is asked (`request_format`).
+TOKEN_IDS, PROMPT_LOGPROBS = "prompt_logprob_token_ids", "prompt_logprobs"
 # vllm/config/model.py LogprobsMode values under which prompt log-probs are logits.
 LOGITS_MODES = ("raw_logits", "processed_logits")
 
@@ -57,35 +61,88 @@ def prompt_logprobs_to_arrays(
 ) -> list[np.ndarray]:
     """vLLM's per-row `prompt_logprobs` as pear-data's log-prob arrays, in row order.
 
-    prompt_logprobs_per_row[r]: row r's `RequestOutput.prompt_logprobs`, a
-    sequence with one entry per token of sequences[r]; entry i maps token ids to
-    `Logprob` objects (anything with a `.logprob`) or plain floats. Entry 0 is
-    never read. A row without a completion position i >= 1 is not read at all
-    (it may be None). Returns float32 [n_r] per row: the log-prob of
-    sequences[r][i] at every completion position i >= 1 (completion_masks[r][i]
-    != 0), 0.0 elsewhere and at position 0. -inf passes through (a token the
-    model gives no probability). Raises ValueError, naming the row and
-    position, for a missing entry, a mapping without the row's own token, NaN,
-    or a value above 0 by more than rounding (tiny positive values become 0.0).
+    prompt_logprobs_per_row[r]: row r's `RequestOutput.prompt_logprobs`, in either of vLLM's formats (a list,
+    or a `FlatLogprobs` when the request set flat_logprobs): one entry per token of sequences[r]; entry i maps
+    token ids to `Logprob` objects (anything with a `.logprob`) or plain floats, and is read with a Python
+    int index. Entry 0 is never read. A row without a completion position i >= 1 is not read at all (it may
+    be None). Returns float32 [n_r] per row: the log-prob of sequences[r][i] at every completion position
+    i >= 1 (completion_masks[r][i] != 0), 0.0 elsewhere and at position 0. -inf passes through (a token the
+    model gives no probability). Raises ValueError, naming the row and position, for a missing entry, a
+    mapping without the row's own token, NaN, or a value above 0 by more than rounding (tiny positive values
+    become 0.0).
     """
-    if not (len(prompt_logprobs_per_row) == len(sequences) == len(completion_masks)):
-        raise ValueError(f"{len(prompt_logprobs_per_row)} prompt_logprobs for {len(sequences)} sequences and "
-                         f"{len(completion_masks)} completion masks")
+    _check_counts(prompt_logprobs_per_row, sequences, completion_masks, "prompt_logprobs")
     arrays = []
     for r, (entries, sequence, mask) in enumerate(zip(prompt_logprobs_per_row, sequences, completion_masks)):
         sequence = np.asarray(sequence)
         out = np.zeros(len(sequence), dtype=np.float32)
-        scored = np.flatnonzero(np.asarray(mask)[1:] != 0) + 1
+        scored = _scored_positions(mask)
         if len(scored):
             if entries is None:
                 raise ValueError(f"row {r}: vLLM returned no prompt_logprobs (was the request sent with "
                                  "prompt_logprobs=0?)")
             if len(entries) != len(sequence):
                 raise ValueError(f"row {r}: {len(entries)} prompt log-prob entries for {len(sequence)} tokens")
-            for i in scored.tolist():  # Python ints: vLLM's FlatLogprobs refuses numpy integers as indexes
-                out[i] = _chosen_logprob(entries[i], int(sequence[i]), r, i)
+            tokens = sequence[scored].tolist()
+            # Python ints: vLLM's FlatLogprobs refuses numpy integers as indexes
+            values = [_chosen_logprob(entries[i], t, r, i) for i, t in zip(scored.tolist(), tokens)]
+            out[scored] = _checked_logprobs(np.array(values, dtype=np.float64), r, scored)
         arrays.append(out)
     return arrays
+
+
+def token_id_logprobs_to_arrays(
+    token_id_logprobs_per_row: Sequence[np.ndarray | None],
+    sequences: Sequence[np.ndarray],
+    completion_masks: Sequence[np.ndarray],
+) -> list[np.ndarray]:
+    """vLLM's per-row `prompt_token_id_logprobs` as pear-data's log-prob arrays, in row order.
+
+    token_id_logprobs_per_row[r]: row r's `RequestOutput.prompt_token_id_logprobs` for the request that
+    `request_params` builds (vLLM >= 0.32): float32 [n_r - first, 1], row j the log-prob of
+    sequences[r][first + j] given the tokens before it, first being the row's first completion position
+    >= 1. A row without a completion position i >= 1 is not read (it may be None). Returns what
+    `prompt_logprobs_to_arrays` returns, with the same ValueErrors, and a ValueError for a missing array or
+    one of another shape.
+    """
+    _check_counts(token_id_logprobs_per_row, sequences, completion_masks, "prompt_token_id_logprobs")
+    arrays = []
+    for r, (scores, sequence, mask) in enumerate(zip(token_id_logprobs_per_row, sequences, completion_masks)):
+        out = np.zeros(len(sequence), dtype=np.float32)
+        scored = _scored_positions(mask)
+        if len(scored):
+            first = int(scored[0])
+            if scores is None:
+                raise ValueError(f"row {r}: vLLM returned no prompt_token_id_logprobs (was the request sent "
+                                 "with prompt_logprob_token_ids, and the prompt not read from a prefix cache?)")
+            scores = np.asarray(scores)
+            if scores.shape != (len(sequence) - first, 1):
+                raise ValueError(f"row {r}: prompt_token_id_logprobs has shape {scores.shape}, expected "
+                                 f"({len(sequence) - first}, 1) for {len(sequence)} tokens scored from {first}")
+            out[scored] = _checked_logprobs(scores[scored - first, 0].astype(np.float64), r, scored)
+        arrays.append(out)
+    return arrays
+
+
+def _check_counts(per_row: Sequence, sequences: Sequence, completion_masks: Sequence, what: str) -> None:
+    if not (len(per_row) == len(sequences) == len(completion_masks)):
+        raise ValueError(f"{len(per_row)} {what} for {len(sequences)} sequences and "
+                         f"{len(completion_masks)} completion masks")
+
+
+def _scored_positions(mask: np.ndarray) -> np.ndarray:
+    """int64 [k]: the completion positions i >= 1 of a row (position 0 has no log-prob)."""
+    return np.flatnonzero(np.asarray(mask)[1:] != 0) + 1
+
+
+def _checked_logprobs(values: np.ndarray, row: int, positions: np.ndarray) -> np.ndarray:
+    """values as float32 log-probs: ValueError naming the row and the first position of a NaN or a value
+    above 0 by more than rounding; tiny positive values become 0.0, -inf stays."""
+    bad = np.flatnonzero(np.isnan(values) | (values > _POSITIVE_TOLERANCE))
+    if len(bad):
+        raise ValueError(f"row {row}, position {int(positions[bad[0]])}: vLLM returned log-prob "
+                         f"{float(values[bad[0]])}, not a log-prob")
+    return np.minimum(values, 0.0).astype(np.float32)
 
 
 def check_prompt_token_ids(row: int, sent: list[int], returned: Sequence[int] | None) -> None:
@@ -100,16 +157,14 @@ def check_prompt_token_ids(row: int, sent: list[int], returned: Sequence[int] | 
 
 
 def _chosen_logprob(entry: Mapping[int, Any] | None, token: int, row: int, position: int) -> float:
+    """The log-prob of `token` in one position's mapping token id -> Logprob (or float)."""
     if not entry or token not in entry:
         have = "no entry" if not entry else f"only token ids {sorted(entry)[:8]}"
         raise ValueError(f"row {row}, position {position}: vLLM's prompt log-probs hold {have}, not the row's own "
                          f"token {token} (vLLM always includes the prompt token; were these outputs paired with "
                          "other rows, or tokenized differently?)")
     value = entry[token]
-    value = float(getattr(value, "logprob", value))
-    if math.isnan(value) or value > _POSITIVE_TOLERANCE:
-        raise ValueError(f"row {row}, position {position}: vLLM returned log-prob {value} for token {token}")
-    return min(value, 0.0)
+    return float(getattr(value, "logprob", value))
 
 
 def _check_policies(policies: list[SamplingParams]) -> None:
@@ -125,10 +180,37 @@ def _check_policies(policies: list[SamplingParams]) -> None:
             )
 
 
-def _vllm_request_params() -> Any:
-    """vLLM's SamplingParams for scoring a prompt: one throwaway generated token, the prompt tokens' log-probs."""
-    vllm = _import_vllm()
-    return vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+def request_format(vllm: Any, llm: Any) -> str:
+    """How this engine is asked for the log-probs: TOKEN_IDS where the vLLM version and its engine take
+    per-row prompt_logprob_token_ids (0.32 on, the V2 model runner, no KV-sharing fast prefill: vLLM refuses
+    them otherwise), else PROMPT_LOGPROBS (prompt_logprobs=0 in the flat format)."""
+    config = llm.llm_engine.vllm_config
+    if (_version(vllm.__version__) >= TOKEN_IDS_VLLM and getattr(config, "use_v2_model_runner", True)
+            and not config.cache_config.kv_sharing_fast_prefill):
+        return TOKEN_IDS
+    return PROMPT_LOGPROBS
+
+
+def request_params(vllm: Any, how: str, sequences: list[np.ndarray], completion_masks: list[np.ndarray],
+                   sent: list[int]) -> Any:
+    """vLLM's SamplingParams for rows `sent`: one throwaway generated token (temperature 1: vLLM's older V0
+    engine applied it to prompt log-probs) and the prompt tokens' log-probs.
+
+    PROMPT_LOGPROBS: one SamplingParams for all rows, prompt_logprobs=0 (the prompt token at every position,
+    whatever its rank) with flat_logprobs. TOKEN_IDS: one per row, prompt_logprob_start = first - 1 and
+    prompt_logprob_token_ids = the row's tokens from `first` on as an int [n - first, 1] column (first: the
+    row's first completion position >= 1), so the lm_head runs from the first completion position only and
+    the result is one array per row.
+    """
+    common = {"max_tokens": 1, "temperature": 1.0, "detokenize": False}
+    if how != TOKEN_IDS:
+        return vllm.SamplingParams(**common, prompt_logprobs=0, flat_logprobs=True)
+    params = []
+    for r in sent:
+        first = int(_scored_positions(completion_masks[r])[0])
+        ids = np.asarray(sequences[r])[first:].astype(np.int64).reshape(-1, 1)
+        params.append(vllm.SamplingParams(**common, prompt_logprob_token_ids=ids, prompt_logprob_start=first - 1))
+    return params
 
 
 def _import_vllm() -> Any:
@@ -154,10 +236,15 @@ def installed_vllm_version() -> str | None:
         return None
 
 
+def _version(version: str) -> tuple[int, int]:
+    """(major, minor) of a vLLM version string; (0, 0) when it has none."""
+    numbers = re.match(r"(\d+)\.(\d+)", version)
+    return (int(numbers[1]), int(numbers[2])) if numbers else (0, 0)
+
+
 def version_problem(version: str) -> str | None:
     """Why this vLLM version cannot score for pear-data (a sentence that says what to do), None if it can."""
-    numbers = re.match(r"(\d+)\.(\d+)", version)
-    if numbers and (int(numbers[1]), int(numbers[2])) >= MIN_VLLM:
+    if _version(version) >= MIN_VLLM:
         return None
     floor = ".".join(map(str, MIN_VLLM))
     return (f"vLLM {version} is older than {floor}, the first whose lm_head honours "
@@ -237,7 +324,7 @@ class VllmScorer:
         self.vocab_size = vocab_size
         self.progress = progress
         self._llm = llm
-        self._checked = False
+        self.request_format: str | None = None  # `request_format`, once the engine is built and checked
 
     def score(
         self,
@@ -257,10 +344,14 @@ class VllmScorer:
         # Only rows with something to score go to the engine (vLLM refuses an empty prompt).
         sent = [r for r, mask in enumerate(completion_masks) if np.any(np.asarray(mask)[1:] != 0)]
         per_row: list[Any] = [None] * len(sequences)
+        token_ids = False
         if sent:
-            for r, output in zip(sent, self._generate(sequences, sent)):
-                per_row[r] = output.prompt_logprobs
-        values = prompt_logprobs_to_arrays(per_row, sequences, completion_masks)
+            outputs = self._generate(sequences, completion_masks, sent)  # builds the engine, sets request_format
+            token_ids = self.request_format == TOKEN_IDS
+            for r, output in zip(sent, outputs):
+                per_row[r] = output.prompt_token_id_logprobs if token_ids else output.prompt_logprobs
+        convert = token_id_logprobs_to_arrays if token_ids else prompt_logprobs_to_arrays
+        values = convert(per_row, sequences, completion_masks)
         if self.progress is not None:
             self.progress(len(sequences), int(sum(len(s) for s in sequences)))
         return [values] + [[v.copy() for v in values] for _ in policies[1:]]
@@ -288,10 +379,11 @@ class VllmScorer:
                 raise ValueError(f"row {r}: token id {bad} is outside the model's vocabulary [0, {self.vocab_size}): "
                                  "was the row tokenized with another tokenizer?")
 
-    def _generate(self, sequences: list[np.ndarray], sent: list[int]) -> list[Any]:
+    def _generate(self, sequences: list[np.ndarray], completion_masks: list[np.ndarray], sent: list[int]) -> list[Any]:
         """vLLM's outputs for rows `sent`, in that order, each checked to hold its row's token ids."""
         from pear_data.errors import UsageError
 
+        llm = self._engine()
         limit = self.max_row_tokens()
         too_long = next((r for r in sent if len(sequences[r]) > limit), None)
         if too_long is not None:
@@ -300,8 +392,9 @@ class VllmScorer:
                              "such rows first (pear-data score does, by its --on-overflow rule)")
         prompts = [{"prompt_token_ids": np.asarray(sequences[r]).tolist()} for r in sent]  # a vllm TokensPrompt
         vllm = _import_vllm()
+        params = request_params(vllm, self.request_format, sequences, completion_masks, sent)
         try:
-            outputs = list(self._engine().generate(prompts, _vllm_request_params(), use_tqdm=False))
+            outputs = list(llm.generate(prompts, params, use_tqdm=False))
         except (vllm.exceptions.VLLMValidationError, ValueError) as exc:
             raise UsageError(f"vLLM refused a request of a batch of {len(sent)} rows, and so the whole batch: "
                              f"{type(exc).__name__}: {exc}") from exc
@@ -319,15 +412,16 @@ class VllmScorer:
             "model": self.model,
             "engine": _json_ready(self.engine_kwargs),
             "vllm_version": getattr(vllm, "__version__", None),
-            "request": {"max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0},
+            "request": {"max_tokens": 1, "temperature": 1.0, "prompt_log_probs": self.request_format},
         }
 
     def _engine(self) -> Any:
-        """The engine, built on first use and checked once (`check_engine`); vLLM's version is checked first."""
+        """The engine, built on first use, checked once (`check_engine`) and its `request_format` chosen; vLLM's
+        version is checked first."""
         vllm = _import_vllm()
         if self._llm is None:
             self._llm = vllm.LLM(model=self.model, **self.engine_kwargs)
-        if not self._checked:
+        if self.request_format is None:
             check_engine(self._llm)
-            self._checked = True
+            self.request_format = request_format(vllm, self._llm)
         return self._llm
