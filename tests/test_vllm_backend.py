@@ -185,11 +185,15 @@ def test_no_engine_call_when_nothing_is_scored(vllm) -> None:
 def test_describe_is_json_ready(vllm) -> None:
     import json
 
-    described = VllmScorer("org/model", llm=scoring_engine(vllm), dtype="bfloat16", max_model_len=4096).describe()
+    scorer = VllmScorer("org/model", llm=scoring_engine(vllm), dtype="bfloat16", max_model_len=4096)
+    described = scorer.describe()
     assert described["backend"] == "vllm" and described["model"] == "org/model"
     assert described["engine"] == {"enable_prefix_caching": False, "dtype": "bfloat16", "max_model_len": 4096,
                                    "hf_overrides": {"head_dtype": "float32"}}
-    json.dumps(described)
+    assert described["request"]["prompt_log_probs"] is None  # chosen once the engine is checked
+    scorer.score([np.array([1, 2], np.int32)], [np.array([0, 1], np.int8)], [SamplingParams()])
+    assert scorer.describe()["request"]["prompt_log_probs"] == "prompt_logprob_token_ids"
+    json.dumps(scorer.describe())
 
 
 # --------------------------------------------------------------------------- the engine's settings

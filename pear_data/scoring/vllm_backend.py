@@ -1,27 +1,53 @@
 """Experimental: score token rows with vLLM's prompt log-probs (`VllmScorer`).
 
-Status: experimental. vLLM needs a CUDA GPU and pins its own torch build, so
-it lives in its own environment (`pip install 'pear-data[vllm]'` there); this
-module imports it only when an engine is built. This project's tests run the
-conversion of vLLM's outputs (`prompt_logprobs_to_arrays`) and the request
-plumbing on plain Python objects shaped like vLLM's; they never run vLLM.
+Status: experimental, never run by this project. vLLM needs a CUDA GPU and
+pins its own torch build, so it lives in its own environment (`pip install
+'pear-data[vllm]'` there: vLLM >= 0.26); this module imports it only when an
+engine is built. What the code relies on was read in vLLM's own source (0.8,
+0.26 to 0.34); the tests run it on stand-ins copied from that source, never on
+vLLM.
 
-How a row is scored: pear-data's own token ids go to vLLM as a
-`TokensPrompt` (no re-tokenization, so the ids are exactly the row's), with
-`SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0,
-detokenize=False)`. vLLM returns, per request, `prompt_logprobs`: one entry
-per prompt position, entry 0 empty (None) since the first token has no
-context, and entry i a mapping token_id -> `Logprob` (with `.logprob`) for
-token i given tokens[:i]. With `prompt_logprobs=0` the mapping holds the
-prompt's own token and nothing else: vLLM always adds the actual prompt token,
-whatever its rank. The one generated token is discarded.
+The engine: `vllm.LLM(model, hf_overrides={"head_dtype": "float32"},
+enable_prefix_caching=False, ...)`. vLLM computes a generation model's lm_head
+in the model dtype unless `head_dtype` says otherwise (its LogitsProcessor
+reads it from 0.26 on; older versions are refused): in float32 the head's
+products are accumulated and returned in float32, the torch backend's
+arithmetic on CUDA, where a bfloat16 head rounds every logit to 8 significant
+bits before the log-softmax. A built engine is checked once (`check_engine`):
+a float32 head, no `logprobs_mode` that returns logits.
 
-Which policies: vLLM computes prompt log-probs as the log-softmax of the raw
-logits; temperature and top-p only shape how the next token is sampled. So
-this backend scores the target policy (temperature 1, top-p 1) and nothing
-else: a behavior policy at another temperature or with a nucleus must be
-scored by the torch backend, and asking for one here is a ValueError that says
-so.
+A call: pear-data's own token ids go as `TokensPrompt`s (no re-tokenization)
+in one `generate` call, `max_tokens=1` (the generated token is discarded),
+temperature 1. vLLM refuses a prompt of `max_model_len` tokens or more and
+then aborts the whole call, so rows are checked against `max_row_tokens()`
+first (`pear-data score` fits them by its --on-overflow rule), and a request
+vLLM refuses all the same is a UsageError naming vLLM's error. Every output's
+`prompt_token_ids` must be the ids sent. The log-probs are asked for in one of
+two ways (`request_format`):
+
+- TOKEN_IDS, vLLM >= 0.32 on its V2 model runner: per row
+  `prompt_logprob_start = first - 1` and `prompt_logprob_token_ids` = the
+  row's tokens from `first` (its first completion position) as an
+  [n - first, 1] column. vLLM runs the lm_head on those positions only, 1,024
+  at a time, and returns `prompt_token_id_logprobs`, one float32
+  [n - first, 1] array per row (`token_id_logprobs_to_arrays`).
+- PROMPT_LOGPROBS otherwise (0.26 to 0.31, the V1 runner that 0.32 and 0.33
+  fall back to, KV-sharing fast prefill): `prompt_logprobs=0` with
+  `flat_logprobs=True`. `prompt_logprobs` has one entry per position, entry 0
+  empty (the first token has no context), entry i a mapping token id ->
+  `Logprob` holding the prompt's own token whatever its rank
+  (`prompt_logprobs_to_arrays`, which reads the list format too). On the V1
+  runner the logits of every position of a scheduled chunk are built at once,
+  and vLLM's start-up memory profile computes logits for one position per
+  request only: keep `max_num_batched_tokens` small enough for a float32
+  [tokens, vocab] buffer.
+
+Which policies: vLLM's prompt log-probs are the log-softmax of the raw logits,
+whatever the request's temperature and top-p (temperature 1 is sent all the
+same: the V0 engine of vLLM before 0.26 applied it). So this backend scores the target
+policy (temperature 1, top-p 1) and nothing else: a behavior policy at another
+temperature or with a nucleus must be scored by the torch backend, and asking
+for one here is a ValueError that says so.
 """
 
 from __future__ import annotations
@@ -193,8 +219,8 @@ def request_format(vllm: Any, llm: Any) -> str:
 
 def request_params(vllm: Any, how: str, sequences: list[np.ndarray], completion_masks: list[np.ndarray],
                    sent: list[int]) -> Any:
-    """vLLM's SamplingParams for rows `sent`: one throwaway generated token (temperature 1: vLLM's older V0
-    engine applied it to prompt log-probs) and the prompt tokens' log-probs.
+    """vLLM's SamplingParams for rows `sent`: one throwaway generated token at temperature 1 and the prompt
+    tokens' log-probs.
 
     PROMPT_LOGPROBS: one SamplingParams for all rows, prompt_logprobs=0 (the prompt token at every position,
     whatever its rank) with flat_logprobs. TOKEN_IDS: one per row, prompt_logprob_start = first - 1 and
@@ -305,16 +331,16 @@ class VllmScorer:
     """Experimental `Scorer` on a vLLM engine: target-policy (T = 1, top-p = 1) log-probs only.
 
     model: what `vllm.LLM(model=...)` loads (a Hub id or a local HF
-    directory). engine_kwargs go to `vllm.LLM` as they are (dtype,
-    max_model_len, gpu_memory_utilization, tensor_parallel_size, ...); prefix
-    caching is off unless asked for. llm: an engine already built (anything
-    with `generate(prompts, sampling_params, use_tqdm=...)` returning one
-    output with `.prompt_logprobs` per prompt, in order); then `model` is only
-    a label. The engine is built on the first `score` call. vocab_size: when
-    given, token ids outside [0, vocab_size) are refused before anything is
-    sent (as `TorchScorer` does). progress: called once per `score` call, when
-    it is done, with (rows, real tokens). See the module docstring for what
-    vLLM computes and why other policies are refused.
+    directory). engine_kwargs go to `vllm.LLM` through `engine_settings`
+    (dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size, ...;
+    prefix caching off unless asked for, `head_dtype: float32` added to
+    hf_overrides). llm: an engine already built (a `vllm.LLM`, with that
+    float32 head); then `model` is only a label. The engine is built on first
+    use (`score` or `max_row_tokens`). vocab_size: when given, token ids
+    outside [0, vocab_size) are refused before anything is sent (as
+    `TorchScorer` does). progress: called once per `score` call, when it is
+    done, with (rows, real tokens). See the module docstring for what vLLM
+    computes and why other policies are refused.
     """
 
     def __init__(self, model: str, *, llm: Any = None, vocab_size: int | None = None,
