@@ -483,3 +483,17 @@ def test_score_fits_rows_to_the_vllm_engine_by_the_on_overflow_rule(monkeypatch,
         _vllm_policies(monkeypatch, tiny_model_dir, 32, on_overflow="error").prepare(rows)
     within = _vllm_policies(monkeypatch, tiny_model_dir, 32, max_length=20, on_overflow="skip").prepare(rows)
     assert "over max length" in within.rejects[0][1]
+
+
+def test_score_refuses_vllm_with_workers_or_ray_before_writing_anything(monkeypatch, tmp_path) -> None:
+    from pear_data.errors import UsageError
+    from pear_data.score import score
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else None)
+    monkeypatch.setattr(vllm_backend, "installed_vllm_version", lambda: "0.34.0")
+    corpus = tmp_path / "rows.jsonl"
+    corpus.write_text('{"prompt": "a", "completion": "b", "recorded": [-0.1]}\n')
+    for flags in ({"workers": 2}, {"ray": "local"}):
+        with pytest.raises(UsageError, match="runs in one process: use --vllm-tensor-parallel-size"):
+            score(corpus, tmp_path / "out", _options(**flags))
+    assert not (tmp_path / "out").exists()
