@@ -1,8 +1,9 @@
-"""The experimental vLLM backend without vLLM: its output conversion and request plumbing.
+"""The experimental vLLM backend without vLLM: its output conversions, its requests and its checks.
 
-`prompt_logprobs_to_arrays` is fed plain Python objects shaped like vLLM's
-`RequestOutput.prompt_logprobs` (a list with an empty entry at position 0,
-then dicts token_id -> Logprob), and `VllmScorer` is driven by a fake engine.
+vLLM is not installed here. The conversions are fed vLLM's output objects as vLLM builds them, and
+`VllmScorer` runs on a stand-in `vllm` module of a given version (tests/fake_vllm.py): each stand-in copies
+the shapes, indexing rules and refusals of that version's source, and the tests name the vLLM file a
+behaviour comes from.
 """
 
 from __future__ import annotations
