@@ -10,6 +10,7 @@ The weigh stage (weigh.py) and the writer take it from there.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import pyarrow as pa
 from .align import AlignmentStats
 from .behavior import DEFAULT_BEHAVIOR, BehaviorRow, BehaviorSource, choose_behavior
 from .corpus import (
+    Conversation,
     CorpusRow,
     InputColumnError,
     InputColumns,
@@ -134,13 +136,16 @@ class Policies:
     """The loaded target (tokenizer and scorer) and the behavior source; see the module docstring."""
 
     def __init__(self, target_tokenizer: ConversationTokenizer, target_scorer: Any, behavior: BehaviorSource,
-                 shape: RowShape, description: dict, columns: InputColumns | None = None) -> None:
+                 shape: RowShape, description: dict, columns: InputColumns | None = None, *,
+                 row_limit: int | None = None) -> None:
         self.target_tokenizer = target_tokenizer
         self.target_scorer = target_scorer
         self.behavior = behavior
         self.shape = shape
         self.description = description
         self.columns = columns
+        # The longest row the target scorer takes (vLLM's engine: max_model_len - 1), None: no limit.
+        self.row_limit = row_limit
 
     @classmethod
     def load(cls, options: ScoreOptions, sources: ModelSources, shape: RowShape,
@@ -204,7 +209,9 @@ class Policies:
             "template": target_tokenizer.mode,
             "alignment": behavior.alignment,
         }
-        return cls(target_tokenizer, target_scorer, behavior, shape, description, columns)
+        row_limit = getattr(target_scorer, "max_row_tokens", None)
+        return cls(target_tokenizer, target_scorer, behavior, shape, description, columns,
+                   row_limit=row_limit() if row_limit else None)
 
     def prepare(self, shard: list[CorpusRow]) -> PreparedShard:
         """Decode, normalize and tokenize a shard's rows; every row lands in `rows` or `rejects`."""
@@ -216,6 +223,8 @@ class Policies:
             try:
                 conversation = to_conversation(row.record, self.shape)
                 target = self.target_tokenizer(conversation)
+                if self.row_limit is not None and target.num_tokens > self.row_limit:
+                    target = self._fit_row_limit(conversation, target.num_tokens)
                 behavior = self.behavior.prepare(row.record, conversation, target)
             except RowError as exc:
                 prepared.rejects.append((row, exc.reason))
@@ -224,6 +233,22 @@ class Policies:
         if prepared.rows:
             self._records(prepared)
         return prepared
+
+    def _fit_row_limit(self, conversation: Conversation, n_tokens: int) -> TokenizedRow:
+        """A row longer than the scorer takes (`row_limit`), under the run's --on-overflow rule against that
+        limit: truncate keeps its first row_limit tokens (design 2.6), skip is a RowError, error a UsageError."""
+        limit, rule = self.row_limit, self.target_tokenizer.config.on_overflow
+        what = f"{n_tokens} tokens, more than the vLLM engine takes ({limit}: its max_model_len less one)"
+        if rule == "error":
+            raise UsageError(f"a row has {what}: pass --max-length {limit}, or --on-overflow truncate or skip")
+        if rule == "skip":
+            raise RowError(f"over the vLLM engine's length: {what}")
+        cut = copy.copy(self.target_tokenizer)
+        cut.config = dataclasses.replace(cut.config, max_length=limit)
+        try:
+            return cut(conversation)
+        except RowError as exc:
+            raise RowError(f"the vLLM engine takes {limit} tokens: {exc.reason}") from None
 
     def _records(self, prepared: PreparedShard) -> None:
         """Build the prepared rows' own columns (`records_table`); a row whose value does not fit its column's
@@ -264,8 +289,9 @@ BACKENDS = ("torch", "vllm")
 def check_backend(options: ScoreOptions) -> None:
     """UsageError unless the backend can score with these flags (checked before any output is written).
 
-    vllm (experimental): CUDA only, vLLM installed in this environment, and the behavior log-probs recorded
-    with the data: vLLM scores the raw model distribution of the target, nothing else.
+    vllm (experimental): CUDA only, a vLLM this backend supports (`vllm_backend.MIN_VLLM` on) installed in this
+    environment, and the behavior log-probs recorded with the data: vLLM scores the raw model distribution of
+    the target, nothing else.
     """
     if options.backend not in BACKENDS:
         raise UsageError(f"--backend {options.backend}: choose one of {', '.join(BACKENDS)}")
@@ -273,12 +299,15 @@ def check_backend(options: ScoreOptions) -> None:
         return
     import importlib.util
 
-    from .scoring.vllm_backend import INSTALL_HINT
+    from .scoring.vllm_backend import INSTALL_HINT, installed_vllm_version, version_problem
 
     if options.device == "cpu":
         raise UsageError("--backend vllm runs on CUDA GPUs only; use --backend torch on CPU")
     if importlib.util.find_spec("vllm") is None:
         raise UsageError(f"--backend vllm needs vLLM: {INSTALL_HINT}")
+    version = installed_vllm_version()
+    if version is not None and version_problem(version):
+        raise UsageError(f"--backend vllm: {version_problem(version)}")
     if options.behavior.logprobs_field is None:
         raise UsageError(
             "--backend vllm scores the target only (vLLM's prompt log-probs are the raw model distribution, at "
@@ -302,7 +331,7 @@ def vllm_scorer(source: ModelSource, options: ScoreOptions, progress: Callable |
 def scoring_record(options: ScoreOptions, device_type: str) -> dict:
     """The manifest's `scoring`: what decides the numbers, the same for any worker count or engine."""
     if options.backend == "vllm":
-        return {"backend": "vllm", "device": "cuda", "dtype": "bfloat16",
+        return {"backend": "vllm", "device": "cuda", "dtype": "bfloat16", "head_dtype": "float32",
                 "engine": {"gpu_memory_utilization": options.vllm_gpu_memory_utilization,
                            "tensor_parallel_size": options.vllm_tensor_parallel_size}}
     from .scoring import default_batch_tokens
