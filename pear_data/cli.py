@@ -467,14 +467,14 @@ def stats(
     json_out: Annotated[bool, typer.Option("--json", help="Print the diagnostics as JSON instead of a table.")] = False,
 ) -> None:
     """Show the weight diagnostics (ESS, quantiles, share at bounds) of an output dir."""
+    from .dataset import source_manifest
     from .diagnostics import degeneracy_warnings
     from .stats import plot as draw
     from .stats import print_table, stored_diagnostics
-    from .writer import read_manifest
 
     if plot is not None:
         plot = plot_path(plot)
-    manifest = read_manifest(src) if (src / "manifest.json").exists() else {}
+    manifest = source_manifest(src)
     summary = manifest.get("diagnostics")
     stored = None
     if summary is None or plot is not None:

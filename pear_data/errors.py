@@ -30,6 +30,11 @@ class InputError(PearDataError):
     """An input as a whole cannot be read: the corpus, a scored dataset, a manifest (names the file)."""
 
 
+class UnfinishedOutputError(InputError):
+    """A pear-data output that its run has not finished, or that another process is writing now: a reader of
+    outputs (`reweight`, `stats`, `push`, ...) refuses it, naming it and saying how to finish it."""
+
+
 class CorpusError(InputError):
     """The corpus cannot be read or its row shape cannot be understood."""
 

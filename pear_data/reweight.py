@@ -11,6 +11,7 @@ then the writing pass.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import os
 from collections.abc import Iterator
@@ -21,14 +22,22 @@ from pathlib import Path
 import pyarrow as pa
 
 from .card import render_card
-from .dataset import check_scored, files_fingerprint, read_batches, read_schema, source_files
+from .dataset import (
+    check_scored,
+    files_fingerprint,
+    read_batches,
+    read_metadata,
+    read_schema,
+    source_files,
+    source_manifest,
+)
 from .diagnostics import Diagnostics, degeneracy_warnings
 from .engine import prefetch
-from .errors import UsageError
+from .errors import InputError, UsageError
 from .schema import ENGINE_COLUMNS, INPUT_IDS, REJECT_REASON, ROW_INDEX
 from .weigh import weigh_table
 from .weights import WeightConfig, WeightSums
-from .writer import MANIFEST_FILE, DatasetWriter, check_output_apart, read_manifest
+from .writer import MANIFEST_FILE, DatasetWriter, check_output_apart
 
 
 @dataclass(frozen=True)
@@ -42,10 +51,14 @@ def reweight(src: str | Path, out: str | Path, config: WeightConfig,
              options: ReweightOptions = ReweightOptions()) -> dict:
     """Recompute the weight columns of SRC into OUT; returns the manifest.
 
-    Refused before anything is written (UsageError / InputError, exit 2): OUT
-    that is, contains or lies inside SRC or one of its files; weight flags that
-    cannot give finite weights (`WeightConfig.check_normalizable`); SRC that is
-    not scored Parquet (named file and column), or whose manifest is damaged.
+    Refused before anything is written (UsageError / InputError, exit 2): SRC, or an output it holds, that
+    its run has not finished or that another process is writing (`dataset.check_finished`); OUT that is,
+    contains or lies inside SRC or one of its files; weight flags that cannot give finite weights
+    (`WeightConfig.check_normalizable`); SRC that is not scored Parquet (named file and column), or whose
+    manifest is damaged or counts other rows than its data files hold.
+
+    The manifest records the source: its files' fingerprint (`input`) and, for a pear-data output, what
+    its manifest says it is (`source`: command, input, rows and the manifest's sha256).
     """
     files = source_files(src)
     check_output_apart([src, *files], out, "the input")
@@ -54,7 +67,9 @@ def reweight(src: str | Path, out: str | Path, config: WeightConfig,
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     check_scored(files)
-    source = read_manifest(src) if Path(src).is_dir() and (Path(src) / MANIFEST_FILE).is_file() else {}
+    source = source_manifest(src)
+    if source:
+        check_rows(src, files, source)
     fingerprint = files_fingerprint(files)
     run_key = {"command": "reweight", "input_fingerprint": fingerprint, "weights": config.to_dict(),
                "shard_rows": options.shard_rows}
@@ -96,10 +111,28 @@ def _reweight(writer: DatasetWriter, src: str | Path, files: list[Path], fingerp
         "warnings": degeneracy_warnings(summary),
         "dataset_means": means,
     }
+    if source:
+        manifest["source"] = source_record(src, source)
     for key in ("models", "tokenizer", "behavior", "alignment", "license", "corpus"):  # as scored
         if key in source:
             manifest[key] = source[key]
     return writer.finalize(manifest, render_card)
+
+
+def source_record(src: str | Path, source: dict) -> dict:
+    """The manifest's `source` of an output derived from a pear-data output: which output, by content."""
+    digest = hashlib.sha256((Path(src) / MANIFEST_FILE).read_bytes()).hexdigest()
+    return {"command": source.get("command"), "input": source.get("input"), "rows": source.get("rows"),
+            "manifest": f"sha256:{digest}"}
+
+
+def check_rows(src: str | Path, files: list[Path], source: dict) -> None:
+    """InputError unless the data files of the output SRC hold the rows its manifest counts (`rows.out`)."""
+    expected = (source.get("rows") or {}).get("out")
+    found = sum(read_metadata(path).num_rows for path in files)
+    if expected is not None and found != expected:
+        raise InputError(f"{src}: its data files hold {found} rows, but its {MANIFEST_FILE} counts {expected}: "
+                         "the files were changed after the run; write the output again")
 
 
 def batches(files: list[Path], batch_rows: int, columns: list[str] | None = None) -> Iterator[pa.Table]:

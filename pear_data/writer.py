@@ -637,12 +637,8 @@ def _acquire_lock(out_dir: Path, state_dir: Path) -> _LockHandle | None:
         os.close(fd)
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise
-        try:
-            holder = path.read_text(encoding="utf-8").strip() or "unknown"
-        except OSError:
-            holder = "unknown"
         raise OutputLockedError(
-            f"another pear-data run (process {holder}) is writing {out_dir}; wait for it to end, or choose "
+            f"another pear-data run (process {_holder(path)}) is writing {out_dir}; wait for it to end, or choose "
             f"another --out. The lock ({path}) goes away with that process, kill -9 included."
         ) from None
     os.ftruncate(fd, 0)
@@ -650,6 +646,39 @@ def _acquire_lock(out_dir: Path, state_dir: Path) -> _LockHandle | None:
     handle = _LockHandle(key, fd)
     _LOCKS[key] = handle
     return handle
+
+
+def _holder(lock: Path) -> str:
+    """The process id the lock file names (the last run that took it), or "unknown"."""
+    try:
+        return lock.read_text(encoding="utf-8").strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def lock_holder(out_dir: str | Path) -> str | None:
+    """The process id of another process that holds OUT/.pear/lock now (a run writing OUT), else None.
+
+    Probes the lock without waiting: a shared flock, released at once. The lock of a writer of this process
+    does not count (the Python API may read an output it is writing).
+    """
+    path = Path(out_dir) / STATE_DIR / LOCK_FILE
+    if fcntl is None or os.path.realpath(path) in _LOCKS:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None  # no lock file: no run ever wrote here, or the file is gone
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        return _holder(path)
+    finally:
+        os.close(fd)
 
 
 def _release_lock(handle: _LockHandle | None) -> None:
