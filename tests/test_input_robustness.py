@@ -553,3 +553,75 @@ def test_datasets_directory_columns_keep_their_arrow_types(tmp_path):
     assert columns.json == frozenset()
     table = records_table([r.record for r in corpus.rows()], columns)
     assert table.equals(source)
+
+
+# --------------------------------------------------------------------------- the behavior is the target only if ...
+
+
+def same_weights(model: Path, dest: Path, *, template: str | None = None, eos: str | None = None) -> Path:
+    """A copy of `model` with the same weights (and config), and another chat template ("": none) or eos token."""
+    import shutil
+
+    from .tiny_model import build_tokenizer
+
+    shutil.copytree(model, dest)
+    tokenizer = build_tokenizer("chatml")
+    if template is not None:
+        tokenizer.chat_template = template or None
+    if eos is not None:
+        tokenizer.eos_token = eos
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        (dest / name).unlink(missing_ok=True)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+OTHER_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + ':\\n' + message['content'] "
+                  "+ '<|im_end|>' + '\\n' }}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ '<|im_start|>assistant:\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize(("change", "differs"), [
+    ({"template": OTHER_TEMPLATE}, "chat template"),
+    ({"template": ""}, "chat template, template mode (raw, the target's chat)"),
+    ({"eos": "<|endoftext|>"}, "special tokens"),  # the same tokens in chat mode here, not in raw mode
+])
+def test_a_behavior_with_the_target_weights_and_other_tokenizer_settings_is_another_model(
+        capsys, tmp_path, tiny_model_dir, change, differs):
+    """The same weights under another template see other contexts: other log-probs, which the target's own
+    forward pass (under the target's template) would silently replace."""
+    from pear_data.models import resolve_model
+
+    behavior = same_weights(tiny_model_dir, tmp_path / "behavior", **change)
+    assert resolve_model(str(behavior)).fingerprint == resolve_model(str(tiny_model_dir)).fingerprint
+    corpus = write_jsonl(tmp_path / "c.jsonl", gsm8k(3))
+    code, text = score(capsys, corpus, tmp_path / "out", tiny_model_dir, *FIELDS, behavior=behavior)
+    assert code == 0, text
+    written = manifest(tmp_path / "out")
+    assert written["alignment"]["mode"] == "char-offsets"  # scored on its own tokens and template
+    assert written["behavior"]["mode_reason"] == f"same weights as the target; differs from the target in: {differs}"
+    table = data(tmp_path / "out")
+    if "template" in change:
+        assert table.column("target_logprobs").to_pylist() != table.column("behavior_logprobs").to_pylist()
+
+
+def test_a_copy_of_the_target_is_the_target(capsys, tmp_path, tiny_model_dir):
+    behavior = same_weights(tiny_model_dir, tmp_path / "behavior")
+    corpus = write_jsonl(tmp_path / "c.jsonl", gsm8k(3))
+    code, text = score(capsys, corpus, tmp_path / "out", tiny_model_dir, *FIELDS, behavior=behavior)
+    assert code == 0, text
+    written = manifest(tmp_path / "out")
+    assert written["alignment"] == {"mode": "direct"}
+    assert written["behavior"]["mode_reason"] == "same weights and tokenizer as the target"
+    table = data(tmp_path / "out")  # one forward pass, the same distribution at temperature 1
+    assert table.column("target_logprobs").to_pylist() == table.column("behavior_logprobs").to_pylist()
+
+
+def test_the_target_under_another_behavior_template_is_scored_on_its_own_rendering(capsys, tmp_path, tiny_model_dir):
+    corpus = write_jsonl(tmp_path / "c.jsonl", gsm8k(3))
+    code, text = score(capsys, corpus, tmp_path / "out", tiny_model_dir, *FIELDS, "--behavior-template", "raw")
+    assert code == 0, text
+    written = manifest(tmp_path / "out")
+    assert written["alignment"]["mode"] == "char-offsets"
+    assert written["behavior"]["mode_reason"] == ("same weights as the target; differs from the target in: "
+                                                  "template mode (raw, the target's chat)")
