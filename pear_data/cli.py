@@ -547,7 +547,9 @@ def main() -> None:
         sys.exit(0)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt) as exc:
+        if isinstance(exc.__cause__, EOFError):  # click calls a stray EOFError "Abort": it is no Ctrl-C
+            _internal_error(exc.__cause__)
         err.print("aborted")
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the top level decides the exit code
@@ -564,9 +566,14 @@ def main() -> None:
             err.print(f"[red]error:[/] {escape(where + (exc.strerror or str(exc)))}; fix it (free space, "
                       "permissions, another path) and rerun", soft_wrap=True)
             sys.exit(2)
-        err.print(f"[red]internal error:[/] {escape(type(exc).__name__)}: {escape(str(exc))}", soft_wrap=True)
-        err.print_exception()
-        sys.exit(1)
+        _internal_error(exc)
+
+
+def _internal_error(exc: BaseException) -> None:
+    """A bug in pear-data: exit 1 with the traceback of the exception being handled (and its cause)."""
+    err.print(f"[red]internal error:[/] {escape(type(exc).__name__)}: {escape(str(exc))}", soft_wrap=True)
+    err.print_exception()
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -52,11 +52,13 @@ assistant turn inside a prompt-completion *prompt*, marked `"train": False`).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import os
 import re
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,8 +138,28 @@ def _is_parquet(path: Path) -> bool:
     return path.name.lower().endswith(PARQUET_SUFFIXES)
 
 
-def _open_binary(path: Path) -> BinaryIO:
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else path.open("rb")  # type: ignore[return-value]
+@contextlib.contextmanager
+def _open_binary(path: Path) -> Iterator[BinaryIO]:
+    """The file's bytes, gunzipped for `.gz`; a `.gz` that is not gzip, or ends early, is a CorpusError naming it
+    (gzip raises BadGzipFile, EOFError or zlib.error while the file is read, so reads happen inside this block)."""
+    if not path.name.lower().endswith(".gz"):
+        with path.open("rb") as fh:
+            yield fh
+        return
+    try:
+        with gzip.open(path, "rb") as fh:
+            yield fh  # type: ignore[misc]
+    except gzip.BadGzipFile as exc:
+        with path.open("rb") as raw:
+            gzipped = raw.read(2) == b"\x1f\x8b"
+        if not gzipped:
+            raise CorpusError(f"{path}: not a gzip file ({exc}), though its name ends in .gz; rename it without "
+                              ".gz if it is plain JSONL, or compress it with gzip") from None
+        raise CorpusError(f"{path}: the gzip file is damaged ({exc}); restore it, or download or compress it "
+                          "again") from None
+    except (EOFError, zlib.error) as exc:
+        raise CorpusError(f"{path}: the gzip file is truncated or damaged ({type(exc).__name__}: {exc}); restore "
+                          "it, or download or compress it again") from None
 
 
 @dataclass(frozen=True)
@@ -170,6 +192,16 @@ class Corpus:
             yield from _parquet_rows(self.files, batch_size)
         else:
             yield from _dataset_rows(self._load_dataset(), batch_size)
+
+    def first_record(self) -> dict[str, Any] | None:
+        """The first row that decodes (None when none does); CorpusError naming the input when it has no rows."""
+        rows = self.rows()
+        first = next(rows, None)
+        if first is None:
+            raise CorpusError(f"{self.source}: the corpus has no rows (an empty file?); give a corpus with at "
+                              "least one row")
+        return first.record if first.record is not None else next(
+            (r.record for r in rows if r.record is not None), None)
 
     def ranges(self, shard_rows: int, start: int = 0) -> Iterator[RowRange]:
         """The rows from `start` on in ranges of `shard_rows` (boundaries at multiples of shard_rows), each
@@ -924,6 +956,7 @@ class RowShape:
 def detect_shape(
     record: Mapping[str, Any] | None,
     *,
+    source: str = "the corpus",
     messages_field: str | None = None,
     prompt_field: str | None = None,
     completion_field: str | None = None,
@@ -935,7 +968,7 @@ def detect_shape(
     `prompt_field` + `completion_field` (both required) select field mapping.
     Without flags: a `messages` column means conversational, `prompt` and
     `completion` columns mean prompt-completion. Raises `CorpusError` when the
-    flags conflict or the shape cannot be detected.
+    flags conflict or the shape cannot be detected (naming `source`, the input).
     """
     if (prompt_field is None) != (completion_field is None):
         raise CorpusError("--prompt-field and --completion-field must be given together")
@@ -950,7 +983,9 @@ def detect_shape(
             "prompt_completion", prompt_field=prompt_field, completion_field=completion_field, system_field=system_field
         )
     if record is None:
-        raise CorpusError("cannot detect the row shape: the corpus has no decodable row")
+        raise CorpusError(f"{source}: cannot detect the row shape: no row of it decodes; fix the rows, or name the "
+                          "shape (--prompt-field and --completion-field, or --messages-field): undecodable rows "
+                          "then go to rejects.parquet with their reason")
     if "messages" in record:
         if system_field is not None:
             raise CorpusError("--system-field applies to prompt/completion fields, not to a 'messages' column")

@@ -93,7 +93,7 @@ def score(corpus: str | Path, out: str | Path, options: ScoreOptions = ScoreOpti
     if not options.ray:  # on a Ray cluster the GPUs are the cluster's, not this machine's
         check_device(options.device)
     source = open_corpus(corpus, split=options.split)
-    shape = detect_shape(next((r.record for r in source.rows() if r.record is not None), None), **options.shape)
+    shape = detect_shape(source.first_record(), source=source.source, **options.shape)
     sources = ModelSources.resolve(options)
     columns = source.columns()  # design 2.2: one type per input column for the whole output; refuses reserved names
     config = options.weights

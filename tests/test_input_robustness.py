@@ -625,3 +625,64 @@ def test_the_target_under_another_behavior_template_is_scored_on_its_own_renderi
     assert written["alignment"]["mode"] == "char-offsets"
     assert written["behavior"]["mode_reason"] == ("same weights as the target; differs from the target in: "
                                                   "template mode (raw, the target's chat)")
+
+
+# --------------------------------------------------------------------------- damaged and empty corpus files
+
+
+def _gzip_damaged(raw: bytes, how: str) -> bytes:
+    data = gzip.compress(raw)
+    if how == "truncated":
+        return data[: len(data) // 2]
+    if how == "corrupt":  # garbage in the deflate stream
+        return data[:20] + bytes(b ^ 0x5A for b in data[20:60]) + data[60:]
+    if how == "crc":  # the stream decodes, its checksum does not match
+        return data[:-8] + bytes(b ^ 0xFF for b in data[-8:-4]) + data[-4:]
+    return raw  # "plain": not gzip at all, named .gz
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl.gz", "rows.json.gz"])
+@pytest.mark.parametrize("how", ["truncated", "corrupt", "crc", "plain"])
+def test_a_damaged_gzip_corpus_exits_2_naming_the_file(capsys, tmp_path, tiny_model_dir, name, how):
+    rows = gsm8k(40)
+    text = json.dumps(rows) if name.endswith(".json.gz") else "".join(json.dumps(r) + "\n" for r in rows)
+    corpus = tmp_path / name
+    corpus.write_bytes(_gzip_damaged(text.encode(), how))
+    code, text = score(capsys, corpus, tmp_path / "out", tiny_model_dir, *FIELDS)
+    assert code == 2, text
+    assert str(corpus) in text.replace("\n", "") and "Traceback" not in text and "aborted" not in text, text
+    assert ("not a gzip file" if how == "plain" else "damaged") in text
+    assert not (tmp_path / "out").exists()  # refused in the column pass, before anything is written
+
+
+def test_every_reader_of_a_gzip_corpus_names_the_damaged_file(tmp_path):
+    """The row stream, the row ranges and a range read (the Ray stage's reader) all raise CorpusError."""
+    from pear_data.corpus import RowRange
+    from pear_data.errors import CorpusError
+
+    corpus = tmp_path / "rows.jsonl.gz"
+    corpus.write_bytes(_gzip_damaged("".join(json.dumps(r) + "\n" for r in gsm8k(40)).encode(), "truncated"))
+    source = open_corpus(corpus)
+    for read in (lambda: list(source.rows()), lambda: list(source.ranges(10)), source.columns,
+                 lambda: source.read_range(RowRange(30, 40))):
+        with pytest.raises(CorpusError, match="rows.jsonl.gz"):
+            read()
+
+
+@pytest.mark.parametrize(("name", "content"), [("empty.jsonl", b""), ("blank.jsonl", b"\n\n  \n"),
+                                               ("empty.jsonl.gz", gzip.compress(b"")), ("empty.json", b"[]")])
+@pytest.mark.parametrize("flags", [[], FIELDS])
+def test_an_empty_corpus_exits_2_naming_the_file(capsys, tmp_path, tiny_model_dir, name, content, flags):
+    corpus = tmp_path / name
+    corpus.write_bytes(content)
+    code, text = score(capsys, corpus, tmp_path / "out", tiny_model_dir, *flags)
+    assert code == 2, text
+    assert str(corpus) in text.replace("\n", "") and "no rows" in text, text
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_corpus_with_no_decodable_row_names_the_file(capsys, tmp_path, tiny_model_dir):
+    corpus = write_jsonl(tmp_path / "broken.jsonl", ['{"question": "broken', "not json"])
+    code, text = score(capsys, corpus, tmp_path / "out", tiny_model_dir)
+    assert code == 2, text
+    assert str(corpus) in text.replace("\n", "") and "--prompt-field" in text, text

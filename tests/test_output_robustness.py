@@ -638,3 +638,12 @@ def test_reweight_refuses_a_source_whose_files_hold_other_rows_than_its_manifest
     with pytest.raises(InputError, match="hold 28 rows, but its manifest.json counts 40"):
         reweight(src, tmp_path / "derived", WeightConfig(), ReweightOptions())
     assert not (tmp_path / "derived").exists()
+
+
+def test_a_stray_eof_error_is_a_bug_not_ctrl_c() -> None:
+    """click turns an EOFError into an Abort; main must not report it as Ctrl-C (130)."""
+    code = ("import sys\nfrom pear_data import cli\n@cli.app.command('eof')\ndef eof():\n"
+            "    raise EOFError('ran out of input')\nsys.argv = ['pear-data', 'eof']\ncli.main()\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "internal error: EOFError: ran out of input" in result.stderr
+    assert "aborted" not in result.stderr
