@@ -11,7 +11,6 @@ work (a `--plot` is still written) without printing, and exits 0.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sys
@@ -23,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .errors import OutputError, PearDataError, UsageError
+from .errors import USER_OS_ERRORS, OutputError, PearDataError, UsageError
 from .weights import WeightConfig
 
 
@@ -522,11 +521,6 @@ def _root(version: Annotated[bool, typer.Option("--version", help="Print the ver
     if version:
         typer.echo(f"pear-data {__version__}")
         raise typer.Exit()
-
-
-# OSErrors of the environment, not of pear-data: the user can fix them (exit 2).
-USER_OS_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
-                            errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR})
 
 
 def main() -> None:

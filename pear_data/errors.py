@@ -16,6 +16,12 @@ Anything else that escapes is a bug in pear-data (exit code 1, traceback).
 
 from __future__ import annotations
 
+import errno
+
+# OSErrors of the environment, not of pear-data: the user can fix them (exit 2; the CLI names the path).
+USER_OS_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                            errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR, errno.ELOOP})
+
 
 class PearDataError(Exception):
     """Something the user can fix stopped the run (CLI exit code 2, no traceback)."""

@@ -182,7 +182,8 @@ class Policies:
                     loaded[source.fingerprint] = load_model(source, device=device, dtype=dtype,
                                                             trust_remote_code=trust)
                 scorers[role] = TorchScorer(loaded[source.fingerprint], device=device,
-                                            batch_tokens=options.batch_tokens, progress=report)
+                                            batch_tokens=options.batch_tokens, progress=report,
+                                            name=f"--{role} {source.spec}")
             return scorers[role]
 
         behavior = choose_behavior(

@@ -596,7 +596,7 @@ def check_output_apart(inputs: list[str | Path], out_dir: str | Path, what: str 
     Writing there would replace or mix with what is being read: `--overwrite` would delete the input
     before it is read. Called before anything is written.
     """
-    out = Path(out_dir).resolve()
+    out = check_out_path(out_dir)
     for item in inputs:
         src = Path(item).resolve()
         if out == src or src in out.parents or out in src.parents:
@@ -605,6 +605,25 @@ def check_output_apart(inputs: list[str | Path], out_dir: str | Path, what: str 
                 f"--out {out_dir} {relation} {what} {item}: pear-data never writes where it reads "
                 "(--overwrite would delete the input before reading it). Choose an --out outside the input."
             )
+
+
+def check_out_path(out_dir: str | Path) -> Path:
+    """--out with its symbolic links resolved; OutputError naming the link when one on the way leads nowhere.
+
+    A link that goes round a loop (which `Path.resolve` reports as a RuntimeError, or ELOOP), or that points
+    to a path that does not exist (which `mkdir` would report as "File exists"), cannot hold an output.
+    """
+    out = Path(out_dir)
+    try:
+        resolved = out.resolve()
+    except (RuntimeError, OSError) as exc:
+        raise OutputError(f"--out {out_dir}: the path goes round a loop of symbolic links ({exc}); fix or remove "
+                          "the link, or choose another --out") from None
+    for link in (out, *out.parents):
+        if link.is_symlink() and not link.exists():
+            raise OutputError(f"--out {out_dir}: {link} is a symbolic link to {os.readlink(link)}, which does not "
+                              "exist; create the directory it points to, remove the link, or choose another --out")
+    return resolved
 
 
 class _LockHandle:
@@ -734,6 +753,7 @@ class DatasetWriter:
         self._progress = self._state / PROGRESS_FILE
         self._lock: _LockHandle | None = None
 
+        check_out_path(self.out_dir)
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise OutputExistsError(f"{self.out_dir} exists and is not a directory; choose another --out")
         self._plan(resume, overwrite)  # refuse before creating anything

@@ -450,7 +450,7 @@ def test_empty_short_and_prompt_only_rows(tiny_llama: Any) -> None:
 
 def test_bad_inputs_raise_actionable_errors(tiny_llama: Any) -> None:
     scorer = TorchScorer(tiny_llama)
-    with pytest.raises(ValueError, match="row 1: token id 300 is outside"):
+    with pytest.raises(ValueError, match="the model: token id 300 is outside the model.s vocabulary"):
         scorer.score([np.array([1, 2]), np.array([1, 300])], [np.array([0, 1])] * 2, [SamplingParams()])
     with pytest.raises(ValueError, match="row 0: completion_mask has shape"):
         scorer.score([np.array([1, 2, 3])], [np.array([0, 1])], [SamplingParams()])

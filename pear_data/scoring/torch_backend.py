@@ -71,6 +71,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pear_data.errors import ModelSpecError
 from pear_data.scoring.sampling import STRATEGIES, SamplingParams, policy_logprobs
 
 ProgressCallback = Callable[[int, int], None]
@@ -261,6 +262,10 @@ class TorchScorer:
     "exp", "power"; see `sampling.py`).
     fused_head: use liger-kernel's fused linear + cross-entropy where it
     applies (see the module docstring); needs CUDA and liger-kernel.
+    name: how messages name the model (e.g. "--target DIR").
+    `score` raises ModelSpecError (a usage error, naming the model and its
+    vocabulary size) for a token id the model's embedding does not have: its
+    tokenizer and its weights do not belong together.
     """
 
     def __init__(
@@ -274,6 +279,7 @@ class TorchScorer:
         progress: ProgressCallback | None = None,
         logprob_strategy: str = "auto",
         fused_head: bool = False,
+        name: str = "the model",
     ) -> None:
         self.device = torch.device(resolve_device(device))
         batch_tokens = default_batch_tokens(str(self.device)) if batch_tokens is None else batch_tokens
@@ -308,6 +314,7 @@ class TorchScorer:
         self.vocab_chunk_tokens = vocab_chunk_tokens
         self.max_padding = max_padding
         self.progress = progress
+        self.name = name
         self.logprob_strategy = logprob_strategy
         # A plain bias-free Linear head can write its logits into a reused buffer (torch.mm(out=)); in
         # bf16/fp16 on CUDA with float32 output straight from the matmul (dropped if torch lacks the overload).
@@ -395,9 +402,11 @@ class TorchScorer:
             if mask.shape != seq.shape:
                 raise ValueError(f"row {r}: completion_mask has shape {mask.shape}, input_ids {seq.shape}")
             if len(seq) and (seq.min() < 0 or seq.max() >= self.vocab_size):
-                raise ValueError(
-                    f"row {r}: token id {int(seq.max() if seq.max() >= self.vocab_size else seq.min())} is outside "
-                    f"the model's vocabulary [0, {self.vocab_size}): was the row tokenized with another tokenizer?"
+                raise ModelSpecError(
+                    f"{self.name}: token id {int(seq.max() if seq.max() >= self.vocab_size else seq.min())} is "
+                    f"outside the model's vocabulary of {self.vocab_size} tokens (ids 0 to {self.vocab_size - 1}): "
+                    "its tokenizer makes tokens its weights do not have (config.json vocab_size, the embedding); "
+                    "give the model the tokenizer it was trained with"
                 )
 
     def _upload(self, array: np.ndarray) -> torch.Tensor:
