@@ -356,6 +356,9 @@ def pear_weights(
     if bool(bad.any()):
         b, k = (int(v) for v in bad.nonzero()[0])
         position = int(completion.positions[(completion.rows == b) & (completion.ranks == k)][0])
+        if bool(lt[b, k].isnan()):  # the live model's own log-prob: the dataset column is not to blame
+            raise ValueError(f"the target log-prob at [{b}, {position}] is NaN: the model's logits hold NaN (a "
+                             "diverged model, or an overflow in half precision); check the model, not the dataset")
         raise ValueError(
             f"behavior_logprobs[{b}, {position}] = {float(lb[b, k])} with target log-prob {float(lt[b, k])}: "
             "a behavior log-prob must be a number <= 0, and -inf needs a finite --log-ratio-clip bound "

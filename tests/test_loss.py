@@ -314,6 +314,16 @@ def test_online_rejects_bad_behavior_logprobs_with_their_position():
         pear_loss(labels, logits=logits, weights=torch.ones(labels.shape), behavior_logprobs=behavior)
 
 
+def test_online_blames_the_model_for_a_nan_target_logprob():
+    logits, labels, _ = _batch()
+    behavior = torch.where(labels != -100, -1.0, 0.0)
+    logits = logits.detach().clone()
+    logits[1, 2] = float("nan")  # the logits that predict token 3 of row 1
+    with pytest.raises(ValueError, match=r"the target log-prob at \[1, 3\] is NaN: the model") as info:
+        pear_loss(labels, logits=logits, behavior_logprobs=behavior)
+    assert "behavior_logprobs" not in str(info.value)
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -0.5])
 def test_static_weights_that_are_not_finite_and_non_negative_on_a_label_token_are_refused(bad):
     logits, labels, weights = _batch()
