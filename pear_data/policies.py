@@ -11,6 +11,7 @@ The weigh stage (weigh.py) and the writer take it from there.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -147,12 +148,13 @@ class Policies:
     @classmethod
     def load(cls, options: ScoreOptions, sources: ModelSources, shape: RowShape,
              progress: Callable[[int, int], None] | None = None, columns: InputColumns | None = None, *,
-             models: bool = True) -> Policies:
+             models: bool = True, stop: threading.Event | None = None) -> Policies:
         """Load tokenizers first (cheap; bad flags fail here), then the models (not with models=False: such
         policies only `prepare`, as the CPU stage of a Ray run does).
 
         columns: the input columns' types, decided over the whole corpus (`Corpus.columns`); None: decided
-        shard by shard (a library caller with no corpus pass).
+        shard by shard (a library caller with no corpus pass). stop: once set, `score` stops at the next
+        batch (ScoringStopped; engine.Workers cancels with it).
         """
         from .models import load_model, load_tokenizer, tokenizer_fingerprint
         from .scoring import TorchScorer, resolve_device, scoring_dtype
@@ -183,7 +185,7 @@ class Policies:
                                                             trust_remote_code=trust)
                 scorers[role] = TorchScorer(loaded[source.fingerprint], device=device,
                                             batch_tokens=options.batch_tokens, progress=report,
-                                            name=f"--{role} {source.spec}")
+                                            name=f"--{role} {source.spec}", stop=stop)
             return scorers[role]
 
         behavior = choose_behavior(

@@ -20,6 +20,7 @@ commit).
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,9 +134,10 @@ def _run(writer: DatasetWriter, source: Any, shape: Any, sources: ModelSources, 
     else:
         if options.workers == 1:
             progress = Progress(advance or (lambda rows, tokens: None))
-            policies = Policies.load(options, sources, shape, progress, columns)
+            stop = threading.Event()  # set when the run is cancelled: the scorers stop at their next batch
+            policies = Policies.load(options, sources, shape, progress, columns, stop=stop)
             workers = Workers(1, options, sources, shape, columns, policies=policies, progress=progress,
-                              advance=advance)
+                              advance=advance, stop=stop)
         else:
             workers = Workers(options.workers, options, sources, shape, columns, advance=advance)
         tasks = (ShardTask(number, rows)

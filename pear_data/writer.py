@@ -473,10 +473,12 @@ class ShardHandle:
         try:
             writer._commit(record)
         except BaseException:
-            # progress.json still describes the old state: take back what this shard put in place.
-            if data_file is not None:
-                (writer.out_dir / data_file).unlink(missing_ok=True)
-            rejects_path.unlink(missing_ok=True)
+            # Take back what this shard put in place, unless progress.json lists it already: a Ctrl-C can
+            # arrive after the commit point, and the files of a committed shard must stay.
+            if not writer._lists(record):
+                if data_file is not None:
+                    (writer.out_dir / data_file).unlink(missing_ok=True)
+                rejects_path.unlink(missing_ok=True)
             raise
         finally:
             self._done = True
@@ -877,6 +879,14 @@ class DatasetWriter:
             self.finished = finished
             raise
         self.committed.append(record)
+
+    def _lists(self, record: ShardRecord) -> bool:
+        """Whether progress.json on disk lists `record` as committed."""
+        progress = _load_json(self._progress)
+        shards = progress.get("shards") if isinstance(progress, dict) else None
+        return isinstance(shards, list) and any(
+            isinstance(s, dict) and (s.get("shard"), s.get("input_end")) == (record.shard, record.input_end)
+            for s in shards)
 
     def _restore(self) -> None:
         progress = read_progress(self.out_dir)
