@@ -162,6 +162,23 @@ def _open_binary(path: Path) -> Iterator[BinaryIO]:
                           "it, or download or compress it again") from None
 
 
+@contextlib.contextmanager
+def _parquet_read(path: Path) -> Iterator[None]:
+    """A Parquet file pyarrow cannot read (truncated, corrupt pages, not Parquet at all) as a CorpusError naming
+    it; pyarrow raises OSError or an ArrowException, at open or while the rows are read (so reads happen inside
+    this block)."""
+    try:
+        yield
+    except (OSError, pa.ArrowException) as exc:
+        raise CorpusError(f"{path}: not a readable Parquet file ({exc}); the file is damaged or truncated: "
+                          "restore it, or write it again") from None
+
+
+def _parquet_num_rows(path: Path) -> int:
+    with _parquet_read(path):
+        return pq.ParquetFile(path).metadata.num_rows
+
+
 @dataclass(frozen=True)
 class Corpus:
     """A resolved input corpus: where it is and how to read it (see `open_corpus`).
@@ -215,7 +232,7 @@ class Corpus:
             yield from _jsonl_ranges(self.files, shard_rows, start)
             return
         if self.kind == "parquet":
-            counts = [pq.ParquetFile(f).metadata.num_rows for f in self.files]
+            counts = [_parquet_num_rows(f) for f in self.files]
         else:
             counts = [self.num_rows()]
             if counts[0] is None:  # gzipped JSONL or a JSON array: count by reading
@@ -274,7 +291,7 @@ class Corpus:
         """Number of rows without decoding them: Parquet metadata, datasets length, non-blank JSONL lines
         (None for a JSON array file or gzipped JSONL, which would have to be decoded to count)."""
         if self.kind == "parquet":
-            return sum(pq.ParquetFile(f).metadata.num_rows for f in self.files)
+            return sum(_parquet_num_rows(f) for f in self.files)
         if self.kind in ("datasets", "hub"):
             return len(self._load_dataset())
         if any(f.suffix == ".gz" or _is_json_array(f) for f in self.files):
@@ -312,7 +329,11 @@ class Corpus:
         datasets = _import_datasets(f"{self.source!r}")
         if self.kind == "datasets":
             assert self.root is not None
-            ds = datasets.load_from_disk(str(self.root))
+            try:
+                ds = datasets.load_from_disk(str(self.root))
+            except Exception as exc:  # noqa: BLE001 - a damaged directory: JSON, Arrow and OS errors alike
+                raise CorpusError(f"{self.source}: cannot load this `datasets` directory ({type(exc).__name__}: "
+                                  f"{exc}); it is damaged or truncated: save it again (`save_to_disk`)") from None
             if isinstance(ds, datasets.DatasetDict):
                 if self.split not in ds:
                     raise CorpusError(
@@ -472,18 +493,19 @@ def _parquet_range(files: tuple[Path, ...], rows: RowRange, batch_size: int) -> 
     out: list[CorpusRow] = []
     index, skip = rows.start, rows.offset
     for file in range(rows.file, len(files)):
-        parquet = pq.ParquetFile(files[file])
-        sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
-        starts = np.concatenate([[0], np.cumsum(sizes)])
-        first = int(np.searchsorted(starts, skip, side="right") - 1)
-        skip -= int(starts[first])
-        for batch in parquet.iter_batches(batch_size=batch_size, row_groups=range(first, len(sizes))):
-            for record in batch.slice(skip).to_pylist() if skip < len(batch) else []:
-                if index >= rows.end:
-                    return out
-                out.append(CorpusRow(index, record))
-                index += 1
-            skip = max(0, skip - len(batch))
+        with _parquet_read(files[file]):
+            parquet = pq.ParquetFile(files[file])
+            sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+            starts = np.concatenate([[0], np.cumsum(sizes)])
+            first = int(np.searchsorted(starts, skip, side="right") - 1)
+            skip -= int(starts[first])
+            for batch in parquet.iter_batches(batch_size=batch_size, row_groups=range(first, len(sizes))):
+                for record in batch.slice(skip).to_pylist() if skip < len(batch) else []:
+                    if index >= rows.end:
+                        return out
+                    out.append(CorpusRow(index, record))
+                    index += 1
+                skip = max(0, skip - len(batch))
         skip = 0
     return out
 
@@ -628,14 +650,11 @@ def _json_array(path: Path) -> tuple[bytes, list[Any]]:
 def _parquet_rows(files: tuple[Path, ...], batch_size: int) -> Iterator[CorpusRow]:
     index = 0
     for path in files:
-        try:
-            parquet = pq.ParquetFile(path)
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError for broken files
-            raise CorpusError(f"{path}: not a readable Parquet file ({exc})") from exc
-        for batch in parquet.iter_batches(batch_size=batch_size):
-            for record in batch_records(batch):
-                yield CorpusRow(index, record)
-                index += 1
+        with _parquet_read(path):
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+                for record in batch_records(batch):
+                    yield CorpusRow(index, record)
+                    index += 1
 
 
 def column_values(column: pa.Array | pa.ChunkedArray) -> list[Any]:
@@ -889,10 +908,8 @@ def _parquet_columns(files: tuple[Path, ...]) -> InputColumns:
     the column is JSON text."""
     fields: dict[str, list[pa.Field]] = {}
     for path in files:
-        try:
+        with _parquet_read(path):
             schema = pq.read_schema(path)
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError for broken files
-            raise CorpusError(f"{path}: not a readable Parquet file ({exc})") from exc
         for f in schema:
             fields.setdefault(f.name, []).append(f)
     out, json_names = [], set()
@@ -909,9 +926,10 @@ def _parquet_columns(files: tuple[Path, ...]) -> InputColumns:
             unified = pa.unify_schemas([pa.schema([pa.field(name, t)]) for t in types], promote_options="permissive")
             candidate = unified.field(name)
             for path in files:
-                parquet = pq.ParquetFile(path)
-                if name in parquet.schema_arrow.names and parquet.schema_arrow.field(name).type != candidate.type:
-                    input_column(column_values(parquet.read(columns=[name]).column(name)), candidate, False)
+                with _parquet_read(path):
+                    parquet = pq.ParquetFile(path)
+                    if name in parquet.schema_arrow.names and parquet.schema_arrow.field(name).type != candidate.type:
+                        input_column(column_values(parquet.read(columns=[name]).column(name)), candidate, False)
             field = candidate
         except (pa.ArrowException, InputColumnError):
             json_names.add(name)

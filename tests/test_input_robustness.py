@@ -796,3 +796,36 @@ def test_an_out_through_a_broken_symlink_exits_2_naming_it(capsys, tmp_path, tin
     assert ("loop of symbolic links" if link.startswith("loop") else "does not exist") in text
     assert not (tmp_path / "nowhere").exists()
 
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt-pages", "empty", "fake"])
+def test_a_damaged_parquet_corpus_exits_2_naming_the_file(capsys, tmp_path, tiny_model_dir, damage):
+    rows = gsm8k(40)
+    corpus = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"question": [r["question"] for r in rows], "answer": [r["answer"] for r in rows]}),
+                   corpus, row_group_size=8)
+    data = bytearray(corpus.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "corrupt-pages":  # the footer reads, the rows do not
+        footer = int.from_bytes(data[-8:-4], "little") + 8
+        data[4 : len(data) - footer] = b"A" * (len(data) - footer - 4)
+    else:
+        data = bytearray(b"" if damage == "empty" else b"question,answer\n1,2\n")
+    corpus.write_bytes(bytes(data))
+    code, text = score(capsys, corpus, tmp_path / "out", tiny_model_dir, *FIELDS)
+    assert_named(code, text, corpus, "not a readable Parquet file")
+
+
+@pytest.mark.parametrize("damage", ["state", "arrow"])
+def test_a_damaged_datasets_directory_exits_2_naming_it(capsys, tmp_path, tiny_model_dir, damage):
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "ds"
+    datasets.Dataset.from_list(gsm8k(20)).save_to_disk(str(folder))
+    if damage == "state":
+        (folder / "state.json").write_text("{not json")
+    else:
+        (arrow,) = folder.glob("*.arrow")
+        arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    code, text = score(capsys, folder, tmp_path / "out", tiny_model_dir, *FIELDS)
+    assert_named(code, text, folder, "datasets")
