@@ -18,10 +18,11 @@ whichever worker gets it, so the output is byte-identical for any worker
 count. Workers never write to the output directory: only the driver commits.
 A worker that dies (killed, out of memory) stops the run with a `WorkerLost`
 (exit 2); every shard committed before it is kept, and `--resume` goes on.
-An error or a Ctrl-C in the driver cancels the workers (`Workers.close`): the
-worker thread stops at its scorer's next batch and is joined, worker processes
-are ended (they ignore SIGINT: the driver stops them), so no torch work runs on
-while the interpreter exits (pear_data/shutdown.py).
+An error or a Ctrl-C in the driver cancels the workers (`Workers.close`): each
+stops at its scorer's next batch; the worker thread is joined, and worker
+processes (which ignore SIGINT: the driver stops them) end normally or are
+killed after a grace period, so no torch work runs on while the interpreter
+exits (pear_data/shutdown.py).
 """
 
 from __future__ import annotations
@@ -238,7 +239,7 @@ class Workers:
     def __init__(self, count: int, options: ScoreOptions, sources: ModelSources, shape: RowShape,
                  columns: InputColumns | None = None, *,
                  policies: Policies | None = None, progress: Progress | None = None,
-                 advance: Callable[[int, int], None] | None = None, stop: threading.Event | None = None) -> None:
+                 advance: Callable[[int, int], None] | None = None, stop: Any = None) -> None:
         if count < 1:
             raise UsageError(f"--workers must be >= 1, got {count}")
         self.count = count
