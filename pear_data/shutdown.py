@@ -2,10 +2,12 @@
 
     first signal      KeyboardInterrupt in the main thread, wherever it is: the run unwinds (an open shard
                       is dropped, as after kill -9: commits are atomic), the scoring threads are told to stop
-                      and are joined (a torch op finishes its batch), worker processes are ended
+                      and are joined (a torch op finishes its batch), worker processes are told to stop too
+                      (engine.Workers.close)
     second signal     (during that clean-up) the process ends at once, as safely as after kill -9
     exit              130 (SIGINT) or 143 (SIGTERM); through os._exit, after flushing, when a pear-data thread
                       is still alive
+    after the command signals are ignored (`run_process`): a finished run keeps its exit code
 
 Why os._exit: the interpreter must never finalize while one of pear-data's threads runs torch, tokenizers
 or pyarrow code. A daemon thread that wakes up during finalization is ended by `pthread_exit`, which unwinds
