@@ -60,23 +60,50 @@ PROCESS_GRACE = 5.0
 
 def prefetch(items: Iterable, depth: int = 2) -> Iterator:
     """The items of `items`, produced by a thread up to `depth` ahead of the consumer (reading the next
-    Parquet batch while this one is weighed, say). An error in the producer is raised to the consumer."""
+    Parquet batch while this one is weighed, say). An error in the producer is raised to the consumer.
+    Closing the generator (or leaving it by an error, once it is closed) stops the thread and joins it."""
     done = object()
     ahead: queue.Queue = queue.Queue(maxsize=depth)
+    closed = threading.Event()
 
     def produce() -> None:
         try:
             for item in items:
-                ahead.put(item)
-            ahead.put(done)
+                if not _offer(ahead, item, closed.is_set):
+                    return
+            _offer(ahead, done, closed.is_set)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            ahead.put(exc)
+            _offer(ahead, exc, closed.is_set)
 
-    threading.Thread(target=produce, name="pear-prefetch", daemon=True).start()
-    while (item := ahead.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    thread = threading.Thread(target=produce, name="pear-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := ahead.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        closed.set()
+        thread.join()
+
+
+def _offer(items: queue.Queue, item: Any, stopped: Callable[[], bool]) -> bool:
+    """Put `item` into the bounded queue `items`, waiting while it is full; False when `stopped()` first."""
+    while not stopped():
+        with contextlib.suppress(queue.Full):
+            items.put(item, timeout=STOP_POLL)
+            return True
+    return False
+
+
+def _take(items: queue.Queue, stopped: Callable[[], bool]) -> Any:
+    """The next item of `items`, or None once `stopped()` and nothing more comes."""
+    while True:
+        try:
+            return items.get(timeout=STOP_POLL)
+        except queue.Empty:
+            if stopped():
+                return None
 
 
 class WorkerLost(PearDataError):
@@ -131,12 +158,6 @@ def work(policies: Policies, tasks: Callable[[float], ShardTask | None], send: C
 
     prepared: queue.Queue = queue.Queue(maxsize=PREPARED_AHEAD)
 
-    def offer(item: Any) -> None:
-        while not stopped():
-            with contextlib.suppress(queue.Full):
-                prepared.put(item, timeout=STOP_POLL)
-                return
-
     def next_task() -> ShardTask | None:
         while not stopped():
             with contextlib.suppress(queue.Empty):
@@ -149,10 +170,10 @@ def work(policies: Policies, tasks: Callable[[float], ShardTask | None], send: C
                 shard = policies.prepare(task.rows)
                 if shard.rejects:
                     send(("progress", len(shard.rejects), 0))
-                offer((task, shard))
-            offer(None)
+                _offer(prepared, (task, shard), stopped)
+            _offer(prepared, None, stopped)
         except BaseException as exc:  # noqa: BLE001 - handed to the scoring thread, which reports it
-            offer(exc)
+            _offer(prepared, exc, stopped)
 
     thread = threading.Thread(target=prepare, name="pear-prepare", daemon=True)
     thread.start()
@@ -168,16 +189,6 @@ def work(policies: Policies, tasks: Callable[[float], ShardTask | None], send: C
     finally:
         halt.set()
         thread.join()
-
-
-def _take(items: queue.Queue, stopped: Callable[[], bool]) -> Any:
-    """The next item of `items`, or None once `stopped()` and nothing more comes."""
-    while True:
-        try:
-            return items.get(timeout=STOP_POLL)
-        except queue.Empty:
-            if stopped():
-                return None
 
 
 def _failure(exc: BaseException) -> tuple:

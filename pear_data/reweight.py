@@ -10,6 +10,7 @@ then the writing pass.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -85,21 +86,10 @@ def _reweight(writer: DatasetWriter, src: str | Path, files: list[Path], fingerp
     means = dataset_means(files, config, options.batch_rows) if config.normalize == "dataset" else None
 
     diagnostics = Diagnostics()
-    tokens = completion_tokens = 0
-    slices = shard_slices(prefetch(batches(files, options.batch_rows)), options.shard_rows)
-    for _, group in itertools.groupby(slices, key=lambda item: item[0]):
-        with writer.shard() as handle:
-            for _, start, part in group:
-                weighed = weigh_table(part, config, means, diagnostics)
-                if len(weighed.rejected_rows):
-                    rejected = part.take(pa.array(weighed.rejected_rows))
-                    rejected = rejected.append_column(ROW_INDEX, pa.array(start + weighed.rejected_rows, pa.int64()))
-                    handle.reject(rejected.append_column(REJECT_REASON, pa.array(weighed.reasons, pa.string())))
-                handle.write(weighed.kept)
-                tokens += weighed.tokens
-                completion_tokens += weighed.completion_tokens
-                end = start + len(part)
-            handle.commit(end)
+    ahead = prefetch(batches(files, options.batch_rows))
+    with contextlib.closing(ahead):  # an error or Ctrl-C stops and joins the reading thread
+        tokens, completion_tokens = write_shards(writer, shard_slices(ahead, options.shard_rows), config, means,
+                                                 diagnostics)
 
     summary = diagnostics.summary()
     manifest = {
@@ -117,6 +107,26 @@ def _reweight(writer: DatasetWriter, src: str | Path, files: list[Path], fingerp
         if key in source:
             manifest[key] = source[key]
     return writer.finalize(manifest, render_card)
+
+
+def write_shards(writer: DatasetWriter, slices: Iterator[tuple[int, int, pa.Table]], config: WeightConfig,
+                 means: dict | None, diagnostics: Diagnostics) -> tuple[int, int]:
+    """Weigh the slices and commit one shard per shard number; returns (tokens, completion tokens)."""
+    tokens = completion_tokens = 0
+    for _, group in itertools.groupby(slices, key=lambda item: item[0]):
+        with writer.shard() as handle:
+            for _, start, part in group:
+                weighed = weigh_table(part, config, means, diagnostics)
+                if len(weighed.rejected_rows):
+                    rejected = part.take(pa.array(weighed.rejected_rows))
+                    rejected = rejected.append_column(ROW_INDEX, pa.array(start + weighed.rejected_rows, pa.int64()))
+                    handle.reject(rejected.append_column(REJECT_REASON, pa.array(weighed.reasons, pa.string())))
+                handle.write(weighed.kept)
+                tokens += weighed.tokens
+                completion_tokens += weighed.completion_tokens
+                end = start + len(part)
+            handle.commit(end)
+    return tokens, completion_tokens
 
 
 def source_record(src: str | Path, source: dict) -> dict:
@@ -170,7 +180,11 @@ def dataset_means(files: list[Path], config: WeightConfig, batch_rows: int) -> d
 
     total = WeightSums()
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="pear-means") as pool:
-        for sums in pool.map(file_sums, files):
-            total.add(sums)
+        try:
+            for sums in pool.map(file_sums, files):
+                total.add(sums)
+        except BaseException:  # Ctrl-C or an error: wait for the files being summed, not for the others
+            pool.shutdown(cancel_futures=True)
+            raise
     return total.means()
 

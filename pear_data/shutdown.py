@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _received: list[int] = []  # the signals that arrived, in order
 _armed = [False]  # True inside `handled()`: the first signal raises KeyboardInterrupt there
+_whole_process = [False]  # True under `run_process`: the CLI is the process (not a call inside a test, say)
 
 
 def _on_signal(signum: int, frame: object) -> None:
@@ -56,6 +57,7 @@ def run_process(main: Callable[[], None]) -> None:
     signal, exit -2 or -15), not of an ignored one: a late Ctrl-C must not turn a finished run's exit code
     into a kill."""
     install()
+    _whole_process[0] = True
     try:
         main()
     finally:
@@ -91,9 +93,10 @@ def threads_alive() -> list[str]:
 
 
 def leave(code: int) -> None:
-    """Exit with `code` after a signal: sys.exit when every pear-data thread has been joined, else flush the
-    standard streams and os._exit (the module docstring says why)."""
-    if not threads_alive():
+    """Exit with `code` after a signal: sys.exit when every pear-data thread has been joined (or when the CLI
+    runs inside another program, which goes on), else flush the standard streams and os._exit (the module
+    docstring says why)."""
+    if not (_whole_process[0] and threads_alive()):
         sys.exit(code)
     exit_now(code)
 

@@ -125,6 +125,26 @@ def test_sigterm_exits_143_and_the_run_resumes(corpus, tiny_model_dir, uninterru
     assert output_files(out) == output_files(uninterrupted)
 
 
+def test_ctrl_c_in_reweight_exits_130_and_overwrite_gives_the_same_bytes(uninterrupted, tmp_path):
+    """Reading (a prefetch thread), weighing and writing (an encoding thread) stop; the output is rerun."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+    def reweight(out: Path, *extra) -> list[str]:
+        return [sys.executable, "-m", "pear_data.cli", "reweight", str(uninterrupted), "--out", str(out),
+                "--normalize", "dataset", "--shard-rows", "16", *extra]
+
+    whole = subprocess.run(reweight(tmp_path / "whole"), capture_output=True, text=True, env=env, timeout=600)
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "out"
+    process = start(reweight(out))
+    code, err = interrupt(process, out, ("shards", 3), signal.SIGINT, group=True)
+    assert_clean(code, err, 130)
+    assert "--resume" not in err
+    again = subprocess.run(reweight(out, "--overwrite"), capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert output_files(out) == output_files(tmp_path / "whole")
+
+
 def test_ctrl_c_at_the_terminal_stops_the_worker_processes_too(corpus, tiny_model_dir, tmp_path):
     """A terminal's Ctrl-C reaches the whole process group: the workers ignore it, the driver stops them."""
     out = tmp_path / "out"
@@ -222,3 +242,20 @@ def test_an_interrupt_after_the_commit_point_keeps_the_committed_shard(monkeypat
     assert resumed.next_input_row == 3
     assert (out / "data" / "part-00000.parquet").is_file()
     resumed.close()
+
+
+def test_a_closed_prefetch_stops_its_thread_and_joins_it() -> None:
+    from pear_data.engine import prefetch
+
+    produced = []
+
+    def items():
+        for i in range(1000):
+            produced.append(i)
+            yield i
+
+    ahead = prefetch(items(), depth=2)
+    assert next(ahead) == 0
+    ahead.close()  # the consumer stops early (an error, a Ctrl-C)
+    assert not [t for t in threading.enumerate() if t.name == "pear-prefetch"]
+    assert len(produced) < 10
