@@ -272,10 +272,10 @@ def choose_behavior(
     `reason` says why (the manifest's `behavior.mode_reason`).
 
     A recorded field -> RecordedLogprobs. Otherwise a model: `behavior_tokenizer()` loads its HF tokenizer
-    (None: the behavior is the target model itself, by name) and `load_scorer()` its scorer (the target's
-    own scorer for the target's weights). The behavior *is* the target only when it has the target's weights
-    (`same_weights`, or None for the tokenizer) and renders every row into the target's exact tokens (the
-    same tokenizer, special tokens, chat template and template mode: `rendering_differences`): then, unless
+    (None: the behavior is the target model itself, named as the target is) and `load_scorer()` its scorer.
+    The behavior *is* the target only when it has the target's weights (`same_weights`; always so without
+    `behavior_tokenizer`) and renders every row into the target's exact tokens (the same tokenizer, special
+    tokens, chat template and template mode: `rendering_differences`): then, unless
     `--alignment char-offsets`, TargetAtTemperature (one forward pass). Another model that renders the
     target's tokens -> SameTokensModel. Anything else is scored on its own tokens and template: AlignedModel,
     whose tokenizer is first probed on one row so that unusable offsets stop the run (UsageError) before its
