@@ -5,22 +5,26 @@
                       and are joined (a torch op finishes its batch), worker processes are told to stop too
                       (engine.Workers.close)
     second signal     (during that clean-up) the process ends at once, as safely as after kill -9
-    exit              130 (SIGINT) or 143 (SIGTERM); through os._exit, after flushing, when a pear-data thread
-                      is still alive
+    exit              130 (SIGINT) or 143 (SIGTERM): the atexit handlers run, stdout and stderr are flushed,
+                      and the process ends through os._exit, without the interpreter's finalization
     after the command signals are ignored (`run_process`): a finished run keeps its exit code
 
-Why os._exit: the interpreter must never finalize while one of pear-data's threads runs torch, tokenizers
-or pyarrow code. A daemon thread that wakes up during finalization is ended by `pthread_exit`, which unwinds
-through C++ frames ("terminate called without an active exception", exit 134) or touches freed state
-(exit 139). Joining every thread is the rule; os._exit is the guarantee when one could not be joined. It
-skips atexit handlers and finalizers, which a run that stops here does not need: every file it keeps was
-committed atomically, and the kernel releases the output's lock.
+Why os._exit: the interpreter's finalization is where a stopped run could still go wrong. A daemon thread
+that wakes up there (one that could not be joined, running torch, tokenizers or pyarrow code) is ended by
+`pthread_exit`, which unwinds through C++ frames ("terminate called without an active exception", exit
+134) or touches freed state (exit 139); and after a KeyboardInterrupt that passed through an `exec` of
+source text (dataclasses build their methods so, and libraries load lazily), `python -m` ends the process
+by SIGINT after finalizing, whatever exit code it was given. Joining every thread is the rule; skipping
+finalization is the guarantee. Nothing needed is skipped: every file the run keeps was committed
+atomically, the atexit handlers (multiprocessing's clean-up included) have run, and the kernel releases
+the output's lock.
 
 Only stdlib imports, so that `python -m pear_data.cli` can install the handlers before it loads anything.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -87,17 +91,13 @@ def exit_code() -> int:
     return 128 + _received[0] if _received else 130
 
 
-def threads_alive() -> list[str]:
-    """The names of pear-data's threads (`pear-...`) that are still running."""
-    return [t.name for t in threading.enumerate() if t.name.startswith("pear-") and t.is_alive()]
-
-
 def leave(code: int) -> None:
-    """Exit with `code` after a signal: sys.exit when every pear-data thread has been joined (or when the CLI
-    runs inside another program, which goes on), else flush the standard streams and os._exit (the module
-    docstring says why)."""
-    if not (_whole_process[0] and threads_alive()):
+    """Exit with `code` after a signal. The CLI as a whole process: run the atexit handlers, then `exit_now`
+    (the module docstring says why); inside another program (a test, say), which goes on: sys.exit."""
+    if not _whole_process[0]:
         sys.exit(code)
+    with contextlib.suppress(Exception):
+        atexit._run_exitfuncs()  # what a normal exit runs first: multiprocessing's clean-up, logging, ...
     exit_now(code)
 
 

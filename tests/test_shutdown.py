@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -259,3 +260,29 @@ def test_a_closed_prefetch_stops_its_thread_and_joins_it() -> None:
     ahead.close()  # the consumer stops early (an error, a Ctrl-C)
     assert not [t for t in threading.enumerate() if t.name == "pear-prefetch"]
     assert len(produced) < 10
+
+
+STOPPED_IN_EXEC = textwrap.dedent(
+    """
+    from pear_data import shutdown
+
+    def main():
+        with shutdown.handled():
+            try:
+                exec("raise KeyboardInterrupt")  # as a Ctrl-C inside a dataclass being built
+            except KeyboardInterrupt:
+                shutdown.leave(shutdown.exit_code())
+
+    shutdown.run_process(main)
+    """
+)
+
+
+def test_a_stop_exits_130_even_after_an_interrupt_inside_exec(tmp_path) -> None:
+    """`python -m` ends a process by SIGINT at exit once a KeyboardInterrupt passed through an `exec` of source
+    text, whatever sys.exit said; leaving through os._exit keeps the code."""
+    (tmp_path / "stopped_in_exec.py").write_text(STOPPED_IN_EXEC)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "stopped_in_exec"], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 130, result.stderr
