@@ -636,7 +636,7 @@ def test_the_target_under_another_behavior_template_is_scored_on_its_own_renderi
 
 
 def _gzip_damaged(raw: bytes, how: str) -> bytes:
-    data = gzip.compress(raw)
+    data = gzip.compress(raw, mtime=0)
     if how == "truncated":
         return data[: len(data) // 2]
     if how == "corrupt":  # garbage in the deflate stream
@@ -675,8 +675,9 @@ def test_every_reader_of_a_gzip_corpus_names_the_damaged_file(tmp_path):
 
 
 @pytest.mark.parametrize(("name", "content"), [("empty.jsonl", b""), ("blank.jsonl", b"\n\n  \n"),
-                                               ("empty.jsonl.gz", gzip.compress(b"")), ("empty.json", b"[]")])
-@pytest.mark.parametrize("flags", [[], FIELDS])
+                                               ("empty.jsonl.gz", gzip.compress(b"", mtime=0)),
+                                               ("empty.json", b"[]")], ids=["empty", "blank", "gzip", "array"])
+@pytest.mark.parametrize("flags", [[], FIELDS], ids=["detected", "fields"])
 def test_an_empty_corpus_exits_2_naming_the_file(capsys, tmp_path, tiny_model_dir, name, content, flags):
     corpus = tmp_path / name
     corpus.write_bytes(content)
