@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import tempfile
 import time
@@ -76,6 +75,7 @@ def main() -> None:
     import torch
     from trl import SFTConfig
 
+    from pear_data.dataset import finished_manifest
     from pear_data.models import load_model, load_tokenizer, resolve_model
     from pear_data.trainer import PearSFTTrainer
     from pear_data.weights import WeightConfig
@@ -84,7 +84,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="pear-train-"))
     data = args.data or score_sample(args.score_rows, work / "scored")
-    manifest = json.loads((data / "manifest.json").read_text())
+    manifest = finished_manifest(data)  # refuses an output whose run has not finished, or that a run is writing
     config = WeightConfig.from_dict(manifest["weights"])
     if args.granularity:
         config = dataclasses.replace(config, granularity=args.granularity)

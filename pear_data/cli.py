@@ -4,26 +4,31 @@ Exit codes (docs/design.md section 6): 0 ok; 2 for anything the user can fix
 (a `PearDataError`, a click usage error, or an OSError of the environment: a
 full disk, a read-only or forbidden path; the message names the flag, file,
 row or column and says what to do; no traceback); 1 for a bug in pear-data,
-with a traceback. 130 after Ctrl-C. A reader that closes the pipe early
+with a traceback; 130 after Ctrl-C, 143 after SIGTERM, once the run has
+stopped cleanly (`shutdown.py`). A reader that closes the pipe early
 (`pear-data stats OUT | head`) is not an error: the command finishes its other
 work (a `--plot` is still written) without printing, and exits 0.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
+from . import shutdown
+
+if __name__ == "__main__":  # `python -m pear_data.cli`: signals handled from here on, before typer and rich load
+    shutdown.install()
+
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .errors import OutputError, PearDataError, UsageError
+from .errors import USER_OS_ERRORS, OutputError, PearDataError, UsageError
 from .weights import WeightConfig
 
 
@@ -399,6 +404,10 @@ def score(
 
     try:
         manifest = run(corpus, out_dir, options, progress_factory=progress)
+    except KeyboardInterrupt:
+        err.print(f"stopped: the shards committed to {escape(str(out_dir))} are kept; run the same command with "
+                  "--resume to go on", soft_wrap=True)
+        raise
     finally:
         for bar in bars:
             bar.__exit__(None, None, None)
@@ -474,14 +483,14 @@ def stats(
     json_out: Annotated[bool, typer.Option("--json", help="Print the diagnostics as JSON instead of a table.")] = False,
 ) -> None:
     """Show the weight diagnostics (ESS, quantiles, share at bounds) of an output dir."""
+    from .dataset import source_manifest
     from .diagnostics import degeneracy_warnings
     from .stats import plot as draw
     from .stats import print_table, stored_diagnostics
-    from .writer import read_manifest
 
     if plot is not None:
         plot = plot_path(plot)
-    manifest = read_manifest(src) if (src / "manifest.json").exists() else {}
+    manifest = source_manifest(src)
     summary = manifest.get("diagnostics")
     stored = None
     if summary is None or plot is not None:
@@ -531,15 +540,27 @@ def _root(version: Annotated[bool, typer.Option("--version", help="Print the ver
         raise typer.Exit()
 
 
-# OSErrors of the environment, not of pear-data: the user can fix them (exit 2).
-USER_OS_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
-                            errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR})
-
-
 def main() -> None:
+    """The `pear-data` command: run it, map what ends it to an exit code (module docstring)."""
     # MKL's strict reproducible mode, set before torch loads MKL: CPU matmuls give the same bits whatever the
     # number of threads, so a shard scores to the same bytes with --workers 1 or N (worker processes inherit it).
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+    with shutdown.handled():
+        try:
+            _main()
+        except KeyboardInterrupt:  # a signal while main itself was reporting
+            _stopped()
+
+
+def _stopped() -> None:
+    """After Ctrl-C or SIGTERM (the run has unwound): say so, exit 130 or 143."""
+    code = shutdown.exit_code()
+    err.print("aborted" if code == 130 else "terminated")
+    STDOUT.flush()
+    shutdown.leave(code)
+
+
+def _main() -> None:
     try:
         try:
             code = app(standalone_mode=False)  # Typer returns the code of an Exit (Ctrl-C: 130) in this mode
@@ -547,16 +568,17 @@ def main() -> None:
             STDOUT.flush()
         if isinstance(code, int) and code:
             if code == 130:
-                err.print("aborted")
+                _stopped()
             sys.exit(code)
     except BrokenPipeError:
         STDOUT.silence()  # the reader has what it wanted (`| head`): not an error
         sys.exit(0)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        err.print("aborted")
-        sys.exit(130)
+    except (typer.Abort, KeyboardInterrupt) as exc:
+        if isinstance(exc.__cause__, EOFError):  # click calls a stray EOFError "Abort": it is no Ctrl-C
+            _internal_error(exc.__cause__)
+        _stopped()
     except Exception as exc:  # noqa: BLE001 - the top level decides the exit code
         from typer.exceptions import TyperException
 
@@ -571,10 +593,15 @@ def main() -> None:
             err.print(f"[red]error:[/] {escape(where + (exc.strerror or str(exc)))}; fix it (free space, "
                       "permissions, another path) and rerun", soft_wrap=True)
             sys.exit(2)
-        err.print(f"[red]internal error:[/] {escape(type(exc).__name__)}: {escape(str(exc))}", soft_wrap=True)
-        err.print_exception()
-        sys.exit(1)
+        _internal_error(exc)
+
+
+def _internal_error(exc: BaseException) -> None:
+    """A bug in pear-data: exit 1 with the traceback of the exception being handled (and its cause)."""
+    err.print(f"[red]internal error:[/] {escape(type(exc).__name__)}: {escape(str(exc))}", soft_wrap=True)
+    err.print_exception()
+    sys.exit(1)
 
 
 if __name__ == "__main__":
-    main()
+    shutdown.run_process(main)

@@ -52,11 +52,13 @@ assistant turn inside a prompt-completion *prompt*, marked `"train": False`).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import os
 import re
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,8 +138,45 @@ def _is_parquet(path: Path) -> bool:
     return path.name.lower().endswith(PARQUET_SUFFIXES)
 
 
-def _open_binary(path: Path) -> BinaryIO:
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else path.open("rb")  # type: ignore[return-value]
+@contextlib.contextmanager
+def _open_binary(path: Path) -> Iterator[BinaryIO]:
+    """The file's bytes, gunzipped for `.gz`; a `.gz` that is not gzip, or ends early, is a CorpusError naming it
+    (gzip raises BadGzipFile, EOFError or zlib.error while the file is read, so reads happen inside this block)."""
+    if not path.name.lower().endswith(".gz"):
+        with path.open("rb") as fh:
+            yield fh
+        return
+    try:
+        with gzip.open(path, "rb") as fh:
+            yield fh  # type: ignore[misc]
+    except gzip.BadGzipFile as exc:
+        with path.open("rb") as raw:
+            gzipped = raw.read(2) == b"\x1f\x8b"
+        if not gzipped:
+            raise CorpusError(f"{path}: not a gzip file ({exc}), though its name ends in .gz; rename it without "
+                              ".gz if it is plain JSONL, or compress it with gzip") from None
+        raise CorpusError(f"{path}: the gzip file is damaged ({exc}); restore it, or download or compress it "
+                          "again") from None
+    except (EOFError, zlib.error) as exc:
+        raise CorpusError(f"{path}: the gzip file is truncated or damaged ({type(exc).__name__}: {exc}); restore "
+                          "it, or download or compress it again") from None
+
+
+@contextlib.contextmanager
+def _parquet_read(path: Path) -> Iterator[None]:
+    """A Parquet file pyarrow cannot read (truncated, corrupt pages, not Parquet at all) as a CorpusError naming
+    it; pyarrow raises OSError or an ArrowException, at open or while the rows are read (so reads happen inside
+    this block)."""
+    try:
+        yield
+    except (OSError, pa.ArrowException) as exc:
+        raise CorpusError(f"{path}: not a readable Parquet file ({exc}); the file is damaged or truncated: "
+                          "restore it, or write it again") from None
+
+
+def _parquet_num_rows(path: Path) -> int:
+    with _parquet_read(path):
+        return pq.ParquetFile(path).metadata.num_rows
 
 
 @dataclass(frozen=True)
@@ -171,6 +210,16 @@ class Corpus:
         else:
             yield from _dataset_rows(self._load_dataset(), batch_size)
 
+    def first_record(self) -> dict[str, Any] | None:
+        """The first row that decodes (None when none does); CorpusError naming the input when it has no rows."""
+        rows = self.rows()
+        first = next(rows, None)
+        if first is None:
+            raise CorpusError(f"{self.source}: the corpus has no rows (an empty file?); give a corpus with at "
+                              "least one row")
+        return first.record if first.record is not None else next(
+            (r.record for r in rows if r.record is not None), None)
+
     def ranges(self, shard_rows: int, start: int = 0) -> Iterator[RowRange]:
         """The rows from `start` on in ranges of `shard_rows` (boundaries at multiples of shard_rows), each
         with where its first row lies, so that `read_range` can read it without reading what comes before.
@@ -183,7 +232,7 @@ class Corpus:
             yield from _jsonl_ranges(self.files, shard_rows, start)
             return
         if self.kind == "parquet":
-            counts = [pq.ParquetFile(f).metadata.num_rows for f in self.files]
+            counts = [_parquet_num_rows(f) for f in self.files]
         else:
             counts = [self.num_rows()]
             if counts[0] is None:  # gzipped JSONL or a JSON array: count by reading
@@ -242,7 +291,7 @@ class Corpus:
         """Number of rows without decoding them: Parquet metadata, datasets length, non-blank JSONL lines
         (None for a JSON array file or gzipped JSONL, which would have to be decoded to count)."""
         if self.kind == "parquet":
-            return sum(pq.ParquetFile(f).metadata.num_rows for f in self.files)
+            return sum(_parquet_num_rows(f) for f in self.files)
         if self.kind in ("datasets", "hub"):
             return len(self._load_dataset())
         if any(f.suffix == ".gz" or _is_json_array(f) for f in self.files):
@@ -280,7 +329,11 @@ class Corpus:
         datasets = _import_datasets(f"{self.source!r}")
         if self.kind == "datasets":
             assert self.root is not None
-            ds = datasets.load_from_disk(str(self.root))
+            try:
+                ds = datasets.load_from_disk(str(self.root))
+            except Exception as exc:  # noqa: BLE001 - a damaged directory: JSON, Arrow and OS errors alike
+                raise CorpusError(f"{self.source}: cannot load this `datasets` directory ({type(exc).__name__}: "
+                                  f"{exc}); it is damaged or truncated: save it again (`save_to_disk`)") from None
             if isinstance(ds, datasets.DatasetDict):
                 if self.split not in ds:
                     raise CorpusError(
@@ -440,18 +493,19 @@ def _parquet_range(files: tuple[Path, ...], rows: RowRange, batch_size: int) -> 
     out: list[CorpusRow] = []
     index, skip = rows.start, rows.offset
     for file in range(rows.file, len(files)):
-        parquet = pq.ParquetFile(files[file])
-        sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
-        starts = np.concatenate([[0], np.cumsum(sizes)])
-        first = int(np.searchsorted(starts, skip, side="right") - 1)
-        skip -= int(starts[first])
-        for batch in parquet.iter_batches(batch_size=batch_size, row_groups=range(first, len(sizes))):
-            for record in batch.slice(skip).to_pylist() if skip < len(batch) else []:
-                if index >= rows.end:
-                    return out
-                out.append(CorpusRow(index, record))
-                index += 1
-            skip = max(0, skip - len(batch))
+        with _parquet_read(files[file]):
+            parquet = pq.ParquetFile(files[file])
+            sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+            starts = np.concatenate([[0], np.cumsum(sizes)])
+            first = int(np.searchsorted(starts, skip, side="right") - 1)
+            skip -= int(starts[first])
+            for batch in parquet.iter_batches(batch_size=batch_size, row_groups=range(first, len(sizes))):
+                for record in batch.slice(skip).to_pylist() if skip < len(batch) else []:
+                    if index >= rows.end:
+                        return out
+                    out.append(CorpusRow(index, record))
+                    index += 1
+                skip = max(0, skip - len(batch))
         skip = 0
     return out
 
@@ -596,14 +650,11 @@ def _json_array(path: Path) -> tuple[bytes, list[Any]]:
 def _parquet_rows(files: tuple[Path, ...], batch_size: int) -> Iterator[CorpusRow]:
     index = 0
     for path in files:
-        try:
-            parquet = pq.ParquetFile(path)
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError for broken files
-            raise CorpusError(f"{path}: not a readable Parquet file ({exc})") from exc
-        for batch in parquet.iter_batches(batch_size=batch_size):
-            for record in batch_records(batch):
-                yield CorpusRow(index, record)
-                index += 1
+        with _parquet_read(path):
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+                for record in batch_records(batch):
+                    yield CorpusRow(index, record)
+                    index += 1
 
 
 def column_values(column: pa.Array | pa.ChunkedArray) -> list[Any]:
@@ -857,10 +908,8 @@ def _parquet_columns(files: tuple[Path, ...]) -> InputColumns:
     the column is JSON text."""
     fields: dict[str, list[pa.Field]] = {}
     for path in files:
-        try:
+        with _parquet_read(path):
             schema = pq.read_schema(path)
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError for broken files
-            raise CorpusError(f"{path}: not a readable Parquet file ({exc})") from exc
         for f in schema:
             fields.setdefault(f.name, []).append(f)
     out, json_names = [], set()
@@ -877,9 +926,10 @@ def _parquet_columns(files: tuple[Path, ...]) -> InputColumns:
             unified = pa.unify_schemas([pa.schema([pa.field(name, t)]) for t in types], promote_options="permissive")
             candidate = unified.field(name)
             for path in files:
-                parquet = pq.ParquetFile(path)
-                if name in parquet.schema_arrow.names and parquet.schema_arrow.field(name).type != candidate.type:
-                    input_column(column_values(parquet.read(columns=[name]).column(name)), candidate, False)
+                with _parquet_read(path):
+                    parquet = pq.ParquetFile(path)
+                    if name in parquet.schema_arrow.names and parquet.schema_arrow.field(name).type != candidate.type:
+                        input_column(column_values(parquet.read(columns=[name]).column(name)), candidate, False)
             field = candidate
         except (pa.ArrowException, InputColumnError):
             json_names.add(name)
@@ -924,6 +974,7 @@ class RowShape:
 def detect_shape(
     record: Mapping[str, Any] | None,
     *,
+    source: str = "the corpus",
     messages_field: str | None = None,
     prompt_field: str | None = None,
     completion_field: str | None = None,
@@ -935,7 +986,7 @@ def detect_shape(
     `prompt_field` + `completion_field` (both required) select field mapping.
     Without flags: a `messages` column means conversational, `prompt` and
     `completion` columns mean prompt-completion. Raises `CorpusError` when the
-    flags conflict or the shape cannot be detected.
+    flags conflict or the shape cannot be detected (naming `source`, the input).
     """
     if (prompt_field is None) != (completion_field is None):
         raise CorpusError("--prompt-field and --completion-field must be given together")
@@ -950,7 +1001,9 @@ def detect_shape(
             "prompt_completion", prompt_field=prompt_field, completion_field=completion_field, system_field=system_field
         )
     if record is None:
-        raise CorpusError("cannot detect the row shape: the corpus has no decodable row")
+        raise CorpusError(f"{source}: cannot detect the row shape: no row of it decodes; fix the rows, or name the "
+                          "shape (--prompt-field and --completion-field, or --messages-field): undecodable rows "
+                          "then go to rejects.parquet with their reason")
     if "messages" in record:
         if system_field is not None:
             raise CorpusError("--system-field applies to prompt/completion fields, not to a 'messages' column")

@@ -40,6 +40,7 @@ GGUF load (tests/test_models.py pins this).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib
@@ -52,12 +53,12 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pear_data.errors import ModelSpecError
+from pear_data.errors import USER_OS_ERRORS, ModelSpecError, PearDataError
 
 # Re-exported: one definition of the chat-template hash ("sha256:<hex>", None without a template) for the manifest.
 from pear_data.tokenize import chat_template_hash
@@ -229,6 +230,12 @@ def resolve_model(spec: str) -> ModelSource:
 
 def _gguf_source(spec: str, kind: ModelKind, gguf: Path) -> ModelSource:
     gguf = gguf.resolve()
+    with gguf.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        what = "is empty (0 bytes)" if not magic else "is not a GGUF file (it does not start with the GGUF magic bytes)"
+        raise ModelSpecError(f"{gguf} {what}: download the model again, or pass another .gguf file or a model "
+                             "directory")
     return ModelSource(spec=spec, kind=kind, path=gguf.parent, gguf_file=gguf.name, fingerprint=_sha256_file(gguf))
 
 
@@ -447,6 +454,44 @@ def _tokenizer_entry(source: ModelSource) -> Path:
 # --------------------------------------------------------------------------- load
 
 
+@contextlib.contextmanager
+def _loading(source: ModelSource, what: str) -> Iterator[None]:
+    """Every error of loading `what` from the user's model as a ModelSpecError naming the file (exit 2).
+
+    Loaders (transformers, tokenizers, safetensors, the GGUF reader, torch) raise ValueError, OSError,
+    RuntimeError, struct.error, EOFError, ... for a truncated, fake or empty file, or for a directory
+    without its tokenizer files: all of them mean that this model cannot be loaded. pear-data's own errors
+    and the OSErrors of the environment (a full disk or a read-only cache: the CLI names the path) pass.
+    """
+    try:
+        yield
+    except PearDataError:
+        raise
+    except OSError as exc:
+        if exc.errno in USER_OS_ERRORS:
+            raise
+        raise _damaged(source, what, exc) from exc
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        raise _damaged(source, what, exc) from exc
+
+
+def _damaged(source: ModelSource, what: str, exc: Exception) -> ModelSpecError:
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    detail = " ".join(str(exc).split())
+    detail = f"{name}: {detail if len(detail) <= 300 else detail[:300] + ' ...'}"
+    if source.gguf_file is not None:
+        again = f"reinstall `{source.spec}`" if source.kind == "alias" else "download it again"
+        where, fix = source.gguf_path, (f"the .gguf file is truncated, damaged or not a model: {again} (if it is "
+                                        f"intact, delete its converted cache {converted_dir(source)})")
+    elif source.kind == "dir":
+        where, fix = source.path, ("a model directory needs its config.json, its weight files and its tokenizer "
+                                   "files (tokenizer.json or vocab and merges, tokenizer_config.json), all intact")
+    else:
+        where, fix = source.spec, "its files are damaged: remove them from the cache and download them again"
+    return ModelSpecError(f"{where}: cannot load {what} ({detail}); {fix}")
+
+
 def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load the tokenizer of `source` without converting any weights.
 
@@ -454,6 +499,11 @@ def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> P
     otherwise it is read from the GGUF metadata (10-60 s for the embedded models)
     and cached under CACHE/tokenizers/ for the next run.
     """
+    with _loading(source, "its tokenizer"):
+        return _load_tokenizer(source, trust_remote_code)
+
+
+def _load_tokenizer(source: ModelSource, trust_remote_code: bool) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     if source.gguf_file is None:
@@ -499,15 +549,16 @@ def load_model(
     path = source.path
     if source.gguf_file is not None:
         path = ensure_converted(source)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, device_map={"": device}, trust_remote_code=trust_remote_code
-        )
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc) and not trust_remote_code:
-            raise ModelSpecError(f"{source.spec!r} needs custom code from its repo: pass --trust-remote-code "
-                                 "if you trust it") from exc
-        raise
+    with _loading(source, "its weights"):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, device_map={"": device}, trust_remote_code=trust_remote_code
+            )
+        except ValueError as exc:
+            if "trust_remote_code" in str(exc) and not trust_remote_code:
+                raise ModelSpecError(f"{source.spec!r} needs custom code from its repo: pass --trust-remote-code "
+                                     "if you trust it") from exc
+            raise
     return model.eval()
 
 
@@ -524,6 +575,11 @@ def ensure_converted(source: ModelSource) -> Path:
         raise ValueError(f"{source.spec!r} is not a GGUF model; nothing to convert")
     if _entry_complete(entry):
         return entry
+    with _loading(source, "its weights"):
+        return _convert(source, entry)
+
+
+def _convert(source: ModelSource, entry: Path) -> Path:
     if entry.exists():  # no marker: not written by us, or damaged by hand; rebuild it
         shutil.rmtree(entry)
 

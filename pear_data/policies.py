@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -62,7 +63,9 @@ class ModelSources:
         return cls(target, target if spec == options.target else resolve_model(spec))
 
     @property
-    def behavior_is_target(self) -> bool:
+    def same_weights(self) -> bool:
+        """Whether the behavior model has the target's weights (and config). That alone does not make it the
+        target: its tokenizer and template decide too (`behavior.choose_behavior`)."""
         return self.behavior is not None and self.behavior.fingerprint == self.target.fingerprint
 
     def fingerprints(self) -> dict:
@@ -150,12 +153,13 @@ class Policies:
     @classmethod
     def load(cls, options: ScoreOptions, sources: ModelSources, shape: RowShape,
              progress: Callable[[int, int], None] | None = None, columns: InputColumns | None = None, *,
-             models: bool = True) -> Policies:
+             models: bool = True, stop: threading.Event | None = None) -> Policies:
         """Load tokenizers first (cheap; bad flags fail here), then the models (not with models=False: such
         policies only `prepare`, as the CPU stage of a Ray run does).
 
         columns: the input columns' types, decided over the whole corpus (`Corpus.columns`); None: decided
-        shard by shard (a library caller with no corpus pass).
+        shard by shard (a library caller with no corpus pass). stop: once set, `score` stops at the next
+        batch (ScoringStopped; engine.Workers cancels with it).
         """
         from .models import load_model, load_tokenizer, tokenizer_fingerprint
         from .scoring import TorchScorer, resolve_device, scoring_dtype
@@ -173,6 +177,7 @@ class Policies:
         except ValueError as exc:
             raise UsageError(f"--target {sources.target.spec}: {exc} (--template)") from None
         scorers: dict[str, Any] = {}
+        loaded: dict[str, Any] = {}  # weight fingerprint -> model: a behavior with the target's weights shares it
 
         def scorer(role: str, source: ModelSource, report: Callable | None) -> Any:
             if not models:
@@ -180,18 +185,21 @@ class Policies:
             if role not in scorers and options.backend == "vllm":
                 scorers[role] = vllm_scorer(source, options, report)
             elif role not in scorers:
-                model = load_model(source, device=device, dtype=dtype, trust_remote_code=trust)
-                scorers[role] = TorchScorer(model, device=device, batch_tokens=options.batch_tokens, progress=report)
+                if source.fingerprint not in loaded:
+                    loaded[source.fingerprint] = load_model(source, device=device, dtype=dtype,
+                                                            trust_remote_code=trust)
+                scorers[role] = TorchScorer(loaded[source.fingerprint], device=device,
+                                            batch_tokens=options.batch_tokens, progress=report,
+                                            name=f"--{role} {source.spec}", stop=stop)
             return scorers[role]
 
-        behavior_is_target = sources.behavior_is_target
         behavior = choose_behavior(
             options.behavior, target_tokenizer,
-            behavior_tokenizer=None if sources.behavior is None or behavior_is_target
+            behavior_tokenizer=None if sources.behavior is None or sources.behavior is sources.target
             else (lambda: load_tokenizer(sources.behavior, trust_remote_code=trust)),
-            load_scorer=(lambda: scorer("target", sources.target, progress)) if behavior_is_target
-            else (lambda: scorer("behavior", sources.behavior, None)),
+            load_scorer=lambda: scorer("behavior", sources.behavior, None),
             behavior_name=options.behavior.model or DEFAULT_BEHAVIOR,
+            same_weights=sources.same_weights,
         )
         target_scorer = scorer("target", sources.target, progress)
 
@@ -201,7 +209,7 @@ class Policies:
         description = {
             "models": model_records,
             "behavior": {"temperature": options.behavior.temperature, "top_p": options.behavior.top_p,
-                         **behavior.describe()},
+                         "mode_reason": behavior.reason, **behavior.describe()},
             "tokenizer": {"fingerprint": tokenizer_fingerprint(hf_tokenizer),
                           "chat_template_hash": chat_template_hash(hf_tokenizer)},
             # the device type only: the same manifest whichever GPU (or how many workers) scored the rows

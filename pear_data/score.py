@@ -20,6 +20,7 @@ commit).
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +94,7 @@ def score(corpus: str | Path, out: str | Path, options: ScoreOptions = ScoreOpti
     if not options.ray:  # on a Ray cluster the GPUs are the cluster's, not this machine's
         check_device(options.device)
     source = open_corpus(corpus, split=options.split)
-    shape = detect_shape(next((r.record for r in source.rows() if r.record is not None), None), **options.shape)
+    shape = detect_shape(source.first_record(), source=source.source, **options.shape)
     sources = ModelSources.resolve(options)
     columns = source.columns()  # design 2.2: one type per input column for the whole output; refuses reserved names
     config = options.weights
@@ -133,9 +134,10 @@ def _run(writer: DatasetWriter, source: Any, shape: Any, sources: ModelSources, 
     else:
         if options.workers == 1:
             progress = Progress(advance or (lambda rows, tokens: None))
-            policies = Policies.load(options, sources, shape, progress, columns)
+            stop = threading.Event()  # set when the run is cancelled: the scorers stop at their next batch
+            policies = Policies.load(options, sources, shape, progress, columns, stop=stop)
             workers = Workers(1, options, sources, shape, columns, policies=policies, progress=progress,
-                              advance=advance)
+                              advance=advance, stop=stop)
         else:
             workers = Workers(options.workers, options, sources, shape, columns, advance=advance)
         tasks = (ShardTask(number, rows)

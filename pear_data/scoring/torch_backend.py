@@ -65,12 +65,14 @@ targets). Any other call uses the chunked path.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from pear_data.errors import ModelSpecError
 from pear_data.scoring.sampling import STRATEGIES, SamplingParams, policy_logprobs
 
 ProgressCallback = Callable[[int, int], None]
@@ -239,6 +241,10 @@ class _ChunkBuffers:
         return self.logits[:rows], self.scratch[:rows]
 
 
+class ScoringStopped(Exception):
+    """`TorchScorer.score` was told to stop (its `stop` event is set): the run is being cancelled."""
+
+
 class TorchScorer:
     """Per-token log-probs of a transformers causal LM, batched and chunked (see the module docstring).
 
@@ -261,6 +267,12 @@ class TorchScorer:
     "exp", "power"; see `sampling.py`).
     fused_head: use liger-kernel's fused linear + cross-entropy where it
     applies (see the module docstring); needs CUDA and liger-kernel.
+    name: how messages name the model (e.g. "--target DIR").
+    stop: once this event is set, `score` raises ScoringStopped before its
+    next batch (a run being cancelled waits for one batch, not a whole call).
+    `score` raises ModelSpecError (a usage error, naming the model and its
+    vocabulary size) for a token id the model's embedding does not have: its
+    tokenizer and its weights do not belong together.
     """
 
     def __init__(
@@ -274,6 +286,8 @@ class TorchScorer:
         progress: ProgressCallback | None = None,
         logprob_strategy: str = "auto",
         fused_head: bool = False,
+        name: str = "the model",
+        stop: threading.Event | None = None,
     ) -> None:
         self.device = torch.device(resolve_device(device))
         batch_tokens = default_batch_tokens(str(self.device)) if batch_tokens is None else batch_tokens
@@ -308,6 +322,8 @@ class TorchScorer:
         self.vocab_chunk_tokens = vocab_chunk_tokens
         self.max_padding = max_padding
         self.progress = progress
+        self.name = name
+        self.stop = stop
         self.logprob_strategy = logprob_strategy
         # A plain bias-free Linear head can write its logits into a reused buffer (torch.mm(out=)); in
         # bf16/fp16 on CUDA with float32 output straight from the matmul (dropped if torch lacks the overload).
@@ -348,6 +364,8 @@ class TorchScorer:
         buffers = _ChunkBuffers(self.device, self.head_vocab)
         with torch.inference_mode():
             for rows in plan_batches(lengths, self.batch_tokens, self.max_padding):
+                if self.stop is not None and self.stop.is_set():
+                    raise ScoringStopped(f"{self.name}: scoring stopped")
                 result = self._score_batch(rows, [sequences[r] for r in rows], [completion_masks[r] for r in rows],
                                            policies, buffers)
                 if result is not None:
@@ -395,9 +413,11 @@ class TorchScorer:
             if mask.shape != seq.shape:
                 raise ValueError(f"row {r}: completion_mask has shape {mask.shape}, input_ids {seq.shape}")
             if len(seq) and (seq.min() < 0 or seq.max() >= self.vocab_size):
-                raise ValueError(
-                    f"row {r}: token id {int(seq.max() if seq.max() >= self.vocab_size else seq.min())} is outside "
-                    f"the model's vocabulary [0, {self.vocab_size}): was the row tokenized with another tokenizer?"
+                raise ModelSpecError(
+                    f"{self.name}: token id {int(seq.max() if seq.max() >= self.vocab_size else seq.min())} is "
+                    f"outside the model's vocabulary of {self.vocab_size} tokens (ids 0 to {self.vocab_size - 1}): "
+                    "its tokenizer makes tokens its weights do not have (config.json vocab_size, the embedding); "
+                    "give the model the tokenizer it was trained with"
                 )
 
     def _upload(self, array: np.ndarray) -> torch.Tensor:
