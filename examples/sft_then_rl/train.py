@@ -76,8 +76,8 @@ def load_scored(scored: Path):
     from pear_data.weights import WeightConfig
 
     manifest = finished_manifest(scored)  # refuses an output whose run has not finished, or that a run is writing
-    columns = ["input_ids", "completion_mask", "behavior_logprobs", "pear_token_weight", "pear_block_weight",
-               "pear_seq_weight"]
+    columns = ["input_ids", "completion_mask", "behavior_logprobs", "shared_boundary", "pear_token_weight",
+               "pear_block_weight", "pear_seq_weight"]
     files = sorted((scored / "data").glob("*.parquet"))
     table = pq.ParquetDataset(files).read(columns=columns)
     return datasets.Dataset(table), WeightConfig.from_dict(manifest["weights"])
