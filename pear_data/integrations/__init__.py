@@ -6,10 +6,11 @@ Each adapter is a module of its own that imports its framework:
   the slot of verl's SFT loss;
 - `pear_data.integrations.axolotl`: an axolotl plugin (`plugins: [pear_data.integrations.axolotl.PearPlugin]`).
 
-This module imports no framework. It reads the `pear:` section of a framework's config into `PearSettings`,
-and checks, on the first batch that reaches the loss, that the weight column is in it (`check_batch`): a
-framework that filters columns or repacks rows must never train on plain NLL while the user asked for PEAR.
-The weights always travel as float32 tensors of their own, never folded into an integer loss mask.
+This module imports no framework. It loads a pear-data output (`load_output`), reads the `pear:` section of
+a framework's config into `PearSettings`, and checks, on the first batch that reaches the loss, that the
+weight column is in it (`check_batch`): a framework that filters columns or repacks rows must never train on
+plain NLL while the user asked for PEAR. The weights always travel as float32 tensors of their own, never
+folded into an integer loss mask.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import TrainingError
@@ -104,3 +106,26 @@ def check_batch(keys: Collection[str], settings: PearSettings, where: str) -> No
         "filter, a collator or a packing step of the framework that does not know them). Training stops rather "
         "than train on plain NLL; see docs/integrations.md for the dataset class / collator to use"
     )
+
+
+def load_output(paths: str | Path | Collection[str | Path], where: str, cache_dir: str | Path | None = None) -> Any:
+    """The rows of pear-data outputs as one `datasets.Dataset`. `paths`: output directories (OUT, whose rows are
+    in OUT/data), their data/ directories, or Parquet files; `where` names the config key in errors;
+    `cache_dir`: the `datasets` cache (None: its default)."""
+    import datasets
+
+    paths = [paths] if isinstance(paths, str | Path) else list(paths)
+    files: list[str] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            directory = path / "data" if (path / "data").is_dir() else path
+            files += sorted(str(p) for p in directory.glob("*.parquet"))
+        elif path.is_file():
+            files.append(str(path))
+        else:
+            raise TrainingError(f"{where}: {path} does not exist (give a pear-data output directory, its data/ "
+                                "directory, or Parquet files)")
+    if not files:
+        raise TrainingError(f"{where}: no Parquet file in {', '.join(map(str, paths))} (give the directory that "
+                            "`pear-data score --out` wrote)")
+    return datasets.Dataset.from_parquet(files, cache_dir=str(cache_dir) if cache_dir else None)

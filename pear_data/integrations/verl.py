@@ -33,7 +33,6 @@ import logging
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,7 +42,7 @@ from ..errors import TrainingError
 from ..loss import IGNORE_INDEX, pear_loss
 from ..schema import BEHAVIOR_LOGPROBS, COMPLETION_MASK, INPUT_IDS, SHARED_BOUNDARY
 from ..training_data import prepare_dataset
-from . import PEAR_WEIGHTS, PearSettings, check_batch
+from . import PEAR_WEIGHTS, PearSettings, check_batch, load_output
 
 logger = logging.getLogger(__name__)
 NO_PADDING = "no_padding"  # verl's DatasetPadMode.NO_PADDING
@@ -187,7 +186,7 @@ class PearSFTDataset(torch.utils.data.Dataset):
                  processor: Any = None, max_samples: int = -1) -> None:
         config = config or {}
         self.settings = verl_settings(config)
-        dataset = _load(parquet_files)
+        dataset = load_output(parquet_files, "data.train_files / val_files")
         if max_samples is not None and 0 < max_samples < len(dataset):
             dataset = dataset.select(range(max_samples))
         max_length = config.get("max_length")
@@ -216,22 +215,3 @@ class PearSFTDataset(torch.utils.data.Dataset):
             item[SHARED_BOUNDARY] = torch.as_tensor(row[SHARED_BOUNDARY], dtype=torch.int64)
         return item
 
-
-def _load(parquet_files: Any) -> Any:
-    """The rows of the Parquet files, as a `datasets.Dataset`."""
-    import datasets
-
-    paths = [parquet_files] if isinstance(parquet_files, str | Path) else list(parquet_files)
-    files: list[str] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            directory = path / "data" if (path / "data").is_dir() else path
-            files += sorted(str(p) for p in directory.glob("*.parquet"))
-        elif path.is_file():
-            files.append(str(path))
-        else:
-            raise TrainingError(f"data.train_files / val_files: {path} does not exist (give a pear-data output "
-                                "directory, its data/ directory, or Parquet files)")
-    if not files:
-        raise TrainingError(f"no Parquet file in {', '.join(map(str, paths))}: give a pear-data output directory")
-    return datasets.Dataset.from_parquet(files)
