@@ -134,11 +134,14 @@ def install_pear_loss(settings: PearSettings) -> PearVerlLoss:
             raise TrainingError(f"a PEAR loss with other settings is installed already ({current.settings}); one "
                                 "run trains with one data.pear section")
         return current
-    for name in ("verl.trainer.sft_trainer", "verl.trainer.sft_trainer_ray"):
-        if current is None or getattr(sys.modules.get(name), "sft_loss", None) is not None:
-            raise TrainingError(f"this verl binds its SFT loss otherwise ({name}): pear_data.integrations.verl "
-                                "supports verl's engine SFT trainer (verl 0.9), which reads "
-                                "verl.workers.utils.losses.sft_loss when it builds its engine")
+    # A trainer module holding its own `sft_loss` name would never see the replacement.
+    bound = [name for name in ("verl.trainer.sft_trainer", "verl.trainer.sft_trainer_ray")
+             if getattr(sys.modules.get(name), "sft_loss", None) is not None]
+    if current is None or bound:
+        where = ", ".join(bound) or "verl.workers.utils.losses has no sft_loss"
+        raise TrainingError(f"this verl binds its SFT loss otherwise ({where}): pear_data.integrations.verl supports "
+                            "verl's engine SFT trainer (verl 0.9), which reads verl.workers.utils.losses.sft_loss "
+                            "when it builds its engine")
     losses.sft_loss = PearVerlLoss(settings)
     logger.info("PEAR loss installed in verl's SFT loss slot (%s)", settings)
     return losses.sft_loss

@@ -8,8 +8,6 @@ one padded batch), compared with `pear_loss` on the same rows padded.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import yaml
@@ -132,4 +130,3 @@ def test_a_dataset_of_another_type_is_refused_and_without_the_plugin_axolotl_sto
 def test_a_bad_pear_section_is_refused_when_the_config_loads(tiny_scored, tmp_path):
     with pytest.raises(ValueError, match="gamma have no effect in static mode"):
         _cfg(tiny_scored, tmp_path, {"mode": "static", "gamma": 0.9})
-    assert os.environ["AXOLOTL_DO_NOT_TRACK"] == "1"

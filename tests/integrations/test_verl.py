@@ -163,3 +163,13 @@ def test_the_first_step_of_verls_sft_trainer_is_pear_loss(run, request, tmp_path
     got = _verl_step(scored, tmp_path, flags + overrides)
     config = WeightConfig(**{k: v for k, v in pear.items() if k != "mode"})
     assert got == pytest.approx(reference_loss(scored, pear["mode"], config, tmp_path / "hf-ref"), rel=1e-5)
+
+
+def test_one_run_installs_one_loss(verl_loss_slot):
+    from pear_data.integrations import PearSettings
+    from pear_data.integrations.verl import install_pear_loss
+
+    first = install_pear_loss(PearSettings())
+    assert install_pear_loss(PearSettings()) is first  # the validation dataset, same data.pear
+    with pytest.raises(TrainingError, match="other settings is installed already"):
+        install_pear_loss(PearSettings(mode="online"))
