@@ -151,7 +151,8 @@ class PearAxolotlCollator:
     of every bin go into one padding-free batch row, `position_ids` restarting at 0 on every row (the model keeps
     the rows apart, and `pear_loss` restarts every PEAR sum), as TRL's padding-free collator. Output: see
     `PearCollator` (`labels` from `completion_mask`, `pear_weights` float32 or `behavior_logprobs` +
-    `shared_boundary`, all aligned with `input_ids`).
+    `shared_boundary`, all aligned with `input_ids`). `padding` and `return_tensors` are axolotl's arguments:
+    rows are always padded (or packed) into torch tensors.
     """
 
     def __init__(self, tokenizer: Any, *, weights: str | None, behavior: bool, max_length: int | None,
@@ -187,7 +188,8 @@ class PearAxolotlTrainer(PearLossMixin, AxolotlTrainer):
     the weights (`check_batch`); axolotl's token-per-second count is not kept (its `compute_loss` is replaced)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.pear_settings = PearSettings.from_section(getattr(kwargs.get("args"), "pear_section", None), "pear")
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)  # Trainer's (model, args, ...)
+        self.pear_settings = PearSettings.from_section(getattr(training_args, "pear_section", None), "pear")
         self._pear_checked = False
         super().__init__(*args, pear_mode=self.pear_settings.mode, pear_config=self.pear_settings.config,
                          pear_normalize=self.pear_settings.loss_normalize, **kwargs)
