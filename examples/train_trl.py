@@ -32,8 +32,8 @@ HERE = Path(__file__).resolve().parent
 
 def score_sample(rows: int, out: Path) -> Path:
     """Score the first `rows` GSM8K sample rows with the embedded model (behavior: the target at T=0.7)."""
-    from pear_data.behavior import BehaviorSpec
-    from pear_data.score import ScoreOptions, score
+    from pear_data.config import BehaviorSpec, CorpusConfig, ScoreOptions, ScoringConfig
+    from pear_data.score import score
 
     corpus = out.parent / "gsm8k_head.jsonl"
     lines = (HERE / "data" / "gsm8k_sample.jsonl").read_text().splitlines()[:rows]
@@ -42,8 +42,8 @@ def score_sample(rows: int, out: Path) -> Path:
           "--completion-field answer --behavior-temperature 0.7 --device cpu)")
     score(corpus, out, ScoreOptions(
         behavior=BehaviorSpec(temperature=0.7),
-        shape={"prompt_field": "question", "completion_field": "answer", "messages_field": None, "system_field": None},
-        device="cpu",
+        corpus=CorpusConfig(prompt_field="question", completion_field="answer"),
+        scoring=ScoringConfig(device="cpu"),
     ))
     return out
 

@@ -28,53 +28,11 @@ from typing import Any
 import numpy as np
 
 from .align import RowAlignment, TurnTokens, align_row, number_list, recorded_turn_tokens, turn_tokens
+from .config import BehaviorSpec
 from .corpus import Conversation, is_completion_turn
 from .errors import RowError, UsageError
 from .scoring import SamplingParams, Scorer
 from .tokenize import ConversationTokenizer, TokenizeConfig, TokenizedRow, chat_template_hash
-
-DEFAULT_BEHAVIOR = "gemma-3-270m"
-ALIGNMENTS = ("auto", "direct", "char-offsets")
-TEMPLATES = ("auto", "chat", "raw")
-
-
-@dataclass(frozen=True)
-class BehaviorSpec:
-    """What the user said about the behavior policy (the `score` flags).
-
-    model:          None = DEFAULT_BEHAVIOR (unless logprobs_field is set); the target's own spec = the
-                    target itself
-    logprobs_field: column with recorded behavior log-probs (exclusive with model)
-    temperature, top_p: how the behavior sampled (design 3.6)
-    template:       how a behavior model renders a row: "auto" (its chat template if it has one, else raw),
-                    "chat" or "raw" (base models)
-    alignment:      "auto" (direct when the behavior renders the target's exact tokens, else by character
-                    offsets), "direct", or "char-offsets" (always by characters)
-    """
-
-    model: str | None = None
-    logprobs_field: str | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    template: str = "auto"
-    alignment: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.template not in TEMPLATES:
-            raise UsageError(f"--behavior-template must be auto, chat or raw, got {self.template!r}")
-        if self.alignment not in ALIGNMENTS:
-            raise UsageError(f"--alignment must be one of {', '.join(ALIGNMENTS)}, got {self.alignment!r}")
-        if self.model is not None and self.logprobs_field is not None:
-            raise UsageError("--behavior and --behavior-logprobs-field are exclusive: pick one source of "
-                             "behavior log-probs")
-        try:
-            SamplingParams(self.temperature, self.top_p)
-        except ValueError as exc:
-            raise UsageError(f"--behavior-temperature / --behavior-top-p: {exc}") from None
-
-    @property
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_p)
 
 
 @dataclass

@@ -28,8 +28,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
+from .config import DEFAULT_TARGET, WeightConfig
 from .errors import USER_OS_ERRORS, OutputError, PearDataError, UsageError
-from .weights import WeightConfig
 
 
 class _PipeSafeStdout:
@@ -164,37 +164,10 @@ CenterOpt = Annotated[
 ]
 
 
-def weight_config(
-    granularity,
-    gamma,
-    horizon,
-    block_size,
-    log_ratio_clip,
-    weight_clip,
-    normalize,
-    max_weight,
-    length_normalize,
-    center,
-) -> WeightConfig:
-    """WeightConfig from the CLI flags; a bad value (or a combination that cannot give finite weights) is a usage
-    error naming the flag."""
-    try:
-        config = WeightConfig(
-            granularity=granularity,
-            gamma=gamma,
-            horizon=horizon,
-            block_size=block_size,
-            log_ratio_clip=_pair(log_ratio_clip, "--log-ratio-clip"),
-            weight_clip=_pair(weight_clip, "--weight-clip"),
-            normalize=normalize,
-            max_weight=max_weight,
-            length_normalize=length_normalize,
-            center=center,
-        )
-        config.check_normalizable()
-        return config
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+def weight_config(log_ratio_clip: str, weight_clip: str, **flags) -> WeightConfig:
+    """WeightConfig from the weight flags (the two clips as 'lo,hi' text); WeightConfig checks them."""
+    return WeightConfig(log_ratio_clip=_pair(log_ratio_clip, "--log-ratio-clip"),
+                        weight_clip=_pair(weight_clip, "--weight-clip"), **flags)
 
 
 def _print_alignment(manifest: dict) -> None:
@@ -226,7 +199,7 @@ def score(
     out_dir: Annotated[Path, typer.Option("--out", help="Output directory.")],
     target: Annotated[
         str, typer.Option(help="Target policy: embedded alias, local dir, .gguf file or Hub id.")
-    ] = "smollm2-135m-instruct",
+    ] = DEFAULT_TARGET,
     behavior: Annotated[
         str | None,
         typer.Option(
@@ -351,49 +324,22 @@ def score(
     license: Annotated[str | None, typer.Option(help="License id for the dataset card (e.g. mit).")] = None,
 ) -> None:
     """Tokenize a corpus, score it under target and behavior policies, and write the PEAR-weighted dataset."""
-    from .behavior import BehaviorSpec
+    from .config import BehaviorSpec, CorpusConfig, RunConfig, ScoreOptions, ScoringConfig, TokenizeConfig
     from .progress import RowProgress
-    from .score import ScoreOptions
     from .score import score as run
-    from .tokenize import TokenizeConfig
 
-    if resume and overwrite:
-        raise UsageError("--resume and --overwrite exclude each other: --resume continues the output in --out, "
-                         "--overwrite replaces it; pick one")
-    config = weight_config(granularity, gamma, horizon, block_size, log_ratio_clip, weight_clip, normalize,
-                           max_weight, length_normalize, center)
-    try:
-        tokenize = TokenizeConfig(max_length=max_length, on_overflow=on_overflow, template=template)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    behavior_spec = BehaviorSpec(
-        behavior, behavior_logprobs_field, behavior_temperature, behavior_top_p, behavior_template, alignment
-    )
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise typer.BadParameter(f"--device must be auto, cpu or cuda, got {device!r}")
     options = ScoreOptions(
         target=target,
-        behavior=behavior_spec,
-        weights=config,
-        tokenize=tokenize,
-        shape={
-            "messages_field": messages_field,
-            "prompt_field": prompt_field,
-            "completion_field": completion_field,
-            "system_field": system_field,
-        },
-        split=split,
-        device=device,
-        backend=backend,
-        batch_tokens=batch_tokens,
-        vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
-        vllm_tensor_parallel_size=vllm_tensor_parallel_size,
-        workers=workers,
-        ray=ray,
-        shard_rows=shard_rows,
-        resume=resume,
-        overwrite=overwrite,
-        trust_remote_code=trust_remote_code,
+        behavior=BehaviorSpec(behavior, behavior_logprobs_field, behavior_temperature, behavior_top_p,
+                              behavior_template, alignment),
+        weights=weight_config(log_ratio_clip, weight_clip, granularity=granularity, gamma=gamma, horizon=horizon,
+                              block_size=block_size, normalize=normalize, max_weight=max_weight,
+                              length_normalize=length_normalize, center=center),
+        tokenize=TokenizeConfig(max_length=max_length, on_overflow=on_overflow, template=template),
+        corpus=CorpusConfig(split, messages_field, prompt_field, completion_field, system_field),
+        scoring=ScoringConfig(device, backend, batch_tokens, trust_remote_code, vllm_gpu_memory_utilization,
+                              vllm_tensor_parallel_size),
+        run=RunConfig(shard_rows, workers, ray, resume, overwrite),
         license=license,
     )
     bars: list[RowProgress] = []
@@ -444,11 +390,12 @@ def reweight(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing pear-data output dir.")] = False,
 ) -> None:
     """Recompute the PEAR weights of scored rows with new hyperparameters (no model needed)."""
-    from .reweight import ReweightOptions
+    from .config import ReweightOptions
     from .reweight import reweight as run
 
-    config = weight_config(granularity, gamma, horizon, block_size, log_ratio_clip, weight_clip, normalize,
-                           max_weight, length_normalize, center)
+    config = weight_config(log_ratio_clip, weight_clip, granularity=granularity, gamma=gamma, horizon=horizon,
+                           block_size=block_size, normalize=normalize, max_weight=max_weight,
+                           length_normalize=length_normalize, center=center)
     options = ReweightOptions(shard_rows=shard_rows, overwrite=overwrite, max_length=max_length)
     manifest = run(src, out_dir, config, options)
     _report(manifest, out_dir)

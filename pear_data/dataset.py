@@ -22,17 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import InputError, UnfinishedOutputError
-from .schema import (
-    BEHAVIOR_LOGPROBS,
-    COMPLETION_MASK,
-    INPUT_IDS,
-    REQUIRED_SCORED,
-    SHARED_BOUNDARY,
-    TARGET_LOGPROBS,
-    WEIGHT_COLUMNS,
-    missing_columns,
-)
-from .writer import (
+from .output import (
     DATA_DIR,
     LOCK_FILE,
     MANIFEST_FILE,
@@ -43,6 +33,16 @@ from .writer import (
     lock_holder,
     read_manifest,
     read_progress,
+)
+from .schema import (
+    BEHAVIOR_LOGPROBS,
+    COMPLETION_MASK,
+    INPUT_IDS,
+    REQUIRED_SCORED,
+    SHARED_BOUNDARY,
+    TARGET_LOGPROBS,
+    WEIGHT_COLUMNS,
+    missing_columns,
 )
 
 # What each column read back must hold: a list of integers (bool too, for masks), a list of floats, a float.

@@ -27,6 +27,11 @@ class PearDataError(Exception):
     """Something the user can fix stopped the run (CLI exit code 2, no traceback)."""
 
 
+class ConfigError(PearDataError, ValueError):
+    """An option that is wrong or does not go with another (`pear_data.config`: the message names the flag as the
+    command line spells it)."""
+
+
 class UsageError(PearDataError):
     """Flags that are wrong or do not go together (`--resume --overwrite`, `--alignment direct` with
     another tokenizer, ...)."""

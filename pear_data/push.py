@@ -19,7 +19,7 @@ from typing import Any
 
 from pear_data.dataset import finished_manifest
 from pear_data.errors import PushError, UnfinishedOutputError
-from pear_data.writer import CARD_FILE, DATA_DIR, MANIFEST_FILE, REJECTS_FILE, STATE_DIR, read_manifest
+from pear_data.output import CARD_FILE, DATA_DIR, MANIFEST_FILE, REJECTS_FILE, STATE_DIR, read_manifest
 
 REPO_TYPE = "dataset"
 

@@ -17,12 +17,12 @@ import itertools
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 
 from .card import render_card
+from .config import ReweightOptions, WeightConfig
 from .dataset import (
     check_scored,
     files_fingerprint,
@@ -33,22 +33,12 @@ from .dataset import (
     source_manifest,
 )
 from .diagnostics import Diagnostics, degeneracy_warnings
-from .engine import prefetch
-from .errors import InputError, UsageError
+from .errors import InputError
+from .output import MANIFEST_FILE, DatasetWriter, check_output_apart
 from .schema import ENGINE_COLUMNS, INPUT_IDS, REJECT_REASON, ROW_INDEX
+from .threads import prefetch
 from .weigh import weigh_table
-from .weights import WeightConfig, WeightSums
-from .writer import MANIFEST_FILE, DatasetWriter, check_output_apart
-
-
-@dataclass(frozen=True)
-class ReweightOptions:
-    """shard_rows: input rows per output shard; max_length: cut rows by the truncation rule first (None: whole)."""
-
-    shard_rows: int = 10_000
-    batch_rows: int = 1024
-    overwrite: bool = False
-    max_length: int | None = None
+from .weights import WeightSums
 
 
 def reweight(src: str | Path, out: str | Path, config: WeightConfig,
@@ -58,7 +48,7 @@ def reweight(src: str | Path, out: str | Path, config: WeightConfig,
     Refused before anything is written (UsageError / InputError, exit 2): SRC, or an output it holds, that
     its run has not finished or that another process is writing (`dataset.check_finished`); OUT that is,
     contains or lies inside SRC or one of its files; weight flags that cannot give finite weights
-    (`WeightConfig.check_normalizable`); SRC that is not scored Parquet (named file and column), or whose
+    (checked by `WeightConfig` itself); SRC that is not scored Parquet (named file and column), or whose
     manifest is damaged or counts other rows than its data files hold.
 
     The manifest records the source: its files' fingerprint (`input`) and, for a pear-data output, what
@@ -66,10 +56,6 @@ def reweight(src: str | Path, out: str | Path, config: WeightConfig,
     """
     files = source_files(src)
     check_output_apart([src, *files], out, "the input")
-    try:
-        config.check_normalizable()
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
     check_scored(files)
     source = source_manifest(src)
     if source:

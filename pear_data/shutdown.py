@@ -3,7 +3,7 @@
     first signal      KeyboardInterrupt in the main thread, wherever it is: the run unwinds (an open shard
                       is dropped, as after kill -9: commits are atomic), the scoring threads are told to stop
                       and are joined (a torch op finishes its batch), worker processes are told to stop too
-                      (engine.Workers.close)
+                      (the engines' close)
     second signal     (during that clean-up) the process ends at once, as safely as after kill -9
     exit              130 (SIGINT) or 143 (SIGTERM): the atexit handlers run, stdout and stderr are flushed,
                       and the process ends through os._exit, without the interpreter's finalization

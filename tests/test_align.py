@@ -326,14 +326,15 @@ def test_locate_content_finds_trimmed_content() -> None:
 def _policies(monkeypatch, **behavior):
     """Load pear_data.policies.Policies for SmolLM2 <- Gemma; fails before any model is loaded."""
     from pear_data import models
-    from pear_data.behavior import BehaviorSpec
+    from pear_data.config import BehaviorSpec, ScoreOptions, ScoringConfig
     from pear_data.corpus import RowShape
-    from pear_data.policies import ModelSources, Policies
-    from pear_data.score import ScoreOptions
+    from pear_data.policies import ModelSources, PolicyRecipe
 
-    options = ScoreOptions(behavior=BehaviorSpec(**behavior), device="cpu")
+    options = ScoreOptions(behavior=BehaviorSpec(**behavior), scoring=ScoringConfig(device="cpu"))
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("no model may load before the checks"))
-    return Policies.load(options, ModelSources.resolve(options), RowShape("messages"))
+    recipe = PolicyRecipe(ModelSources.resolve(options.target, options.behavior), RowShape("messages"), None,
+                          options.scoring, options.tokenize, options.behavior)
+    return recipe.load()
 
 
 def test_unusable_behavior_offsets_stop_the_run_before_scoring(monkeypatch, gemma_source) -> None:

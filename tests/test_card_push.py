@@ -19,9 +19,9 @@ from huggingface_hub.repocard import metadata_load  # noqa: E402
 from huggingface_hub.utils import filter_repo_objects  # noqa: E402
 
 from pear_data.card import features_yaml, render_card  # noqa: E402
+from pear_data.output import DatasetWriter, data_schema  # noqa: E402
 from pear_data.push import PushError, plan_push, push  # noqa: E402
 from pear_data.weights import WeightConfig  # noqa: E402
-from pear_data.writer import DatasetWriter, data_schema  # noqa: E402
 
 RUN_KEY = {"input": {"fingerprint": "sha256:abc"}}
 # The shape of pear_data.diagnostics.Diagnostics.summary(): per granularity, plus run-wide scalars.

@@ -128,7 +128,7 @@ def test_a_resumed_run_decides_column_types_like_an_uninterrupted_one(capsys, tm
     code, text = score(capsys, corpus, tmp_path / "whole", tiny_model_dir, *args)
     assert code == 0, text
 
-    from pear_data.writer import ShardHandle
+    from pear_data.output import ShardHandle
 
     commit = ShardHandle.commit
 

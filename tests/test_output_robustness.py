@@ -20,11 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pear_data import cli, writer
+from pear_data import cli
 from pear_data.errors import OutputError, OutputExistsError, PushError, UsageError
+from pear_data.output import DatasetWriter, layout
+from pear_data.output import shard as shard_module
 from pear_data.push import plan_push, push
 from pear_data.weights import WeightConfig
-from pear_data.writer import DatasetWriter
 
 from .scored_data import scored_table, write_parquet
 
@@ -67,7 +68,8 @@ def scored(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def output(scored, tmp_path_factory) -> Path:
     """A finished pear-data output (reweight of `scored`, 3 shards). Tests copy it before changing it."""
-    from pear_data.reweight import ReweightOptions, reweight
+    from pear_data.config import ReweightOptions
+    from pear_data.reweight import reweight
 
     out = tmp_path_factory.mktemp("runs") / "out"
     reweight(scored, out, WeightConfig(), ReweightOptions(shard_rows=15))
@@ -87,10 +89,10 @@ def copy_output(output: Path, dest: Path) -> Path:
 def test_every_manifest_and_progress_record_the_tool_and_format(output):
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["tool"]["name"] == "pear-data"
-    assert manifest["tool"]["format"] == writer.OUTPUT_FORMAT == "pear-data/output/1"
+    assert manifest["tool"]["format"] == layout.OUTPUT_FORMAT == "pear-data/output/1"
     assert manifest["tool"]["version"]
     progress = json.loads((output / ".pear" / "progress.json").read_text())
-    assert progress["format"] == writer.PROGRESS_FORMAT
+    assert progress["format"] == layout.PROGRESS_FORMAT
     assert progress["tool"] == manifest["tool"]
 
 
@@ -167,13 +169,14 @@ def test_reweight_into_its_own_source_is_refused_and_the_source_is_intact(monkey
 
 
 def test_score_refuses_an_output_that_overlaps_its_input_before_touching_anything(output, tmp_path):
-    from pear_data.score import ScoreOptions, score
+    from pear_data.config import RunConfig, ScoreOptions
+    from pear_data.score import score
 
     src = copy_output(output, tmp_path / "src")
     before = tree(src)
     for corpus, out in ((src / "data" / "part-00000.parquet", src), (src, src / "scored"), (src, src)):
         with pytest.raises(UsageError, match="--out"):
-            score(corpus, out, ScoreOptions(overwrite=True))
+            score(corpus, out, ScoreOptions(run=RunConfig(overwrite=True)))
         assert tree(src) == before
 
 
@@ -226,28 +229,30 @@ def test_a_huge_block_size_is_one_block_per_row(monkeypatch, capsys, scored, tmp
 def test_score_with_cuda_and_no_gpu_exits_2_and_writes_nothing(monkeypatch, tmp_path):
     import torch
 
-    from pear_data.score import ScoreOptions, score
+    from pear_data.config import ScoreOptions, ScoringConfig
+    from pear_data.score import score
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"prompt": "a", "completion": "b"}\n')
     for device in ("cuda", "cuda:0"):
         with pytest.raises(UsageError, match="--device"):
-            score(corpus, tmp_path / "out", ScoreOptions(device=device))
+            score(corpus, tmp_path / "out", ScoreOptions(scoring=ScoringConfig(device=device)))
         assert not (tmp_path / "out").exists()
 
 
 def test_score_with_a_cuda_index_past_the_gpus_exits_2(monkeypatch, tmp_path):
     import torch
 
-    from pear_data.score import ScoreOptions, score
+    from pear_data.config import ScoreOptions, ScoringConfig
+    from pear_data.score import score
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"prompt": "a", "completion": "b"}\n')
     with pytest.raises(UsageError, match="cuda:3"):
-        score(corpus, tmp_path / "out", ScoreOptions(device="cuda:3"))
+        score(corpus, tmp_path / "out", ScoreOptions(scoring=ScoringConfig(device="cuda:3")))
     assert not (tmp_path / "out").exists()
 
 
@@ -342,7 +347,7 @@ def _no_space(*args, **kwargs):
 
 
 def test_a_full_disk_in_reweight_exits_2_without_suggesting_resume(monkeypatch, capsys, scored, tmp_path):
-    monkeypatch.setattr(writer, "_write_rows", _no_space)
+    monkeypatch.setattr(shard_module, "write_rows", _no_space)
     code, _, err = main(monkeypatch, capsys, "reweight", scored, "--out", tmp_path / "out")
     assert_user_error(code, err, "No space left on device", str(tmp_path / "out"))
     assert "--resume" not in err and "--overwrite" in err
@@ -354,7 +359,7 @@ def test_a_full_disk_keeps_the_committed_shards_and_says_resume(monkeypatch, tmp
     with w.shard() as shard:
         shard.write(scored_table(3))
         shard.commit(3)
-    monkeypatch.setattr(writer, "_write_rows", _no_space)
+    monkeypatch.setattr(shard_module, "write_rows", _no_space)
     with pytest.raises(OutputError, match="No space left on device") as info:
         with w.shard() as shard:
             shard.write(scored_table(3))
@@ -463,7 +468,8 @@ def test_push_refuses_a_truncated_shard(output, tmp_path):
 
 
 def test_push_refuses_rejects_that_differ_from_the_manifest(tmp_path):
-    from pear_data.reweight import ReweightOptions, reweight
+    from pear_data.config import ReweightOptions
+    from pear_data.reweight import reweight
 
     from .scored_data import corrupt
 
@@ -484,7 +490,7 @@ def test_push_refuses_rejects_that_differ_from_the_manifest(tmp_path):
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from pear_data.writer import DatasetWriter
+    from pear_data.output import DatasetWriter
     w = DatasetWriter(sys.argv[1], {"k": 1})
     print("ready", flush=True)
     time.sleep(120)
@@ -514,7 +520,7 @@ def test_a_second_run_on_a_locked_output_is_refused_until_the_first_dies(monkeyp
 def test_overwrite_keeps_the_lock_file_it_holds(output, tmp_path):
     out = copy_output(output, tmp_path / "out")
     w = DatasetWriter(out, {"k": 1}, overwrite=True)
-    assert (out / ".pear" / writer.LOCK_FILE).is_file()
+    assert (out / ".pear" / layout.LOCK_FILE).is_file()
     w.close()
 
 
@@ -586,7 +592,7 @@ WRITING = textwrap.dedent(
     """
     import json, sys, time
     from pathlib import Path
-    from pear_data.writer import DatasetWriter
+    from pear_data.output import DatasetWriter
     out = Path(sys.argv[1])
     key = json.loads((out / ".pear" / "progress.json").read_text())["run_key"]
     w = DatasetWriter(out, key, resume=True)  # a run resuming this output: it holds the lock
@@ -617,8 +623,9 @@ def test_every_reader_refuses_an_output_another_process_is_writing(monkeypatch, 
 def test_a_derived_output_records_its_source(output, tmp_path):
     import hashlib
 
+    from pear_data.config import ReweightOptions
     from pear_data.dataset import finished_manifest
-    from pear_data.reweight import ReweightOptions, reweight
+    from pear_data.reweight import reweight
 
     derived = reweight(output, tmp_path / "derived", WeightConfig(gamma=0.9), ReweightOptions())
     source = finished_manifest(output)
@@ -629,8 +636,9 @@ def test_a_derived_output_records_its_source(output, tmp_path):
 
 
 def test_reweight_refuses_a_source_whose_files_hold_other_rows_than_its_manifest(output, tmp_path):
+    from pear_data.config import ReweightOptions
     from pear_data.errors import InputError
-    from pear_data.reweight import ReweightOptions, reweight
+    from pear_data.reweight import reweight
 
     src = copy_output(output, tmp_path / "src")
     shard = src / "data" / "part-00001.parquet"

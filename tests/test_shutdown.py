@@ -23,9 +23,10 @@ import pyarrow as pa
 import pytest
 
 from pear_data.corpus import CorpusRow
-from pear_data.engine import ShardTask, Workers
+from pear_data.engines.local import ThreadEngine
+from pear_data.engines.work import ShardTask
+from pear_data.output import DatasetWriter
 from pear_data.policies import PreparedShard, ScoredShard
-from pear_data.writer import DatasetWriter
 
 from .scored_data import scored_table
 from .test_score_cli import output_files
@@ -190,15 +191,22 @@ class Slow:
         return ScoredShard(pa.table({}), [], [])
 
 
+class OneRow:
+    """A corpus of one row (what an engine reads of a corpus)."""
+
+    def rows(self):
+        return iter([CorpusRow(0, {})])
+
+
 def test_a_cancelled_worker_thread_stops_at_its_next_batch_and_is_joined() -> None:
     stop = threading.Event()
     policies = Slow(stop)
-    workers = Workers(1, None, None, None, policies=policies, stop=stop)
-    workers.inbox.put(ShardTask(0, [CorpusRow(0, {})]))
-    with pytest.raises(KeyboardInterrupt), workers:
+    engine = ThreadEngine(policies, OneRow(), shard_rows=1, stop=stop)
+    engine.inbox.put(ShardTask(0, [CorpusRow(0, {})]))
+    with pytest.raises(KeyboardInterrupt), engine:
         assert policies.started.wait(10)
         raise KeyboardInterrupt  # Ctrl-C in the driver while a shard is being scored
-    assert not workers._thread.is_alive()
+    assert not engine._thread.is_alive()
     assert policies.batches < 1000
     assert not [t for t in threading.enumerate() if t.name.startswith("pear-")]
 
@@ -213,27 +221,27 @@ def test_a_scoring_error_reaches_the_driver_while_the_prepare_thread_waits_for_t
         def score(self, prepared):
             raise ValueError("scoring failed")
 
-    workers = Workers(1, None, None, None, policies=Failing())
-    with pytest.raises(Exception, match="scoring failed"), workers:
-        list(workers.map([ShardTask(0, [CorpusRow(0, {})])]))
-    assert not workers._thread.is_alive()
+    engine = ThreadEngine(Failing(), OneRow(), shard_rows=1)
+    with pytest.raises(Exception, match="scoring failed"), engine:
+        list(engine.results(0))
+    assert not engine._thread.is_alive()
 
 
 def test_an_interrupt_after_the_commit_point_keeps_the_committed_shard(monkeypatch, tmp_path) -> None:
     """A Ctrl-C can land between progress.json's rename and the end of the commit: the shard is committed
     then, and its files must stay (kill -9 at that point keeps them too)."""
-    from pear_data import writer as writer_module
+    from pear_data.output import files as files_module
 
     out = tmp_path / "out"
     writer = DatasetWriter(out, {"k": 1})
-    fsync_dir = writer_module._fsync_dir
+    fsync_dir = files_module.fsync_dir
 
     def interrupted(path):
         fsync_dir(path)
         if path == out / ".pear":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(writer_module, "_fsync_dir", interrupted)
+    monkeypatch.setattr(files_module, "fsync_dir", interrupted)
     with pytest.raises(KeyboardInterrupt), writer.shard() as shard:
         shard.write(scored_table(3))
         shard.commit(3)
@@ -246,7 +254,7 @@ def test_an_interrupt_after_the_commit_point_keeps_the_committed_shard(monkeypat
 
 
 def test_a_closed_prefetch_stops_its_thread_and_joins_it() -> None:
-    from pear_data.engine import prefetch
+    from pear_data.threads import prefetch
 
     produced = []
 

@@ -9,7 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pear_data.reweight import ReweightOptions, reweight
+from pear_data.config import ReweightOptions
+from pear_data.reweight import reweight
 from pear_data.truncation import truncate, truncate_table
 from pear_data.weights import WeightConfig
 

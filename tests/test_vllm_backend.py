@@ -254,7 +254,7 @@ def test_vllm_older_than_the_first_float32_head_is_refused(monkeypatch) -> None:
     monkeypatch.setattr(vllm_backend, "installed_vllm_version", lambda: "0.8.5")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else None)
     with pytest.raises(UsageError, match=r"--backend vllm: vLLM 0.8.5 is older than 0.26"):
-        check_backend(_options())
+        check_backend(_options().scoring)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
@@ -381,34 +381,35 @@ def test_a_request_vllm_refuses_is_a_usage_error_that_names_vllms_error(monkeypa
 # --------------------------------------------------------------------------- wiring into `score`
 
 
-def _options(**kwargs):
-    from pear_data.behavior import BehaviorSpec
-    from pear_data.score import ScoreOptions
+def _options(behavior=None, **scoring):
+    """ScoreOptions for --backend vllm on CUDA with recorded behavior log-probs (`scoring` overrides the rest)."""
+    from pear_data.config import BehaviorSpec, ScoreOptions, ScoringConfig
 
-    defaults = {"backend": "vllm", "device": "cuda", "behavior": BehaviorSpec(logprobs_field="recorded")}
-    return ScoreOptions(**{**defaults, **kwargs})
+    config = ScoringConfig(**{"backend": "vllm", "device": "cuda", **scoring})
+    return ScoreOptions(behavior=behavior or BehaviorSpec(logprobs_field="recorded"), scoring=config)
 
 
 def test_backend_checks_refuse_what_vllm_cannot_score(monkeypatch) -> None:
-    """CPU, no vLLM, a behavior model (vLLM gives the raw target distribution only): each a UsageError that says
-    what to do, before anything is written."""
-    from pear_data.behavior import BehaviorSpec
-    from pear_data.errors import UsageError
+    """An unknown backend, CPU, a behavior model (vLLM gives the raw target distribution only): ConfigErrors when
+    the options are built; no vLLM installed: a UsageError of the environment check. Each says what to do,
+    before anything is written."""
+    from pear_data.config import BehaviorSpec
+    from pear_data.errors import ConfigError, UsageError
     from pear_data.policies import check_backend
 
-    with pytest.raises(UsageError, match="choose one of torch, vllm"):
-        check_backend(_options(backend="jax"))
-    with pytest.raises(UsageError, match="CUDA GPUs only"):
-        check_backend(_options(device="cpu"))
+    with pytest.raises(ConfigError, match="choose one of torch, vllm"):
+        _options(backend="jax")
+    with pytest.raises(ConfigError, match="CUDA GPUs only"):
+        _options(device="cpu")
+    for spec in (BehaviorSpec(model="gemma-3-270m"), BehaviorSpec(), BehaviorSpec(model="x", temperature=0.7)):
+        with pytest.raises(ConfigError, match="--behavior-logprobs-field"):
+            _options(behavior=spec)
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name))
     with pytest.raises(UsageError, match=r"pip install 'pear-data\[vllm\]'"):
-        check_backend(_options())
+        check_backend(_options().scoring)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else None)
-    check_backend(_options())  # recorded behavior log-probs: fine
-    for spec in (BehaviorSpec(model="gemma-3-270m"), BehaviorSpec(), BehaviorSpec(model="x", temperature=0.7)):
-        with pytest.raises(UsageError, match="--behavior-logprobs-field"):
-            check_backend(_options(behavior=spec))
+    check_backend(_options().scoring)  # recorded behavior log-probs: fine
 
 
 def test_vllm_loads_the_targets_local_directory_and_the_manifest_names_no_path(tmp_path) -> None:
@@ -418,7 +419,7 @@ def test_vllm_loads_the_targets_local_directory_and_the_manifest_names_no_path(t
     from .tiny_model import make_tiny_model
 
     directory = make_tiny_model(tmp_path / "target")
-    options = _options(vllm_gpu_memory_utilization=0.5, vllm_tensor_parallel_size=2)
+    options = _options(vllm_gpu_memory_utilization=0.5, vllm_tensor_parallel_size=2).scoring
     scorer = vllm_scorer(resolve_model(str(directory)), options, None)
     assert scorer.model == str(directory)
     assert scorer.engine_kwargs["gpu_memory_utilization"] == 0.5 and scorer.engine_kwargs["tensor_parallel_size"] == 2
@@ -441,11 +442,11 @@ def test_score_refuses_vllm_on_cpu_before_writing_anything(tmp_path) -> None:
 
 
 def _vllm_policies(monkeypatch, model_dir, max_model_len: int, **tokenize):
-    """Policies.load for --backend vllm on the tiny model's tokenizer, its scorer on a stand-in engine."""
+    """PolicyRecipe.load for --backend vllm on the tiny model's tokenizer, its scorer on a stand-in engine."""
     from pear_data import policies, scoring
+    from pear_data.config import TokenizeConfig
     from pear_data.corpus import RowShape
-    from pear_data.policies import ModelSources, Policies
-    from pear_data.tokenize import TokenizeConfig
+    from pear_data.policies import ModelSources, PolicyRecipe
 
     vllm = install_vllm(monkeypatch, "0.34.0")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else None)
@@ -454,8 +455,10 @@ def _vllm_policies(monkeypatch, model_dir, max_model_len: int, **tokenize):
     monkeypatch.setattr(scoring, "scoring_dtype", lambda device: torch.bfloat16)
     monkeypatch.setattr(policies, "vllm_scorer", lambda source, options, progress: VllmScorer(
         "m", llm=scoring_engine(vllm, max_model_len=max_model_len)))
-    options = _options(target=str(model_dir), tokenize=TokenizeConfig(**tokenize))
-    return Policies.load(options, ModelSources.resolve(options), RowShape("prompt_completion"))
+    options = _options()
+    models = ModelSources.resolve(str(model_dir), options.behavior)
+    return PolicyRecipe(models, RowShape("prompt_completion"), None, options.scoring, TokenizeConfig(**tokenize),
+                        options.behavior).load()
 
 
 def test_score_fits_rows_to_the_vllm_engine_by_the_on_overflow_rule(monkeypatch, tiny_model_dir) -> None:
@@ -486,15 +489,11 @@ def test_score_fits_rows_to_the_vllm_engine_by_the_on_overflow_rule(monkeypatch,
     assert "over max length" in within.rejects[0][1]
 
 
-def test_score_refuses_vllm_with_workers_or_ray_before_writing_anything(monkeypatch, tmp_path) -> None:
-    from pear_data.errors import UsageError
-    from pear_data.score import score
+def test_vllm_with_workers_or_ray_is_refused_when_the_options_are_built() -> None:
+    from pear_data.config import BehaviorSpec, RunConfig, ScoreOptions, ScoringConfig
+    from pear_data.errors import ConfigError
 
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else None)
-    monkeypatch.setattr(vllm_backend, "installed_vllm_version", lambda: "0.34.0")
-    corpus = tmp_path / "rows.jsonl"
-    corpus.write_text('{"prompt": "a", "completion": "b", "recorded": [-0.1]}\n')
-    for flags in ({"workers": 2}, {"ray": "local"}):
-        with pytest.raises(UsageError, match="runs in one process: use --vllm-tensor-parallel-size"):
-            score(corpus, tmp_path / "out", _options(**flags))
-    assert not (tmp_path / "out").exists()
+    for run in (RunConfig(workers=2), RunConfig(ray="local")):
+        with pytest.raises(ConfigError, match="runs in one process: use --vllm-tensor-parallel-size"):
+            ScoreOptions(behavior=BehaviorSpec(logprobs_field="recorded"), run=run,
+                         scoring=ScoringConfig(backend="vllm", device="cuda"))

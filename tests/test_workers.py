@@ -17,7 +17,7 @@ import pyarrow as pa
 import pytest
 
 from pear_data.corpus import CorpusRow
-from pear_data.engine import ShardTask, Workers, worker_devices
+from pear_data.engines.local import ThreadEngine, worker_devices
 from pear_data.errors import UsageError
 from pear_data.policies import PreparedShard, ScoredShard
 
@@ -32,8 +32,18 @@ FLAGS = ["--prompt-field", "question", "--completion-field", "answer", "--behavi
 # --------------------------------------------------------------------------- the engine, no model
 
 
+class Rows:
+    """What an engine needs of a corpus: its rows, in order."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def rows(self):
+        return (CorpusRow(i, {}) for i in range(self.count))
+
+
 class StandIn:
-    """What Workers needs of Policies: prepare (here: sleeps a little, longer for early shards so that they
+    """What an engine needs of Policies: prepare (here: sleeps a little, longer for early shards so that they
     finish out of order) and score; records the most shards in flight at once."""
 
     description = {"stand-in": True}
@@ -57,10 +67,8 @@ class StandIn:
 
 def test_results_come_back_in_shard_order_with_bounded_work_in_flight() -> None:
     policies = StandIn()
-    tasks = (ShardTask(n, [CorpusRow(n * 2 + i, {}) for i in range(2)]) for n in range(40))
-    workers = Workers(1, None, None, None, policies=policies)
-    with workers:
-        results = list(workers.map(tasks))
+    with ThreadEngine(policies, Rows(80), shard_rows=2) as engine:
+        results = list(engine.results(0))
     assert [end for end, _ in results] == [2 * (n + 1) for n in range(40)]
     assert [s.rejects[0][0] for _, s in results] == [2 * n for n in range(40)]
     assert policies.most <= 2  # the shard being scored and the one prepared ahead
@@ -71,15 +79,24 @@ def test_a_worker_error_reaches_the_driver_as_itself() -> None:
         def prepare(self, rows):
             raise UsageError("--max-length 3: over max length")
 
-    workers = Workers(1, None, None, None, policies=Failing())
-    with pytest.raises(UsageError, match="over max length"), workers:
-        list(workers.map([ShardTask(0, [CorpusRow(0, {})])]))
+    engine = ThreadEngine(Failing(), Rows(1), shard_rows=1)
+    with pytest.raises(UsageError, match="over max length"), engine:
+        list(engine.results(0))
 
 
 def test_one_gpu_cannot_hold_several_workers() -> None:
     assert worker_devices("cpu", 2)[0] == ["cpu", "cpu"]
     with pytest.raises(UsageError):
         worker_devices("mps", 2)
+
+
+def test_a_resumed_run_cuts_the_shards_a_whole_run_cuts() -> None:
+    from pear_data.engines.work import shard_tasks
+
+    whole = [(t.number, [r.index for r in t.rows]) for t in shard_tasks(Rows(7).rows(), 0, 3)]
+    resumed = [(t.number, [r.index for r in t.rows]) for t in shard_tasks(Rows(7).rows(), 3, 3)]
+    assert whole == [(0, [0, 1, 2]), (1, [3, 4, 5]), (2, [6])]
+    assert resumed == [(0, [3, 4, 5]), (1, [6])]
 
 
 # --------------------------------------------------------------------------- end to end on SmolLM2

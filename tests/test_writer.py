@@ -16,15 +16,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-import pear_data.writer as writer_module
+import pear_data.output.rewrite as rewrite_module
 from pear_data.errors import OutputError, OutputExistsError, PushError, ResumeMismatchError, UsageError
-from pear_data.push import plan_push
-from pear_data.writer import (
+from pear_data.output import (
     DatasetWriter,
     data_files,
     read_manifest,
     rewrite_data_files,
 )
+from pear_data.push import plan_push
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -252,7 +252,8 @@ import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 import test_writer as t
-import pear_data.writer as w
+import pear_data.output.rewrite as r
+import pear_data.output.writer as w
 
 point, out = sys.argv[1], Path(sys.argv[2])
 def die():
@@ -283,14 +284,14 @@ elif point == "rewrite_before_commit":       # second pass: some temp files writ
         return halve(table)
     t.halve_seq_weight = killing_halve
 elif point == "rewrite_after_commit":        # second pass recorded in progress.json, renames not done
-    finish = w._finish_pending_rewrite
+    finish = r.finish_pending_rewrite
     def killing_finish(out_dir, progress):
         pending = progress.get("pending_rewrite") or []
         if pending:
             os.replace(out_dir / pending[0][0], out_dir / pending[0][1])  # one rename done, then killed
             die()
         finish(out_dir, progress)
-    w._finish_pending_rewrite = killing_finish
+    r.finish_pending_rewrite = killing_finish
 elif point == "finalize_before_card":        # rejects.parquet and manifest.json written, README.md not
     write_text = w.atomic_write_text
     def killing_write_text(path, text):
@@ -354,7 +355,7 @@ def test_resume_after_a_committed_rewrite_gives_the_same_bytes_and_a_pushable_ou
             os.replace(out_dir / tmp, out_dir / dest)
             raise SimulatedKill
 
-        monkeypatch.setattr(writer_module, "_finish_pending_rewrite", one_rename_then_killed)
+        monkeypatch.setattr(rewrite_module, "finish_pending_rewrite", one_rename_then_killed)
         with pytest.raises(SimulatedKill):
             writer.rewrite_data_files(halve_seq_weight, name="halve")
         monkeypatch.undo()

@@ -12,11 +12,13 @@ from typing import Protocol
 
 import numpy as np
 
-from pear_data.scoring.sampling import SamplingParams, policy_logprobs, token_logprobs
+from pear_data.config import SamplingParams
+from pear_data.scoring.sampling import policy_logprobs, token_logprobs
 from pear_data.scoring.torch_backend import (
     FlopCounts,
     ScoringStopped,
     TorchScorer,
+    check_device,
     default_batch_tokens,
     default_vocab_chunk_tokens,
     model_flops_per_token,
@@ -53,6 +55,7 @@ __all__ = [
     "ScoringStopped",
     "TorchScorer",
     "VllmScorer",
+    "check_device",
     "default_batch_tokens",
     "default_vocab_chunk_tokens",
     "model_flops_per_token",

@@ -72,8 +72,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pear_data.errors import ModelSpecError
-from pear_data.scoring.sampling import STRATEGIES, SamplingParams, policy_logprobs
+from pear_data.config import SamplingParams
+from pear_data.errors import ModelSpecError, UsageError
+from pear_data.scoring.sampling import STRATEGIES, policy_logprobs
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -100,6 +101,25 @@ def resolve_device(device: str) -> str:
     if parsed.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r} is not supported by the torch scoring backend: use cpu or cuda")
     return device
+
+
+def check_device(device: str, workers: int = 1) -> None:
+    """UsageError unless torch can score on `device` with `workers` worker processes: a CUDA index below the GPU
+    count, and for several workers on CUDA one GPU each (`--device cuda`, at least `workers` GPUs)."""
+    try:
+        resolved = resolve_device(device)
+    except ValueError as exc:
+        raise UsageError(f"--device {device}: {exc}") from None
+    parsed = torch.device(resolved)
+    count = torch.cuda.device_count() if parsed.type == "cuda" else 0
+    if parsed.index is not None and parsed.type == "cuda" and parsed.index >= count:
+        raise UsageError(f"--device {device}: torch sees {count} CUDA device(s) (cuda:0 to cuda:{count - 1}); "
+                         "pick one of them, or --device cuda")
+    if workers > 1 and parsed.type == "cuda":
+        if parsed.index is not None:
+            raise UsageError(f"--device {device} names one GPU; --workers {workers} needs --device cuda (one GPU each)")
+        if workers > count:
+            raise UsageError(f"--workers {workers} needs {workers} GPUs, this machine has {count}")
 
 
 def scoring_dtype(device: str) -> torch.dtype:

@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from pear_data.scoring.sampling import SamplingParams
+from pear_data.config import SamplingParams
 
 INSTALL_HINT = (
     "pip install 'pear-data[vllm]' in an environment of its own: vLLM pins its own torch and CUDA build, "
