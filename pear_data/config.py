@@ -18,7 +18,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from .errors import ConfigError
-from .schema import GRANULARITIES, WEIGHT_COLUMNS, Granularity
+from .schema import (
+    BEHAVIOR_LOGPROBS,
+    COMPLETION_MASK,
+    GRANULARITIES,
+    INPUT_IDS,
+    SHARED_BOUNDARY,
+    WEIGHT_COLUMNS,
+    Granularity,
+)
 
 DEFAULT_TARGET = "smollm2-135m-instruct"
 DEFAULT_BEHAVIOR = "gemma-3-270m"
@@ -382,3 +390,10 @@ class TrainingData:
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError(f"max_length must be >= 2 (a prompt token and a completion token), got "
                               f"{self.max_length}")
+
+    @property
+    def columns(self) -> list[str]:
+        """The dataset columns training reads."""
+        names = [INPUT_IDS, COMPLETION_MASK]
+        names += [self.weights] if self.mode == "static" else [BEHAVIOR_LOGPROBS, SHARED_BOUNDARY]
+        return names

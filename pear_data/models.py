@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pear_data.errors import USER_OS_ERRORS, ModelSpecError, PearDataError
+from pear_data.hub import hub_offline
 
 # Re-exported: one definition of the chat-template hash ("sha256:<hex>", None without a template) for the manifest.
 from pear_data.tokenize import chat_template_hash
@@ -294,22 +295,12 @@ def _resolve_dir(spec: str, path: Path) -> ModelSource:
     return ModelSource(spec=spec, kind="dir", path=path, gguf_file=None, fingerprint=_dir_fingerprint(path, weights))
 
 
-def _hub_offline() -> bool:
-    """HF_HUB_OFFLINE as set now, or as huggingface_hub read it at import (it then refuses downloads anyway)."""
-    from huggingface_hub import constants
-
-    truthy = {"1", "true", "yes", "on"}
-    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    from_env = any(os.environ.get(name, "").strip().lower() in truthy for name in names)
-    return from_env or bool(constants.HF_HUB_OFFLINE)
-
-
 def _resolve_hub(spec: str) -> ModelSource:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     repo_id, _, revision = spec.partition("@")
-    offline = _hub_offline()
+    offline = hub_offline()
     # Config, tokenizer, chat template, remote code and safetensors weights; .bin only if there is no safetensors.
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
     # HF_HUB_CACHE / HF_HOME are read at call time (huggingface_hub reads them once, at import).

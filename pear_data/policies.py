@@ -30,8 +30,8 @@ from .corpus import (
     InputColumnError,
     InputColumns,
     RowShape,
-    input_column,
     json_text,
+    records_table,
     to_conversation,
 )
 from .errors import RowError, UsageError
@@ -404,23 +404,3 @@ def scored_table(rows: list[PreparedRow], target: list[np.ndarray], behavior: li
                           else r.behavior.alignment.shared_boundary for r in rows],
     }
     return with_columns(table, {name: pa.array(values, COLUMNS[name].type) for name, values in scored.items()})
-
-
-def records_table(records: list[dict], columns: InputColumns | None = None) -> pa.Table:
-    """The input rows' own columns, with exactly `columns.schema` (design 2.2).
-
-    `columns` is decided once over the whole corpus (`Corpus.columns`), so every shard of an output gets
-    the same schema; a column in `columns.json` is JSON text in every row. None: decided over `records`
-    alone, with the same rules (`InputColumns.infer`). Raises `InputColumnError` naming the column when a
-    value does not fit its type.
-    """
-    if columns is None:
-        columns = InputColumns.infer(records)
-    names = set(columns.schema.names)
-    for record in records:
-        if not names.issuperset(record):
-            extra = next(name for name in record if name not in names)
-            raise InputColumnError(f"column {extra!r} was not in the corpus when its column types were decided")
-    arrays = [input_column([record.get(f.name) for record in records], f, f.name in columns.json)
-              for f in columns.schema]
-    return pa.Table.from_arrays(arrays, schema=columns.schema)

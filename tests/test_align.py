@@ -25,7 +25,7 @@ from pear_data.align import (
     recorded_turn_tokens,
     turn_tokens,
 )
-from pear_data.corpus import RowError
+from pear_data.errors import RowError
 from pear_data.tokenize import ConversationTokenizer, TokenizeConfig, locate_content
 
 GSM8K_ANSWER = (

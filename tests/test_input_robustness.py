@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pear_data.corpus import open_corpus, read_corpus
+from pear_data.corpus import open_corpus
 
 from .tiny_model import (  # noqa: F401 - the session fixtures tiny_model_dir, tiny_strict_model_dir, ...
     STRICT_ROLES_TEMPLATE,
@@ -343,7 +343,7 @@ def test_a_utf8_byte_order_mark_is_an_encoding_marker_not_data(tmp_path, name):
     raw = b"\xef\xbb\xbf" + text.encode("utf-8")
     path = tmp_path / name
     path.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
-    read = list(read_corpus(path))
+    read = list(open_corpus(path).rows())
     assert [r.error for r in read] == [None, None, None]
     assert [r.record for r in read] == rows
 
@@ -354,7 +354,7 @@ def test_a_utf16_jsonl_file_is_a_clear_error(tmp_path):
     path = tmp_path / "utf16.jsonl"
     path.write_bytes("\ufeff".encode("utf-16-le") + json.dumps(gsm8k(1)[0]).encode("utf-16-le"))
     with pytest.raises(CorpusError, match="UTF-16"):
-        list(read_corpus(path))
+        list(open_corpus(path).rows())
 
 
 # --------------------------------------------------------------------------- 7. reserved column names
@@ -505,9 +505,9 @@ def test_jsonl_column_type_rules(tmp_path, values, kind):
         assert columns.json == frozenset({"v"}) and columns.schema.field("v").type == pa.string()
     else:
         assert columns.json == frozenset() and columns.schema.field("v").type == kind
-    from pear_data.policies import records_table
+    from pear_data.corpus import records_table
 
-    table = records_table([r.record for r in read_corpus(corpus)], columns)
+    table = records_table([r.record for r in open_corpus(corpus).rows()], columns)
     assert table.schema == columns.schema
     if kind == "json":
         assert [json.loads(v) for v in table.column("v").to_pylist()] == values
@@ -547,7 +547,7 @@ def test_parquet_values_python_cannot_hold_are_kept_exactly(capsys, tmp_path, ti
 
 def test_datasets_directory_columns_keep_their_arrow_types(tmp_path):
     datasets = pytest.importorskip("datasets")
-    from pear_data.policies import records_table
+    from pear_data.corpus import records_table
 
     source = pa.table({"question": ["q1", "q2"], "small": pa.array([1, -2], pa.int8()),
                        "hash": pa.array([2**64 - 1, 0], pa.uint64()),

@@ -19,7 +19,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 import numpy as np
 import pytest
 
-from pear_data.corpus import RowError, RowShape, detect_shape, read_corpus, to_conversation
+from pear_data.corpus import RowShape, detect_shape, open_corpus, to_conversation
+from pear_data.errors import RowError
 from pear_data.tokenize import (
     ConversationTokenizer,
     OverflowAbort,
@@ -66,13 +67,13 @@ def assistant_contents(conversation: list[dict]) -> list[str]:
 
 
 def chat_rows() -> list[list[dict]]:
-    rows = list(read_corpus(EXAMPLES / "chat_sample.jsonl"))
+    rows = list(open_corpus(EXAMPLES / "chat_sample.jsonl").rows())
     shape = detect_shape(rows[0].record)
     return [to_conversation(r.record, shape) for r in rows]
 
 
 def gsm8k_rows() -> list[list[dict]]:
-    return [to_conversation(r.record, GSM8K_SHAPE) for r in read_corpus(EXAMPLES / "gsm8k_sample.jsonl")]
+    return [to_conversation(r.record, GSM8K_SHAPE) for r in open_corpus(EXAMPLES / "gsm8k_sample.jsonl").rows()]
 
 
 # --------------------------------------------------------------------------- chat template masks

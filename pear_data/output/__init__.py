@@ -35,8 +35,8 @@ from .shard import ShardHandle, ShardRecord
 from .writer import DatasetWriter
 
 __all__ = [
-    "CARD_FILE", "DATA_DIR", "LOCK_FILE", "MANIFEST_FILE", "OUTPUT_FORMAT", "PROGRESS_FILE", "REJECTS_FILE", "STATE_DIR",
-    "TOOL_NAME", "DatasetWriter", "ShardHandle", "ShardRecord", "atomic_write_bytes", "atomic_write_text",
+    "CARD_FILE", "DATA_DIR", "LOCK_FILE", "MANIFEST_FILE", "OUTPUT_FORMAT", "PROGRESS_FILE", "REJECTS_FILE",
+    "STATE_DIR", "TOOL_NAME", "DatasetWriter", "ShardHandle", "ShardRecord", "atomic_write_bytes", "atomic_write_text",
     "check_out_path", "check_output_apart", "data_files", "data_schema", "inspect_output", "lock_holder",
     "read_json_file", "read_manifest", "read_progress", "rewrite_data_files", "tool_record", "write_table_atomic",
 ]
