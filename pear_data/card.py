@@ -215,13 +215,23 @@ def render_card(manifest: dict, schema: pa.Schema | None) -> str:
     """
     meta = card_metadata(manifest, schema)
     front = yaml.safe_dump(meta, sort_keys=True, allow_unicode=True, default_flow_style=False, width=100)
-    rows = manifest.get("rows") or {}
-    granularity = meta["pear_data"]["primary_granularity"]
     weight_column = meta["pear_data"]["primary_weight_column"]
-    weights = manifest.get("weights") or {}
+    body = _intro_lines(manifest, meta["pear_data"]["primary_granularity"], weight_column)
+    body += _column_lines(schema)
+    body += _weight_lines(manifest.get("weights") or {})
+    if manifest.get("models"):
+        body += ["", "## Models", ""] + _model_lines(manifest["models"])
+    body += _alignment_lines(manifest.get("alignment") or {})
+    body += _diagnostics_section(manifest)
+    body += _load_lines(weight_column) + _license_lines(manifest.get("license"))
+    return f"---\n{front}---\n\n" + "\n".join(body) + "\n"
 
-    body = ["# PEAR-weighted SFT dataset", ""]
-    body += [
+
+def _intro_lines(manifest: dict, granularity: str, weight_column: str) -> list[str]:
+    rows = manifest.get("rows") or {}
+    return [
+        "# PEAR-weighted SFT dataset",
+        "",
         "Made with [pear-data](https://arxiv.org/abs/2602.01058): every row of the input SFT corpus, tokenized "
         "with the target model's tokenizer, scored under the target policy (the model RL will start from) and "
         "the behavior policy (what produced the data), with PEAR importance weights that make SFT spend its "
@@ -235,6 +245,12 @@ def render_card(manifest: dict, schema: pa.Schema | None) -> str:
         f"- output rows (`data/*.parquet`, input order): {rows.get('out', 'n/a')}",
         f"- rejected rows (`rejects.parquet`, with `row_index` and `reject_reason`): {rows.get('rejected', 'n/a')}",
         "",
+    ]
+
+
+def _column_lines(schema: pa.Schema | None) -> list[str]:
+    names = set(schema.names) if schema is not None else {c.name for c in ADDED}
+    return [
         "## Columns",
         "",
         "All columns of the input corpus are kept. Added columns (index i of every list column refers to "
@@ -242,10 +258,12 @@ def render_card(manifest: dict, schema: pa.Schema | None) -> str:
         "",
         "| column | type | meaning |",
         "|---|---|---|",
+        *(f"| `{c.name}` | {c.type_name} | {c.doc} |" for c in ADDED if c.name in names),
     ]
-    names = set(schema.names) if schema is not None else {c.name for c in ADDED}
-    body += [f"| `{c.name}` | {c.type_name} | {c.doc} |" for c in ADDED if c.name in names]
-    body += [
+
+
+def _weight_lines(weights: dict) -> list[str]:
+    return [
         "",
         "## Weights (PEAR)",
         "",
@@ -263,13 +281,14 @@ def render_card(manifest: dict, schema: pa.Schema | None) -> str:
         "The product runs over the tokens *after* k: the token's own action is what the loss trains, the ratio "
         "covers what follows it. Weights are then optionally normalized and capped; hyperparameters:",
         "",
+        *([f"- `{k}`: `{json.dumps(weights[k])}`" for k in sorted(weights)] or ["- (not recorded)"]),
     ]
-    body += [f"- `{k}`: `{json.dumps(weights[k])}`" for k in sorted(weights)] or ["- (not recorded)"]
-    if manifest.get("models"):
-        body += ["", "## Models", ""] + _model_lines(manifest["models"])
-    body += _alignment_lines(manifest.get("alignment") or {})
+
+
+def _diagnostics_section(manifest: dict) -> list[str]:
+    lines = []
     if manifest.get("diagnostics"):
-        body += [
+        lines += [
             "",
             "## Weight diagnostics",
             "",
@@ -280,8 +299,12 @@ def render_card(manifest: dict, schema: pa.Schema | None) -> str:
             "",
         ] + _diagnostics_lines(manifest["diagnostics"])
     if manifest.get("warnings"):
-        body += ["", "**Warnings** (weights may be degenerate):", ""] + [f"- {w}" for w in manifest["warnings"]]
-    body += [
+        lines += ["", "**Warnings** (weights may be degenerate):", ""] + [f"- {w}" for w in manifest["warnings"]]
+    return lines
+
+
+def _load_lines(weight_column: str) -> list[str]:
+    return [
         "",
         "## Load and train",
         "",
@@ -306,14 +329,11 @@ def render_card(manifest: dict, schema: pa.Schema | None) -> str:
         "",
         "`pear_seq_weight` is one number per row: repeat it over the row's tokens.",
         "",
-        "## License",
-        "",
     ]
-    if manifest.get("license"):
-        body.append(f"`{manifest['license']}`, as given to pear-data; the rows derive from the input corpus.")
-    else:
-        body.append(
-            "Not recorded: the rows derive from the input corpus and carry its license. Set the `license` field "
-            "above to the corpus license before publishing."
-        )
-    return f"---\n{front}---\n\n" + "\n".join(body) + "\n"
+
+
+def _license_lines(license: str | None) -> list[str]:
+    if license:
+        return ["## License", "", f"`{license}`, as given to pear-data; the rows derive from the input corpus."]
+    return ["## License", "", "Not recorded: the rows derive from the input corpus and carry its license. Set the "
+            "`license` field above to the corpus license before publishing."]

@@ -44,7 +44,7 @@ def rewrite_data_files(
     written as temps first, then progress.json records the planned renames
     (the commit point), then they are applied. A run killed before the commit
     point keeps the old files; after it, the next DatasetWriter(resume=True)
-    finishes the renames. `name` (e.g. "normalize=dataset") is recorded in
+    finishes the renames. `name` (e.g. "normalize-dataset") is recorded in
     progress.json "rewrites" at the commit point, so a resumed caller can see
     that the rewrite was already applied and must not be redone. The run is
     marked unfinished: call `finalize` again after a rewrite.
@@ -57,52 +57,59 @@ def rewrite_data_files(
     plan: list[tuple[Path, Path]] = []
     try:
         for path in files:
-            tmp = temp_path(path)
-            reader = pq.ParquetFile(path)
-            writer: pq.ParquetWriter | None = None
-            try:
-                for i in range(reader.num_row_groups):
-                    rows = reader.read_row_group(i)
-                    new = strip_metadata(fn(rows))
-                    if new.num_rows != rows.num_rows:
-                        raise RuntimeError(
-                            f"rewrite_data_files: fn returned {new.num_rows} rows for {rows.num_rows} "
-                            f"(row group {i} of {path.name}); it must keep every row, in order"
-                        )
-                    if writer is None:
-                        file_schema = schema or new.schema
-                        writer = open_parquet(tmp, file_schema)
-                    if not new.schema.equals(file_schema, check_metadata=False):
-                        new = conform(new, file_schema)
-                    write_rows(writer, new)
-            finally:
-                if writer is not None:
-                    writer.close()
-            fsync_file(tmp)
-            plan.append((tmp, path))
+            plan.append((_rewrite_file(path, fn, schema), path))
     except BaseException:
-        for tmp, _ in plan:
-            tmp.unlink(missing_ok=True)
         for path in files:
             temp_path(path).unlink(missing_ok=True)
         raise
+    _apply(out_dir, plan, name)
 
+
+def _rewrite_file(path: Path, fn: Callable[[pa.Table], pa.Table], schema: pa.Schema | None) -> Path:
+    """`fn` over every row group of the data file `path`, into its temp file (fsynced); returns the temp."""
+    tmp = temp_path(path)
+    reader = pq.ParquetFile(path)
+    writer: pq.ParquetWriter | None = None
+    try:
+        for i in range(reader.num_row_groups):
+            rows = reader.read_row_group(i)
+            new = strip_metadata(fn(rows))
+            if new.num_rows != rows.num_rows:
+                raise RuntimeError(
+                    f"rewrite_data_files: fn returned {new.num_rows} rows for {rows.num_rows} "
+                    f"(row group {i} of {path.name}); it must keep every row, in order"
+                )
+            if writer is None:
+                file_schema = schema or new.schema
+                writer = open_parquet(tmp, file_schema)
+            if not new.schema.equals(file_schema, check_metadata=False):
+                new = conform(new, file_schema)
+            write_rows(writer, new)
+    finally:
+        if writer is not None:
+            writer.close()
+    fsync_file(tmp)
+    return tmp
+
+
+def _apply(out_dir: Path, plan: list[tuple[Path, Path]], name: str | None) -> None:
+    """Put the rewritten files in place: through progress.json's commit point when the output has one."""
     progress = read_progress(out_dir)
     progress_path = out_dir / STATE_DIR / PROGRESS_FILE
-    if progress is not None:
-        progress["finished"] = False
-        if name is not None:
-            progress["rewrites"] = [*progress.get("rewrites", []), name]
-        progress["pending_rewrite"] = [[t.relative_to(out_dir).as_posix(), p.relative_to(out_dir).as_posix()]
-                                       for t, p in plan]
-        atomic_write_text(progress_path, dump_json(progress))  # commit point
-        finish_pending_rewrite(out_dir, progress)
-        atomic_write_text(progress_path, dump_json(progress))
-    else:
+    if progress is None:
         for tmp, path in plan:
             os.replace(tmp, path)
         if plan:
             fsync_dir(out_dir / DATA_DIR)
+        return
+    progress["finished"] = False
+    if name is not None:
+        progress["rewrites"] = [*progress.get("rewrites", []), name]
+    progress["pending_rewrite"] = [[t.relative_to(out_dir).as_posix(), p.relative_to(out_dir).as_posix()]
+                                   for t, p in plan]
+    atomic_write_text(progress_path, dump_json(progress))  # commit point
+    finish_pending_rewrite(out_dir, progress)
+    atomic_write_text(progress_path, dump_json(progress))
 
 
 def finish_pending_rewrite(out_dir: Path, progress: dict) -> None:
