@@ -181,11 +181,11 @@ def normalize_dataset(writer: DatasetWriter, config: WeightConfig, diagnostics: 
     if NORMALIZE_REWRITE in writer.rewrites:
         observe_files(data_files(writer.out_dir), config, means, diagnostics, by_row_group=True)
     else:
-        writer.rewrite_data_files(lambda rows: weigh_all(rows, config, means, diagnostics), name=NORMALIZE_REWRITE)
+        writer.rewrite_data_files(lambda rows: reweigh_committed(rows, config, means, diagnostics), name=NORMALIZE_REWRITE)
     return means
 
 
-def weigh_all(table: pa.Table, config: WeightConfig, means: dict | None, diagnostics: Diagnostics) -> pa.Table:
+def reweigh_committed(table: pa.Table, config: WeightConfig, means: dict | None, diagnostics: Diagnostics) -> pa.Table:
     """Weigh rows that were valid when their shard was committed (a reject here is a bug, not bad input)."""
     weighed = weigh_table(table, config, means, diagnostics)
     if len(weighed.rejected_rows):
@@ -203,9 +203,9 @@ def observe_files(paths: list[Path], config: WeightConfig, means: dict | None, d
         columns = [name for name in (INPUT_IDS, *ENGINE_COLUMNS) if name in names]
         if by_row_group:
             for i in range(pq.read_metadata(path).num_row_groups):
-                weigh_all(read_table(path, columns, row_group=i), config, means, diagnostics)
+                reweigh_committed(read_table(path, columns, row_group=i), config, means, diagnostics)
         else:
-            weigh_all(read_table(path, columns), config, means, diagnostics)
+            reweigh_committed(read_table(path, columns), config, means, diagnostics)
 
 
 def alignment_summary(mode: str, committed: list) -> dict:

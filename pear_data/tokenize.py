@@ -273,18 +273,6 @@ def render_raw(
     return RenderedConversation("".join(pieces), tuple(spans), "raw", tuple(contents))
 
 
-def completion_char_spans(
-    conversation: Conversation, tokenizer: Any, mode: TemplateMode | None = None, raw_separator: str = "\n\n"
-) -> RenderedConversation:
-    """Rendered text and completion character spans, in `mode` (default: `template_mode(tokenizer)`)."""
-    mode = mode or template_mode(tokenizer)
-    if mode == "chat":
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("template 'chat' requested but the tokenizer has no chat template; use 'raw' or 'auto'")
-        return render_chat(conversation, tokenizer)
-    return render_raw(conversation, tokenizer, raw_separator)
-
-
 # --------------------------------------------------------------------------- tokenizing
 
 
@@ -439,10 +427,3 @@ class ConversationTokenizer:
             truncated_completion_tokens=truncated_completion,
             content_spans=rendered.content_spans,
         )
-
-
-def tokenize_conversation(
-    conversation: Conversation, tokenizer: Any, config: TokenizeConfig | None = None
-) -> TokenizedRow:
-    """Tokenize one conversation (see `ConversationTokenizer`; build one to tokenize many rows)."""
-    return ConversationTokenizer(tokenizer, config)(conversation)

@@ -29,10 +29,14 @@ from pear_data.tokenize import (
     chat_template_hash,
     mask_from_spans,
     template_mode,
-    tokenize_conversation,
 )
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
+def tokenize_conversation(conversation, tokenizer, config=None):
+    """One conversation through `ConversationTokenizer` (the pipeline builds one per tokenizer)."""
+    return ConversationTokenizer(tokenizer, config)(conversation)
+
+
 GSM8K_SHAPE = RowShape("prompt_completion", prompt_field="question", completion_field="answer")
 IM_END = "<|im_end|>"
 
