@@ -181,7 +181,8 @@ def normalize_dataset(writer: DatasetWriter, config: WeightConfig, diagnostics: 
     if NORMALIZE_REWRITE in writer.rewrites:
         observe_files(data_files(writer.out_dir), config, means, diagnostics, by_row_group=True)
     else:
-        writer.rewrite_data_files(lambda rows: reweigh_committed(rows, config, means, diagnostics), name=NORMALIZE_REWRITE)
+        writer.rewrite_data_files(lambda rows: reweigh_committed(rows, config, means, diagnostics),
+                                  name=NORMALIZE_REWRITE)
     return means
 
 
