@@ -28,8 +28,8 @@ from pear_data.engines.work import ShardTask
 from pear_data.output import DatasetWriter
 from pear_data.policies import PreparedShard, ScoredShard
 
+from .cli_harness import output_files
 from .scored_data import scored_table
-from .test_score_cli import output_files
 from .tiny_model import tiny_model_dir_fixture  # noqa: F401 - the session fixture tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
