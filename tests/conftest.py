@@ -70,3 +70,14 @@ def gemma_model(gemma_source: Any) -> Any:
     from pear_data.models import load_model
 
     return load_model(gemma_source, device="cpu", dtype=torch.float32)
+
+
+REAL_MODEL_FIXTURES = frozenset({"smollm2_source", "smollm2_tokenizer", "smollm2_model", "gemma_source",
+                                 "gemma_tokenizer", "gemma_model"})
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every test that uses an embedded model is `slow`, whatever its module says: `-m "not slow"` skips them all."""
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
