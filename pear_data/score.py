@@ -91,13 +91,13 @@ def _run(writer: DatasetWriter, reader: Corpus, recipe: PolicyRecipe, options: S
          progress_factory: ProgressFactory | None) -> dict:
     config = options.weights
     dataset_normalization = config.normalize == "dataset"
-    meter = progress_factory(reader.num_rows()) if progress_factory else None
-    engine = make_engine(options.run, recipe, reader, meter.advance if meter else None)
+    bar = progress_factory(reader.num_rows()) if progress_factory else None
+    engine = make_engine(options.run, recipe, reader, bar.advance if bar else None)
     diagnostics = Diagnostics()
     if not dataset_normalization:  # the shards committed before a resume
         observe_files(data_files(writer.out_dir), config, None, diagnostics, by_row_group=False)
-    if meter:
-        meter.advance(writer.next_input_row, 0)
+    if bar:
+        bar.advance(writer.next_input_row, 0)
     score_shards(writer, engine, config, diagnostics)
     means = normalize_dataset(writer, config, diagnostics) if dataset_normalization else None
     return writer.finalize(manifest(writer, reader, recipe, engine, options, diagnostics, means), render_card)

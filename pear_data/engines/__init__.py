@@ -19,14 +19,14 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .work import Progress, ShardTask, WorkerFailed, WorkerLost
+from .work import ScorerProgress, ShardTask, WorkerFailed, WorkerLost
 
 if TYPE_CHECKING:
     from ..config import RunConfig
     from ..corpus import Corpus
     from ..policies import PolicyRecipe, ScoredShard, ScoringDescription
 
-__all__ = ["Engine", "Progress", "ShardTask", "WorkerFailed", "WorkerLost", "make_engine"]
+__all__ = ["Engine", "ScorerProgress", "ShardTask", "WorkerFailed", "WorkerLost", "make_engine"]
 
 
 class Engine(Protocol):
@@ -58,6 +58,6 @@ def make_engine(run: RunConfig, recipe: PolicyRecipe, corpus: Corpus,
 
     if run.workers > 1:
         return ProcessEngine(recipe, corpus, run.shard_rows, run.workers, advance)
-    progress = Progress(advance or (lambda rows, tokens: None))
+    progress = ScorerProgress(advance or (lambda rows, tokens: None))
     stop = threading.Event()
     return ThreadEngine(recipe.load(progress, stop=stop), corpus, run.shard_rows, progress, advance, stop)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .. import shutdown
-from .work import PREPARED_AHEAD, Progress, ShardTask, WorkerLost, failure, shard_tasks, work
+from .work import PREPARED_AHEAD, ScorerProgress, ShardTask, WorkerLost, failure, shard_tasks, work
 
 if TYPE_CHECKING:
     from ..corpus import Corpus
@@ -101,7 +101,7 @@ class ThreadEngine(_QueueEngine):
     """One worker thread of this process, scoring with `policies` (loaded by the driver with the `progress` and
     the `stop` event given here, so that a cancel stops a shard at its next batch)."""
 
-    def __init__(self, policies: Any, corpus: Corpus, shard_rows: int, progress: Progress | None = None,
+    def __init__(self, policies: Any, corpus: Corpus, shard_rows: int, progress: ScorerProgress | None = None,
                  advance: Advance | None = None, stop: threading.Event | None = None) -> None:
         super().__init__(corpus, shard_rows, 1, advance)
         self.stop = stop or threading.Event()
@@ -203,7 +203,7 @@ def _process_main(recipe: PolicyRecipe, threads: int, inbox: Any, outbox: Any, s
             raise
 
     try:
-        progress = Progress(lambda rows, tokens: outbox.put(("progress", rows, tokens)))
+        progress = ScorerProgress(lambda rows, tokens: outbox.put(("progress", rows, tokens)))
         policies = recipe.load(progress, stop=stop)
         outbox.put(("ready", policies.description))
         work(policies, tasks, outbox.put, progress, stop)

@@ -46,7 +46,7 @@ class ShardTask:
         return self.rows[-1].index + 1
 
 
-class Progress:
+class ScorerProgress:
     """Turns a scorer's cumulative (rows, tokens) within one `score` call into increments for a sink."""
 
     def __init__(self, sink: Callable[[int, int], None]) -> None:
@@ -78,7 +78,7 @@ def shard_tasks(rows: Iterator[CorpusRow], start: int, shard_rows: int) -> Itera
 
 
 def work(policies: Policies, tasks: Callable[[float], ShardTask | None], send: Callable[[tuple], None],
-         progress: Progress | None, stop: Any = None) -> None:
+         progress: ScorerProgress | None, stop: Any = None) -> None:
     """The worker loop: prepare shards one ahead in a thread, score them here, send ("done", ...) per shard.
 
     `tasks(timeout)` returns the next task, or None when there are no more, and raises queue.Empty when none
