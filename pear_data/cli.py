@@ -163,6 +163,14 @@ CenterOpt = Annotated[
     ),
 ]
 
+CardTitleOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--card-title",
+        help="Title of the dataset card (its `pretty_name` on the Hub). Default: '<corpus name> (PEAR-weighted)'.",
+    ),
+]
+
 
 def weight_config(log_ratio_clip: str, weight_clip: str, **flags) -> WeightConfig:
     """WeightConfig from the weight flags (the two clips as 'lo,hi' text); WeightConfig checks them."""
@@ -322,6 +330,7 @@ def score(
     resume: Annotated[bool, typer.Option(help="Continue a killed run after its last committed shard.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing pear-data output dir.")] = False,
     license: Annotated[str | None, typer.Option(help="License id for the dataset card (e.g. mit).")] = None,
+    card_title: CardTitleOpt = None,
 ) -> None:
     """Tokenize a corpus, score it under target and behavior policies, and write the PEAR-weighted dataset."""
     from .config import BehaviorSpec, CorpusConfig, RunConfig, ScoreOptions, ScoringConfig, TokenizeConfig
@@ -341,6 +350,7 @@ def score(
                               vllm_tensor_parallel_size),
         run=RunConfig(shard_rows, workers, ray, resume, overwrite),
         license=license,
+        card_title=card_title,
     )
     bars: list[RowProgress] = []
 
@@ -388,6 +398,7 @@ def reweight(
     ] = None,
     shard_rows: Annotated[int, typer.Option(help="Input rows per output shard.", min=1)] = 10_000,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing pear-data output dir.")] = False,
+    card_title: CardTitleOpt = None,
 ) -> None:
     """Recompute the PEAR weights of scored rows with new hyperparameters (no model needed)."""
     from .config import ReweightOptions
@@ -396,7 +407,8 @@ def reweight(
     config = weight_config(log_ratio_clip, weight_clip, granularity=granularity, gamma=gamma, horizon=horizon,
                            block_size=block_size, normalize=normalize, max_weight=max_weight,
                            length_normalize=length_normalize, center=center)
-    options = ReweightOptions(shard_rows=shard_rows, overwrite=overwrite, max_length=max_length)
+    options = ReweightOptions(shard_rows=shard_rows, overwrite=overwrite, max_length=max_length,
+                              card_title=card_title)
     manifest = run(src, out_dir, config, options)
     _report(manifest, out_dir)
 

@@ -6,7 +6,7 @@ combination that cannot work raises `ConfigError` (exit code 2) naming the flag 
 This module imports no pipeline stage: only the errors and the column names.
 
     ScoreOptions     pear-data score: target, BehaviorSpec, WeightConfig, TokenizeConfig, CorpusConfig,
-                     ScoringConfig, RunConfig, license
+                     ScoringConfig, RunConfig, license, card_title
     ReweightOptions  pear-data reweight (with a WeightConfig)
     TrainingData     what a trainer reads from a dataset (pear_data.training_data)
 """
@@ -14,6 +14,7 @@ This module imports no pipeline stage: only the errors and the column names.
 from __future__ import annotations
 
 import math
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -48,6 +49,18 @@ MAX_LOG_RATIO_BOUND = 1e100
 def _refuse(problems: list[str]) -> None:
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _card_title_problems(title: str | None) -> list[str]:
+    """`--card-title`: one line of text (the card's heading and its Hub `pretty_name`)."""
+    if title is None:
+        return []
+    if not title.strip():
+        return ["--card-title must not be empty: give the dataset's name, or leave the flag out (the card is then "
+                "titled after the corpus)"]
+    if any(unicodedata.category(c) == "Cc" for c in title):
+        return [f"--card-title must be one line of text without control characters, got {title!r}"]
+    return []
 
 
 # --------------------------------------------------------------------------- the weights (design 3)
@@ -327,8 +340,10 @@ class ScoreOptions:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     run: RunConfig = field(default_factory=RunConfig)
     license: str | None = None
+    card_title: str | None = None  # the dataset card's title (None: after the corpus)
 
     def __post_init__(self) -> None:
+        _refuse(_card_title_problems(self.card_title))
         if self.scoring.backend == "vllm" and (self.run.ray or self.run.workers > 1):
             raise ConfigError("--backend vllm (experimental) runs in one process: use --vllm-tensor-parallel-size "
                               "for several GPUs, not --workers or --ray")
@@ -342,14 +357,17 @@ class ScoreOptions:
 @dataclass(frozen=True)
 class ReweightOptions:
     """`pear-data reweight` beyond the weight flags: shard_rows input rows per output shard, batch_rows rows
-    per read, overwrite an existing output, max_length: cut rows by the truncation rule first (None: whole)."""
+    per read, overwrite an existing output, max_length: cut rows by the truncation rule first (None: whole),
+    card_title: the dataset card's title (None: after the corpus)."""
 
     shard_rows: int = 10_000
     batch_rows: int = 1024
     overwrite: bool = False
     max_length: int | None = None
+    card_title: str | None = None
 
     def __post_init__(self) -> None:
+        _refuse(_card_title_problems(self.card_title))
         if self.shard_rows < 1 or self.batch_rows < 1:
             raise ConfigError(f"--shard-rows must be >= 1, got {self.shard_rows}")
         if self.max_length is not None and self.max_length < 2:

