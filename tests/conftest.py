@@ -15,6 +15,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 
 import pytest
 
+# Output and tiny-model fixtures, registered here once for every test module.
+from .outputs import output_fixture, scored_fixture  # noqa: F401
+from .tiny_model import (  # noqa: F401
+    tiny_model_dir_fixture,
+    tiny_strict_model_dir_fixture,
+    tiny_turns_model_dir_fixture,
+)
+from .tiny_scored import (  # noqa: F401
+    tiny_merged_dir_fixture,
+    tiny_scored_cross_fixture,
+    tiny_scored_fixture,
+    tiny_target_dir_fixture,
+)
+
 
 def _embedded_source(alias: str) -> Any:
     from pear_data.models import ModelSpecError, resolve_model
@@ -72,8 +86,9 @@ def gemma_model(gemma_source: Any) -> Any:
     return load_model(gemma_source, device="cpu", dtype=torch.float32)
 
 
-REAL_MODEL_FIXTURES = frozenset({"smollm2_source", "smollm2_tokenizer", "smollm2_model", "gemma_source",
-                                 "gemma_tokenizer", "gemma_model"})
+REAL_MODEL_FIXTURES = frozenset(
+    {"smollm2_source", "smollm2_tokenizer", "smollm2_model", "gemma_source", "gemma_tokenizer", "gemma_model"}
+)
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -17,9 +17,6 @@ from .outputs import (
     score,
     write_jsonl,
 )
-from .tiny_model import (  # noqa: F401 - session fixtures
-    tiny_model_dir_fixture,
-)
 
 
 @pytest.mark.parametrize(("value", "reason"), [

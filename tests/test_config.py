@@ -11,7 +11,6 @@ from pear_data.weights import WeightConfig
 from .cli_harness import cli
 from .outputs import (
     assert_user_error,
-    scored_fixture,  # noqa: F401 - module fixtures
 )
 
 

@@ -23,9 +23,6 @@ from .outputs import (
     score,
     write_jsonl,
 )
-from .tiny_model import (  # noqa: F401 - session fixtures
-    tiny_model_dir_fixture,
-)
 
 
 def test_a_column_whose_type_differs_between_shards_is_json_text_in_every_row(capsys, tmp_path, tiny_model_dir):

@@ -21,9 +21,6 @@ from .outputs import (
     score,
     write_jsonl,
 )
-from .tiny_model import (  # noqa: F401 - session fixtures
-    tiny_model_dir_fixture,
-)
 
 
 def test_a_lone_surrogate_rejects_the_row_naming_the_field(capsys, tmp_path, tiny_model_dir):

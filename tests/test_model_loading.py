@@ -14,9 +14,6 @@ from .outputs import (
     gsm8k,
     write_jsonl,
 )
-from .tiny_model import (  # noqa: F401 - session fixtures
-    tiny_model_dir_fixture,
-)
 
 
 def smollm2_head(dest: Path, size: int) -> Path:

@@ -15,26 +15,16 @@ from pear_data.errors import OutputError, OutputExistsError, UsageError
 from pear_data.output import DatasetWriter, layout
 
 from .cli_harness import cli
-from .outputs import (  # noqa: F401 - module fixtures
+from .outputs import (
     FIELDS,
-    GSM8K,
     ROOT,
     assert_named,
     assert_user_error,
     copy_output,
-    data,
     gsm8k,
-    output_bytes,
-    output_fixture,
-    rejects,
     score,
-    scored_fixture,
     tree,
-    truncate_file,
     write_jsonl,
-)
-from .tiny_model import (  # noqa: F401 - session fixtures
-    tiny_model_dir_fixture,
 )
 
 

@@ -15,8 +15,6 @@ from .cli_harness import cli
 from .outputs import (
     assert_user_error,
     copy_output,
-    output_fixture,  # noqa: F401 - module fixtures
-    scored_fixture,  # noqa: F401
     truncate_file,
 )
 from .scored_data import scored_table, write_parquet

@@ -21,8 +21,6 @@ import pytest
 from pear_data.errors import UsageError
 
 from .cli_harness import assert_user_error, cli, command, output_files
-from .tiny_model import tiny_model_dir_fixture  # noqa: F401 - session fixture
-from .tiny_scored import tiny_merged_dir_fixture  # noqa: F401 - session fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT / "examples" / "data" / "gsm8k_sample.jsonl"

@@ -30,7 +30,6 @@ from pear_data.policies import PreparedShard, ScoredShard
 
 from .cli_harness import output_files
 from .scored_data import scored_table
-from .tiny_model import tiny_model_dir_fixture  # noqa: F401 - the session fixture tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT / "examples" / "data" / "gsm8k_sample.jsonl"

@@ -10,24 +10,9 @@ import sys
 import pytest
 
 from .cli_harness import cli
-from .outputs import (  # noqa: F401 - module fixtures
-    FIELDS,
-    GSM8K,
+from .outputs import (
     ROOT,
-    assert_named,
     assert_user_error,
-    copy_output,
-    data,
-    gsm8k,
-    manifest,
-    output_bytes,
-    output_fixture,
-    rejects,
-    score,
-    scored_fixture,
-    tree,
-    truncate_file,
-    write_jsonl,
 )
 
 

@@ -15,9 +15,6 @@ from .outputs import (
 )
 from .tiny_model import (  # noqa: F401 - session fixtures
     STRICT_ROLES_TEMPLATE,
-    tiny_model_dir_fixture,
-    tiny_strict_model_dir_fixture,
-    tiny_turns_model_dir_fixture,
 )
 
 

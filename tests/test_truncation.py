@@ -17,10 +17,6 @@ from pear_data.weights import WeightConfig
 from .scored_data import scored_table
 from .tiny_scored import (  # noqa: F401 - session fixtures
     score_tiny,
-    tiny_merged_dir_fixture,
-    tiny_scored_cross_fixture,
-    tiny_scored_fixture,
-    tiny_target_dir_fixture,
 )
 
 

@@ -21,7 +21,6 @@ from pear_data.scoring.vllm_backend import VllmScorer, prompt_logprobs_to_arrays
 
 from . import fake_vllm
 from .fake_vllm import FlatLogprobs, Logprob, make_vllm, prompt_logprobs
-from .tiny_model import tiny_model_dir_fixture  # noqa: F401 (a fixture)
 
 
 def entries_for(sequence: list[int], logprobs: list[float]) -> list[dict | None]:

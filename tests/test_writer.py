@@ -29,7 +29,7 @@ from pear_data.output import shard as shard_module
 from pear_data.push import plan_push
 
 from .cli_harness import cli
-from .outputs import assert_user_error, copy_output, output_fixture, scored_fixture  # noqa: F401 - module fixtures
+from .outputs import assert_user_error, copy_output
 from .scored_data import scored_table
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
