@@ -441,7 +441,7 @@ def stats(
     summary = manifest.get("diagnostics")
     stored = None
     if summary is None or plot is not None:
-        stored = stored_diagnostics(src)
+        stored = stored_diagnostics(src, positions=plot is not None)
         summary = summary or stored.summary()
     if json_out:
         STDOUT.write(json.dumps(summary, indent=2, sort_keys=True) + "\n")
