@@ -146,8 +146,9 @@ def diagnostics_table(summary: dict, primary: str | None = None) -> Table:
         label = f"{g} *" if g == primary else g
         table.add_row(label, *(_fmt(s.get(key)) for key, _ in COLUMNS))
     if "mean_log_ratio" in summary:
-        table.caption = (f"{summary.get('completion_tokens', 0):,} completion tokens; mean log-ratio "
-                         f"d_k = {summary['mean_log_ratio']:.5g} (≈ -KL(behavior‖target) per token)")
+        table.caption = (f"{summary.get('completion_tokens', 0):,} completion tokens; mean clipped log-ratio "
+                         f"d_k = {summary['mean_log_ratio']:.5g} (> 0: the target finds this data likelier than the "
+                         "behavior; only for data sampled from the behavior is it about -KL(behavior‖target))")
     return table
 
 

@@ -193,7 +193,7 @@ def render_terminal(views: list[RowView], by: str, primary: str, console: Consol
     scale = colour_scale(views, by, primary)
     console.print(legend(by, scale))
     for view in views:
-        console.print(Text(row_header(view), style="bold"))
+        console.print(Text(row_header(view), style="bold"), soft_wrap=True)
         text = Text()
         rgb = colours(values_for(view, by, primary), by, scale)
         for i, piece in enumerate(view.texts):
@@ -202,7 +202,7 @@ def render_terminal(views: list[RowView], by: str, primary: str, console: Consol
                 text.append(shown, style=f"{ink(rgb[i])} on {hex_colour(rgb[i])}")
             else:
                 text.append(piece, style="dim")
-        console.print(text)
+        console.print(text, soft_wrap=True)  # the terminal wraps; lines break where the text does
         console.print()
 
 
