@@ -27,7 +27,7 @@ import typer
 from rich.markup import escape
 
 from . import __version__
-from .cli_outputs import print_alignment, report, rescore, select, show
+from .cli_outputs import print_alignment, report, rescore, resumable_run, select, show
 from .config import DEFAULT_TARGET, WeightConfig
 from .console import STDOUT, err, out
 from .errors import USER_OS_ERRORS, OutputError, PearDataError, UsageError
@@ -258,7 +258,6 @@ def score(
 ) -> None:
     """Tokenize a corpus, score it under target and behavior policies, and write the PEAR-weighted dataset."""
     from .config import BehaviorSpec, CorpusConfig, RunConfig, ScoreOptions, ScoringConfig, TokenizeConfig
-    from .progress import RowProgress
     from .score import score as run
 
     options = ScoreOptions(
@@ -275,21 +274,8 @@ def score(
         run=RunConfig(shard_rows, workers, ray, resume, overwrite),
         license=license,
     )
-    bars: list[RowProgress] = []
-
-    def progress(total_rows):
-        bars.append(RowProgress(total_rows, console=err).__enter__())
-        return bars[0]
-
-    try:
+    with resumable_run(out_dir) as progress:
         manifest = run(corpus, out_dir, options, progress_factory=progress)
-    except KeyboardInterrupt:
-        err.print(f"stopped: the shards committed to {escape(str(out_dir))} are kept; run the same command with "
-                  "--resume to go on", soft_wrap=True)
-        raise
-    finally:
-        for bar in bars:
-            bar.__exit__(None, None, None)
     report(manifest, out_dir)
 
 

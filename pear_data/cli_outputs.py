@@ -3,8 +3,10 @@ flags to the configs of config.py, the recipe, then what to print. cli.py regist
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -12,6 +14,29 @@ from rich.markup import escape
 from .console import err, out
 
 SHOW_ROWS = "Which rows (one of these; default: the first row)"
+
+
+@contextlib.contextmanager
+def resumable_run(out_dir: Path) -> Iterator[Callable[[int | None], Any]]:
+    """Around a `score` or `rescore` run: the progress factory it takes (a bar on stderr, closed at the end),
+    and after Ctrl-C the line that says the committed shards are kept and how to go on."""
+    from .progress import RowProgress
+
+    bars: list[RowProgress] = []
+
+    def progress(total_rows: int | None) -> RowProgress:
+        bars.append(RowProgress(total_rows, console=err).__enter__())
+        return bars[0]
+
+    try:
+        yield progress
+    except KeyboardInterrupt:
+        err.print(f"stopped: the shards committed to {escape(str(out_dir))} are kept; run the same command with "
+                  "--resume to go on", soft_wrap=True)
+        raise
+    finally:
+        for bar in bars:
+            bar.__exit__(None, None, None)
 
 
 def print_alignment(manifest: dict) -> None:
@@ -112,24 +137,10 @@ def rescore(
 ) -> None:
     """Score the stored rows under a new target and recompute the weights, without scoring the behavior again."""
     from .config import RescoreOptions, RunConfig, ScoringConfig
-    from .progress import RowProgress
     from .rescore import rescore as run
 
     options = RescoreOptions(target=target, scoring=ScoringConfig(device, "torch", batch_tokens, trust_remote_code),
                              run=RunConfig(shard_rows=shard_rows, resume=resume, overwrite=overwrite))
-    bars: list[RowProgress] = []
-
-    def progress(total_rows):
-        bars.append(RowProgress(total_rows, console=err).__enter__())
-        return bars[0]
-
-    try:
+    with resumable_run(out_dir) as progress:
         manifest = run(src, out_dir, options, progress_factory=progress)
-    except KeyboardInterrupt:
-        err.print(f"stopped: the shards committed to {escape(str(out_dir))} are kept; run the same command with "
-                  "--resume to go on", soft_wrap=True)
-        raise
-    finally:
-        for bar in bars:
-            bar.__exit__(None, None, None)
     report(manifest, out_dir)
