@@ -63,14 +63,14 @@ def _granularity_queries(frame: pl.LazyFrame, positions: bool) -> list[pl.LazyFr
     profile. Every granularity is a frame of (weight, tokens it stands for, relative position bin)."""
     mask, listed = pl.col(COMPLETION_MASK), [COMPLETION_MASK, WEIGHT_COLUMNS["token"], WEIGHT_COLUMNS["block"]]
     tokens = frame.select(*listed, WEIGHT_COLUMNS["sequence"])
-    if positions:  # T of each row, and how many completion tokens come before the row (_s)
-        lengths = mask.cast(pl.List(pl.Int64)).list.sum()
-        tokens = tokens.with_columns(lengths.alias("_t"), (lengths.cum_sum() - lengths).alias("_s"))
+    if positions:  # k and T of every completion token, for its relative position (k - 1) / T
+        tokens = tokens.with_columns(mask.list.eval(pl.element().cast(pl.Int64).cum_sum()).alias("_k"),
+                                     mask.cast(pl.List(pl.Int64)).list.sum().alias("_t"))
+        listed.append("_k")
     tokens = tokens.explode(listed).filter(mask.is_null() | (mask == 1))
-    if positions:  # the k-th completion token of its row is the (_s + k)-th overall: relative position (k - 1) / T
-        k = pl.int_range(pl.len(), dtype=pl.Int64) - pl.col("_s")
-        position = pl.min_horizontal(k * POSITION_BINS // pl.col("_t"), POSITION_BINS - 1)
-        tokens = tokens.with_columns(position.alias(_POS))
+    if positions:
+        tokens = tokens.with_columns(pl.min_horizontal(
+            ((pl.col("_k") - 1) * POSITION_BINS // pl.col("_t")), POSITION_BINS - 1).alias(_POS))
     rows = frame.select(pl.col(WEIGHT_COLUMNS["sequence"]).alias(_W),
                         mask.cast(pl.List(pl.Int64)).list.sum().alias(_N)).filter(pl.col(_N) > 0)
     queries = []
