@@ -406,8 +406,9 @@ def _diagnostics_section(manifest: dict, warnings: list[str]) -> list[str]:
             "",
             "Over completion tokens. `ess_fraction` = (sum W)^2 / (n sum W^2); `share_at_lower_bound` / "
             "`share_at_upper_bound` = share of tokens at the lower / upper weight-clip bound (the cap counts as "
-            "upper); `mean_log_ratio` = mean d_k (about minus the per-token KL from behavior to target on this "
-            "data).",
+            "upper); `mean_log_ratio` = mean clipped d_k per completion token (positive when the target finds this "
+            "data likelier than the behavior; only for data sampled from the behavior is it about minus the "
+            "per-token KL from behavior to target).",
             "",
         ] + _diagnostics_lines(manifest["diagnostics"])
     if warnings:

@@ -24,57 +24,13 @@ if __name__ == "__main__":  # `python -m pear_data.cli`: signals handled from he
     shutdown.install()
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
+from .cli_outputs import print_alignment, report, rescore, resumable_run, select, show
 from .config import DEFAULT_TARGET, WeightConfig
+from .console import STDOUT, err, out
 from .errors import USER_OS_ERRORS, OutputError, PearDataError, UsageError
-
-
-class _PipeSafeStdout:
-    """sys.stdout that goes quiet once the reader has closed the pipe (`pear-data stats OUT | head`).
-
-    Every write is flushed at once, so a closed pipe shows here (not at interpreter exit); from then
-    on the output goes to /dev/null and the command goes on with its other work.
-    """
-
-    closed = False
-
-    def write(self, text: str) -> int:
-        if not self.closed:
-            try:
-                sys.stdout.write(text)
-                sys.stdout.flush()
-            except BrokenPipeError:
-                self.silence()
-        return len(text)
-
-    def flush(self) -> None:
-        if not self.closed:
-            try:
-                sys.stdout.flush()
-            except BrokenPipeError:
-                self.silence()
-
-    def silence(self) -> None:
-        self.closed = True
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())  # what Python flushes at exit goes nowhere
-            os.close(devnull)
-        except (OSError, ValueError, AttributeError):
-            pass
-
-    def isatty(self) -> bool:
-        return sys.stdout.isatty()
-
-    @property
-    def encoding(self) -> str:
-        return getattr(sys.stdout, "encoding", None) or "utf-8"
-
-
-STDOUT = _PipeSafeStdout()
 
 app = typer.Typer(
     name="pear-data",
@@ -83,8 +39,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
-out = Console(file=STDOUT) if sys.stdout.isatty() else Console(file=STDOUT, width=120)  # logs, pipes: whole table
 
 _D = WeightConfig()
 WEIGHTS = "Weight flags (docs/design.md section 3)"
@@ -176,27 +130,6 @@ def weight_config(log_ratio_clip: str, weight_clip: str, **flags) -> WeightConfi
     """WeightConfig from the weight flags (the two clips as 'lo,hi' text); WeightConfig checks them."""
     return WeightConfig(log_ratio_clip=_pair(log_ratio_clip, "--log-ratio-clip"),
                         weight_clip=_pair(weight_clip, "--weight-clip"), **flags)
-
-
-def _print_alignment(manifest: dict) -> None:
-    alignment = manifest.get("alignment") or {}
-    if alignment.get("mode") == "char-offsets":
-        out.print(
-            f"behavior aligned by character offsets: {alignment['spans']:,} spans, "
-            f"{alignment['share_chars_in_one_token_spans']:.1%} of {alignment['completion_chars']:,} completion "
-            "characters in spans of one target token"
-        )
-
-
-def _report(manifest: dict, out_dir: Path) -> None:
-    from .stats import print_table
-
-    rows = manifest["rows"]
-    out.print(f"[bold]{out_dir}[/]: {rows['out']:,} rows written, {rows['rejected']:,} rejected (of {rows['in']:,})")
-    _print_alignment(manifest)
-    print_table(manifest.get("diagnostics", {}), manifest.get("weights", {}).get("granularity"), out)
-    for warning in manifest.get("warnings", []):
-        err.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 @app.command()
@@ -334,7 +267,6 @@ def score(
 ) -> None:
     """Tokenize a corpus, score it under target and behavior policies, and write the PEAR-weighted dataset."""
     from .config import BehaviorSpec, CorpusConfig, RunConfig, ScoreOptions, ScoringConfig, TokenizeConfig
-    from .progress import RowProgress
     from .score import score as run
 
     options = ScoreOptions(
@@ -352,22 +284,9 @@ def score(
         license=license,
         card_title=card_title,
     )
-    bars: list[RowProgress] = []
-
-    def progress(total_rows):
-        bars.append(RowProgress(total_rows, console=err).__enter__())
-        return bars[0]
-
-    try:
+    with resumable_run(out_dir) as progress:
         manifest = run(corpus, out_dir, options, progress_factory=progress)
-    except KeyboardInterrupt:
-        err.print(f"stopped: the shards committed to {escape(str(out_dir))} are kept; run the same command with "
-                  "--resume to go on", soft_wrap=True)
-        raise
-    finally:
-        for bar in bars:
-            bar.__exit__(None, None, None)
-    _report(manifest, out_dir)
+    report(manifest, out_dir)
 
 
 @app.command()
@@ -410,7 +329,7 @@ def reweight(
     options = ReweightOptions(shard_rows=shard_rows, overwrite=overwrite, max_length=max_length,
                               card_title=card_title)
     manifest = run(src, out_dir, config, options)
-    _report(manifest, out_dir)
+    report(manifest, out_dir)
 
 
 def _count(value) -> str:
@@ -453,7 +372,7 @@ def stats(
     summary = manifest.get("diagnostics")
     stored = None
     if summary is None or plot is not None:
-        stored = stored_diagnostics(src)
+        stored = stored_diagnostics(src, positions=plot is not None)
         summary = summary or stored.summary()
     if json_out:
         STDOUT.write(json.dumps(summary, indent=2, sort_keys=True) + "\n")
@@ -465,7 +384,7 @@ def stats(
                 f"{_count(rows.get('rejected'))} rejected; "
                 f"weights {escape(json.dumps(manifest.get('weights', {}), sort_keys=True))}"
             )
-            _print_alignment(manifest)
+            print_alignment(manifest)
         print_table(summary, (manifest.get("weights") or {}).get("granularity"), out)
     for warning in degeneracy_warnings(summary):
         err.print(f"[yellow]warning:[/] {escape(warning)}")
@@ -490,6 +409,11 @@ def push(
 
     result = run(src, repo_id, private=private, dry_run=dry_run)
     out.print(result.describe())
+
+
+app.command()(show)
+app.command()(select)
+app.command()(rescore)
 
 
 @app.callback(invoke_without_command=True)

@@ -415,3 +415,98 @@ class TrainingData:
         names = [INPUT_IDS, COMPLETION_MASK]
         names += [self.weights] if self.mode == "static" else [BEHAVIOR_LOGPROBS, SHARED_BOUNDARY]
         return names
+
+
+# --------------------------------------------------------------------------- looking at an output, acting on it
+
+
+SHOW_BY = ("weight", "token-weight", "block-weight", "log-ratio", "target", "behavior")
+
+
+@dataclass(frozen=True)
+class ShowOptions:
+    """`pear-data show`: which rows (`rows`, `lowest_ess`, `highest`, `where`: one way, or none for the first
+    row), what colours the tokens (`by`: SHOW_BY; "weight" is the primary granularity's per-token column), the
+    tokenizer that spells the tokens (None: the output's target model), and an HTML page to write."""
+
+    rows: tuple[int, ...] = ()
+    lowest_ess: int | None = None
+    highest: int | None = None
+    where: str | None = None
+    by: str = "weight"
+    tokenizer: str | None = None
+    html: str | None = None
+    limit: int = 20
+
+    def __post_init__(self) -> None:
+        if self.by not in SHOW_BY:
+            raise ConfigError(f"--by must be one of {', '.join(SHOW_BY)}, got {self.by!r}")
+        picks = [flag for flag, value in (("--row", self.rows), ("--lowest-ess", self.lowest_ess),
+                                          ("--highest", self.highest), ("--where", self.where)) if value]
+        if len(picks) > 1:
+            raise ConfigError(f"{' and '.join(picks)} each pick rows: give one of them")
+        if any(r < 0 for r in self.rows):
+            raise ConfigError(f"--row counts from 0, got {min(self.rows)}")
+        for flag, value in (("--lowest-ess", self.lowest_ess), ("--highest", self.highest), ("--limit", self.limit)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {value}")
+
+
+@dataclass(frozen=True)
+class SelectOptions:
+    """`pear-data select`: `where` (a polars SQL condition over the columns and the derived ones), then at most
+    one of `top_frac` (the ceil(F x n) rows with the largest `by`) and `sample` (N rows drawn without
+    replacement, uniformly or, with `by_weight`, with probability proportional to `by`, from `seed`).
+    `by` defaults to pear_seq_weight where it is needed. shard_rows: input rows per output shard."""
+
+    where: str | None = None
+    top_frac: float | None = None
+    by: str | None = None
+    sample: int | None = None
+    by_weight: bool = False
+    seed: int = 0
+    shard_rows: int = 10_000
+    batch_rows: int = 1024
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.where is None and self.top_frac is None and self.sample is None:
+            raise ConfigError("select needs --where, --top-frac or --sample: say which rows to keep")
+        if self.top_frac is not None and self.sample is not None:
+            raise ConfigError("--top-frac and --sample exclude each other: give one (--where may go with either)")
+        if self.top_frac is not None and not 0.0 < self.top_frac <= 1.0:
+            raise ConfigError(f"--top-frac must be in (0, 1], got {self.top_frac}")
+        if self.sample is not None and self.sample < 1:
+            raise ConfigError(f"--sample must be >= 1, got {self.sample}")
+        if self.by_weight and self.sample is None:
+            raise ConfigError("--by-weight goes with --sample N (it draws the N rows in proportion to --by)")
+        if self.by is not None and self.top_frac is None and not self.by_weight:
+            raise ConfigError("--by names the column that --top-frac ranks by or --sample --by-weight draws by")
+        if self.shard_rows < 1 or self.batch_rows < 1:
+            raise ConfigError(f"--shard-rows must be >= 1, got {self.shard_rows}")
+
+    @property
+    def rank_column(self) -> str:
+        return self.by or WEIGHT_COLUMNS["sequence"]
+
+    def describe(self) -> dict:
+        """The query as the manifest records it."""
+        return {"where": self.where, "top_frac": self.top_frac, "sample": self.sample, "by_weight": self.by_weight,
+                "by": self.rank_column if (self.top_frac is not None or self.by_weight) else None,
+                "seed": self.seed if self.sample is not None else None}
+
+
+@dataclass(frozen=True)
+class RescoreOptions:
+    """`pear-data rescore`: the new target (a model spec), how it is scored (`scoring`), and the run
+    (`run`: shard_rows, resume, overwrite; one worker)."""
+
+    target: str
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.scoring.backend != "torch":
+            raise ConfigError("rescore scores with the torch backend (--backend vllm is not supported here)")
+        if self.run.workers != 1 or self.run.ray:
+            raise ConfigError("rescore runs one scoring worker: --workers and --ray are not supported here")

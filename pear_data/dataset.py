@@ -1,9 +1,10 @@
 """Reading scored data back: the Parquet files of a pear-data output (or any Parquet with the scored columns).
 
-Used by `reweight`, `stats`, `push` and the `score` resume: which files, in which
+Used by `reweight`, `stats`, `push`, `select`, `show`, `rescore` and the `score` resume: which files, in which
 order, their fingerprint, a schema check that names the file, the column and what
 is wrong with it, and readers that name the file when its bytes are damaged
-(`read_batches`, `read_table`): every failure here is an InputError (exit 2).
+(`read_batches`, `read_table`): every failure here is an InputError (exit 2). `scan` hands the rows to
+users as a polars LazyFrame.
 
 Every reader of an output goes through `check_finished` (directly, or through
 `source_files`, `finished_manifest` or `source_manifest`) before it reads a byte:
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -44,6 +46,9 @@ from .schema import (
     WEIGHT_COLUMNS,
     missing_columns,
 )
+
+if TYPE_CHECKING:
+    import polars as pl
 
 # What each column read back must hold: a list of integers (bool too, for masks), a list of floats, a float.
 _INTEGER_LIST = (INPUT_IDS, COMPLETION_MASK, SHARED_BOUNDARY)
@@ -234,3 +239,16 @@ def read_table(path: Path, columns: list[str] | None = None, row_group: int | No
         return parquet.read(columns=columns) if row_group is None else parquet.read_row_group(row_group, columns)
     except (OSError, pa.ArrowException) as exc:
         raise InputError(f"{path}: cannot read its rows ({exc}); {_DAMAGED}") from None
+
+
+def scan(src: str | Path, *, derived: bool = False) -> pl.LazyFrame:
+    """The rows of a finished pear-data output SRC (or of scored Parquet files) as a `polars.LazyFrame`, in row
+    order; nothing is read until it is collected (`.collect(engine="streaming")` for outputs larger than memory).
+
+    With `derived`, the per-row columns of `pear_data.query` are added (`row`, `n_completion_tokens`,
+    `mean_log_ratio`, `token_ess`, ...): what `pear-data select --where` and `show --where` query. An unfinished
+    output, or one another process is writing, is refused like by every reader (`check_finished`).
+    """
+    from .query import scan_files
+
+    return scan_files(source_files(src), derived=derived)

@@ -68,7 +68,7 @@ def check_records(value: dict, path: Path, what: str) -> dict:
         data_file = record.get("data_file")
         if data_file is not None and not (isinstance(data_file, str) and DATA_FILE.match(data_file)):
             raise bad(f"shards[{i}].data_file", data_file, "null or a path like data/part-00000.parquet")
-        for key in ("shard", "input_start", "input_end", "rows_out", "rows_rejected"):
+        for key in ("shard", "input_start", "input_end", "rows_out", "rows_rejected", "rows_dropped"):
             if key in record:
                 count(f"shards[{i}].{key}", record[key])
         if "stats" in record and not isinstance(record["stats"], dict):
@@ -106,7 +106,8 @@ def read_progress(out_dir: str | Path) -> dict | None:
         return None
     progress = check_records(read_json_file(path, "the resume state"), path, "the resume state")
     for i, record in enumerate(progress.get("shards", [])):
-        missing = [f.name for f in dataclasses.fields(ShardRecord) if f.name not in record and f.name != "stats"]
+        optional = ("stats", "rows_dropped")
+        missing = [f.name for f in dataclasses.fields(ShardRecord) if f.name not in record and f.name not in optional]
         if missing:
             raise InputError(f"{path}: the resume state is damaged: shards[{i}] lacks {', '.join(missing)}; "
                              "restore it, or write the output again")

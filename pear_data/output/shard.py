@@ -41,8 +41,9 @@ class ShardRecord:
     """One committed shard: input rows [input_start, input_end) went to `data_file` or to rejects.
 
     `data_file` is relative to OUT ("data/part-00003.parquet"), None when every
-    row of the range was rejected. `stats` is free-form JSON from the caller
-    (token counts, weight sums for dataset normalization, ...).
+    row of the range was rejected or dropped. `stats` is free-form JSON from the caller
+    (token counts, weight sums for dataset normalization, ...). `rows_dropped`: rows of the range a command
+    left out on purpose (`select`), neither written nor rejected; recorded only when not 0.
     """
 
     shard: int
@@ -52,10 +53,18 @@ class ShardRecord:
     rows_out: int
     rows_rejected: int
     stats: dict = field(default_factory=dict)
+    rows_dropped: int = 0
 
     @classmethod
     def from_dict(cls, data: dict) -> ShardRecord:
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+    def to_dict(self) -> dict:
+        """The record as progress.json and the manifest keep it (`rows_dropped` only when not 0)."""
+        record = dataclasses.asdict(self)
+        if not self.rows_dropped:
+            del record["rows_dropped"]
+        return record
 
 
 class ShardOwner(Protocol):
@@ -97,6 +106,7 @@ class ShardHandle:
         self.input_start = input_start
         self.rows_out = 0
         self.rows_rejected = 0
+        self.rows_dropped = 0
         self._tmp: Path = writer.state_dir / f"shard-{shard:05d}.parquet.tmp"
         self._parquet: pq.ParquetWriter | None = None
         self._schema: pa.Schema | None = None
@@ -182,10 +192,16 @@ class ShardHandle:
         self._rejects.append(table)
         self.rows_rejected += table.num_rows
 
+    def drop(self, count: int) -> None:
+        """Count `count` rows of the shard's input range that are left out on purpose (`select`): neither
+        written nor rejected."""
+        self._check_open()
+        self.rows_dropped += count
+
     def commit(self, input_end: int, stats: dict | None = None) -> ShardRecord:
         """Make the shard part of the output: input rows [input_start, input_end) are now done.
 
-        Checks rows_out + rows_rejected == input_end - input_start (RuntimeError
+        Checks rows_out + rows_rejected + rows_dropped == input_end - input_start (RuntimeError
         otherwise) and that reject row_index values lie in the range.
         """
         self._check_open()
@@ -194,11 +210,11 @@ class ShardHandle:
 
     def _commit(self, input_end: int, stats: dict | None) -> ShardRecord:
         n_in = input_end - self.input_start
-        if n_in < 0 or self.rows_out + self.rows_rejected != n_in:
+        if n_in < 0 or self.rows_out + self.rows_rejected + self.rows_dropped != n_in:
             raise RuntimeError(
                 f"shard {self.shard}: input rows [{self.input_start}, {input_end}) = {n_in} but "
-                f"{self.rows_out} written + {self.rows_rejected} rejected; every input row must end up "
-                "in exactly one of data/ or rejects"
+                f"{self.rows_out} written + {self.rows_rejected} rejected + {self.rows_dropped} dropped; every "
+                "input row must end up in exactly one of data/ or rejects (or be dropped on purpose)"
             )
         stats = jsonable(stats or {}, "stats")
         writer = self._writer
@@ -230,6 +246,7 @@ class ShardHandle:
             rows_out=self.rows_out,
             rows_rejected=self.rows_rejected,
             stats=stats,
+            rows_dropped=self.rows_dropped,
         )
         try:
             writer.commit_shard(record)

@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +224,7 @@ class DatasetWriter:
             "format": PROGRESS_FORMAT,
             "tool": tool_record(),
             "run_key": self.run_key,
-            "shards": [asdict(r) for r in committed],
+            "shards": [r.to_dict() for r in committed],
             "rewrites": list(self.rewrites),
             "finished": self.finished,
             **extra,
@@ -342,20 +341,23 @@ class DatasetWriter:
         self,
         manifest: dict,
         card_markdown: str | Callable[[dict, pa.Schema | None], str] | None = None,
+        carried_rejects: pa.Table | None = None,
     ) -> dict:
         """Finish the output: rejects.parquet, manifest.json, README.md; mark progress finished.
 
         - promotes the data files to one schema when shards disagree (a column
           that was all-null in one shard, int32 vs int64, ...), so `datasets`
           reads them as one table;
-        - merges the per-shard rejects into OUT/rejects.parquet, sorted by
+        - merges the per-shard rejects, and `carried_rejects` (the rejects of the output a `select` reads,
+          carried over: not rows of this run's input), into OUT/rejects.parquet, sorted by
           row_index (removes a stale one when there are none);
         - sets manifest["tool"] = `tool_record()` (how pear-data recognizes its own output),
-          manifest["rows"] = {"in", "out", "rejected"},
+          manifest["rows"] = {"in", "out", "rejected"} (the carried rejects counted in `rejected`; other keys
+          the caller put in manifest["rows"] are kept),
           manifest["bytes"] = {"parquet": size of data/ on disk,
           "uncompressed": uncompressed size from the Parquet footers} and
-          manifest["shards"] = [ShardRecord dicts]; raises RuntimeError unless
-          rows in == out + rejected;
+          manifest["shards"] = [ShardRecord dicts]; raises OutputError unless the shards' input rows
+          == out + rejected + dropped;
         - writes manifest.json (sorted keys, indent 2) and README.md.
           `card_markdown` is the card text, or a function (manifest, schema) ->
           text called with the final manifest, or None for
@@ -366,16 +368,19 @@ class DatasetWriter:
         if self._open is not None:
             raise RuntimeError(f"finalize: shard {self._open.shard} is still open")
         with self.writing():
-            return self._finalize(manifest, card_markdown)
+            return self._finalize(manifest, card_markdown, carried_rejects)
 
-    def _finalize(self, manifest: dict, card_markdown: str | Callable[[dict, pa.Schema | None], str] | None) -> dict:
+    def _finalize(self, manifest: dict, card_markdown: str | Callable[[dict, pa.Schema | None], str] | None,
+                  carried_rejects: pa.Table | None) -> dict:
         rows_in = sum(r.input_end - r.input_start for r in self.committed)
         rows_out = sum(r.rows_out for r in self.committed)
         rows_rejected = sum(r.rows_rejected for r in self.committed)
-        if rows_in != rows_out + rows_rejected:
+        rows_dropped = sum(r.rows_dropped for r in self.committed)
+        if rows_in != rows_out + rows_rejected + rows_dropped:
             raise OutputError(
                 f"row count check failed in {self.out_dir}: rows_in {rows_in} != rows_out {rows_out} "
-                f"+ rows_rejected {rows_rejected}; the output is incomplete or was edited, rerun with --overwrite"
+                f"+ rows_rejected {rows_rejected} + rows_dropped {rows_dropped}; the output is incomplete or was "
+                "edited, rerun with --overwrite"
             )
 
         schema = self._unify_data_files()
@@ -383,6 +388,9 @@ class DatasetWriter:
         reject_tables = [
             pq.read_table(self.state_dir / f"rejects-{r.shard:05d}.parquet") for r in self.committed if r.rows_rejected
         ]
+        if carried_rejects is not None and carried_rejects.num_rows:
+            reject_tables.append(carried_rejects)
+            rows_rejected += carried_rejects.num_rows
         if reject_tables:
             write_table_atomic(rejects_path, concat_rejects(reject_tables))
         else:
@@ -390,9 +398,9 @@ class DatasetWriter:
 
         manifest = dict(manifest)
         manifest["tool"] = tool_record()
-        manifest["rows"] = {"in": rows_in, "out": rows_out, "rejected": rows_rejected}
+        manifest["rows"] = {**(manifest.get("rows") or {}), "in": rows_in, "out": rows_out, "rejected": rows_rejected}
         manifest["bytes"] = self._data_bytes()
-        manifest["shards"] = [asdict(r) for r in self.committed]
+        manifest["shards"] = [r.to_dict() for r in self.committed]
         manifest = jsonable(manifest, "manifest")
         if card_markdown is None:
             from pear_data.card import render_card
