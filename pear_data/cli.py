@@ -428,6 +428,10 @@ def main() -> None:
     # MKL's strict reproducible mode, set before torch loads MKL: CPU matmuls give the same bits whatever the
     # number of threads, so a shard scores to the same bytes with --workers 1 or N (worker processes inherit it).
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+    # transformers loads weights in a thread pool that a Ctrl-C abandons (shutdown without waiting) while the
+    # main thread unwinds and closes the files those threads still read: load in the main thread instead
+    # (no slower on CPU), so that a stop during loading is as clean as anywhere else (pear_data/shutdown.py).
+    os.environ.setdefault("HF_DEACTIVATE_ASYNC_LOAD", "1")
     with shutdown.handled():
         try:
             _main()

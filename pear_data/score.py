@@ -92,13 +92,14 @@ def _run(writer: DatasetWriter, reader: Corpus, recipe: PolicyRecipe, options: S
     config = options.weights
     dataset_normalization = config.normalize == "dataset"
     bar = progress_factory(reader.num_rows()) if progress_factory else None
-    engine = make_engine(options.run, recipe, reader, bar.advance if bar else None)
-    diagnostics = Diagnostics()
-    if not dataset_normalization:  # the shards committed before a resume
-        observe_files(data_files(writer.out_dir), config, None, diagnostics, by_row_group=False)
-    if bar:
-        bar.advance(writer.next_input_row, 0)
-    score_shards(writer, engine, config, diagnostics)
+    # entered at once: the worker starts in the constructor, and a Ctrl-C from here on must stop and join it
+    with make_engine(options.run, recipe, reader, bar.advance if bar else None) as engine:
+        diagnostics = Diagnostics()
+        if not dataset_normalization:  # the shards committed before a resume
+            observe_files(data_files(writer.out_dir), config, None, diagnostics, by_row_group=False)
+        if bar:
+            bar.advance(writer.next_input_row, 0)
+        score_shards(writer, engine, config, diagnostics)
     means = normalize_dataset(writer, config, diagnostics) if dataset_normalization else None
     return writer.finalize(manifest(writer, reader, recipe, engine, options, diagnostics, means), render_card)
 
@@ -109,10 +110,9 @@ def score_shards(writer: DatasetWriter, engine: Engine, config: WeightConfig, di
     dataset_normalization = config.normalize == "dataset"
     if dataset_normalization:
         config = dataclasses.replace(config, normalize="none", max_weight=None)
-    with engine:
-        for input_end, scored in engine.results(writer.next_input_row):
-            commit(writer, input_end, scored, config, None if dataset_normalization else diagnostics,
-                   dataset_normalization)
+    for input_end, scored in engine.results(writer.next_input_row):
+        commit(writer, input_end, scored, config, None if dataset_normalization else diagnostics,
+               dataset_normalization)
 
 
 def manifest(writer: DatasetWriter, reader: Corpus, recipe: PolicyRecipe, engine: Engine, options: ScoreOptions,

@@ -12,6 +12,10 @@ import os
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `-n auto` already runs one test per core: torch's own threads on top would only contend for them (set
+    # before torch loads; the CLI subprocesses of the tests inherit it)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 

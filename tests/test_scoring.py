@@ -210,7 +210,7 @@ def test_sampling_params_reject_invalid_values() -> None:
         with pytest.raises(ValueError, match="temperature"):
             SamplingParams(temperature=bad)
     for bad in (0.0, 1.5, -0.1):
-        with pytest.raises(ValueError, match="top_p"):
+        with pytest.raises(ValueError, match="top-p"):
             SamplingParams(top_p=bad)
 
 

