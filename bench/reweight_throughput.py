@@ -28,10 +28,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pear_data.output.files import PARQUET_OPTIONS, ROW_GROUP_ROWS
 from pear_data.reweight import reweight
 from pear_data.schema import COLUMNS, SCORED, WEIGHTS
 from pear_data.weights import WeightConfig
-from pear_data.writer import PARQUET_OPTIONS, ROW_GROUP_ROWS
 
 
 def scored_files(folder: Path, tokens: int, seed: int = 0, shard_rows: int = 1000) -> list[Path]:

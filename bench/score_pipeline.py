@@ -37,17 +37,18 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from pear_data.behavior import BehaviorSpec  # noqa: E402
+from pear_data.config import BehaviorSpec, CorpusConfig, RunConfig, ScoreOptions, ScoringConfig  # noqa: E402
 from pear_data.corpus import detect_shape, open_corpus  # noqa: E402
 from pear_data.diagnostics import Diagnostics  # noqa: E402
+from pear_data.engines.work import shard_tasks  # noqa: E402
 from pear_data.models import load_tokenizer, resolve_model  # noqa: E402
-from pear_data.policies import ModelSources, Policies  # noqa: E402
-from pear_data.score import ScoreOptions, commit, score, shards  # noqa: E402
-from pear_data.writer import DatasetWriter  # noqa: E402
+from pear_data.output import DatasetWriter  # noqa: E402
+from pear_data.policies import ModelSources, Policies, PolicyRecipe  # noqa: E402
+from pear_data.score import commit, score  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GSM8K = REPO / "examples" / "data" / "gsm8k_sample.jsonl"
-SHAPE = {"prompt_field": "question", "completion_field": "answer"}
+SHAPE = CorpusConfig(prompt_field="question", completion_field="answer")
 
 
 def tiny_models(folder: Path) -> tuple[Path, Path]:
@@ -79,17 +80,24 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, value
 
 
+def load_policies(options: ScoreOptions) -> Policies:
+    shape = detect_shape(None, **options.corpus.shape_flags)
+    models = ModelSources.resolve(options.target, options.behavior)
+    return PolicyRecipe(models, shape, None, options.scoring, options.tokenize, options.behavior).load()
+
+
 def stages(corpus: Path, out: Path, options: ScoreOptions) -> dict[str, float]:
     """Each stage over the whole input, one after the other, in this process."""
     source = open_corpus(corpus)
-    shape = detect_shape(None, **options.shape)
-    policies = Policies.load(options, ModelSources.resolve(options), shape)
+    policies = load_policies(options)
+    shard_rows = options.run.shard_rows
     times = {}
     times["read"], rows = timed(lambda: list(source.rows()))
-    times["prepare"], prepared = timed(lambda: [policies.prepare(s) for s in shards(iter(rows), 0, options.shard_rows)])
+    times["prepare"], prepared = timed(lambda: [policies.prepare(t.rows) for t in shard_tasks(iter(rows), 0,
+                                                                                              shard_rows)])
     times["score"], scored = timed(lambda: [policies.score(p) for p in prepared])
     writer = DatasetWriter(out, {"bench": "stages"}, overwrite=True)
-    ends = [s[-1].index + 1 for s in shards(iter(rows), 0, options.shard_rows)]
+    ends = [t.input_end for t in shard_tasks(iter(rows), 0, shard_rows)]
     times["weigh + write"], _ = timed(lambda: [commit(writer, end, s, options.weights, Diagnostics(), False)
                                              for end, s in zip(ends, scored)])
     return times
@@ -98,12 +106,11 @@ def stages(corpus: Path, out: Path, options: ScoreOptions) -> dict[str, float]:
 def sequential(corpus: Path, out: Path, options: ScoreOptions) -> float:
     """Shard by shard, no overlap: read, prepare, score, weigh + write, then the next shard."""
     source = open_corpus(corpus)
-    shape = detect_shape(None, **options.shape)
-    policies = Policies.load(options, ModelSources.resolve(options), shape)
+    policies = load_policies(options)
     writer = DatasetWriter(out, {"bench": "sequential"}, overwrite=True)
     start = time.perf_counter()
-    for rows in shards(source.rows(), 0, options.shard_rows):
-        commit(writer, rows[-1].index + 1, policies.score(policies.prepare(rows)), options.weights, Diagnostics(),
+    for task in shard_tasks(source.rows(), 0, options.run.shard_rows):
+        commit(writer, task.input_end, policies.score(policies.prepare(task.rows)), options.weights, Diagnostics(),
                False)
     return time.perf_counter() - start
 
@@ -117,7 +124,8 @@ def end_to_end(corpus: Path, out: Path, options: ScoreOptions) -> float:
             marks.setdefault("first", time.perf_counter())
 
     start = time.perf_counter()
-    score(corpus, out, dataclasses.replace(options, overwrite=True), progress_factory=lambda total: Meter())
+    run = dataclasses.replace(options.run, overwrite=True)
+    score(corpus, out, dataclasses.replace(options, run=run), progress_factory=lambda total: Meter())
     end = time.perf_counter()
     return end - marks.get("first", start)
 
@@ -131,10 +139,11 @@ def bench(name: str, corpus: Path, options: ScoreOptions, work: Path) -> None:
     times["sum of the stages"] = sum(times.values())
     times["end to end, no overlap"] = sequential(corpus, work / f"{name}-sequential", options)
     times["end to end, --workers 1"] = end_to_end(corpus, work / f"{name}-w1", options)
-    times["end to end, --workers 2"] = end_to_end(corpus, work / f"{name}-w2", dataclasses.replace(options, workers=2))
+    two = dataclasses.replace(options, run=dataclasses.replace(options.run, workers=2))
+    times["end to end, --workers 2"] = end_to_end(corpus, work / f"{name}-w2", two)
     same = data_bytes(work / f"{name}-w1") == data_bytes(work / f"{name}-w2") == data_bytes(work / f"{name}-sequential")
     rows = sum(1 for line in corpus.read_text().splitlines() if line.strip())
-    print(f"\n== {name}: {rows} rows, shards of {options.shard_rows}, target {options.target}, "
+    print(f"\n== {name}: {rows} rows, shards of {options.run.shard_rows}, target {options.target}, "
           f"behavior {options.behavior.model}")
     slowest = max(("read", "prepare", "score", "weigh + write"), key=times.get)
     for label, seconds in times.items():
@@ -154,15 +163,15 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="pear-pipeline-bench-"))
     try:
         if not args.skip_readme:
-            readme = ScoreOptions(shape=SHAPE, device="cpu", shard_rows=16,
+            readme = ScoreOptions(corpus=SHAPE, scoring=ScoringConfig(device="cpu"), run=RunConfig(shard_rows=16),
                                   behavior=BehaviorSpec(model="gemma-3-270m"))
             bench("readme", GSM8K, readme, work)
         target, behavior = tiny_models(work / "models")
         lines = GSM8K.read_text().splitlines()
         corpus = work / "synthetic.jsonl"
         corpus.write_text("".join(line + "\n" for line, _ in zip(itertools.cycle(lines), range(args.rows))))
-        synthetic = ScoreOptions(target=str(target), behavior=BehaviorSpec(model=str(behavior)), shape=SHAPE,
-                                 device="cpu", shard_rows=args.shard_rows)
+        synthetic = ScoreOptions(target=str(target), behavior=BehaviorSpec(model=str(behavior)), corpus=SHAPE,
+                                 scoring=ScoringConfig(device="cpu"), run=RunConfig(shard_rows=args.shard_rows))
         bench("synthetic", corpus, synthetic, work)
         print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
     finally:

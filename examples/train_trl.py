@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import tempfile
 import time
@@ -33,8 +32,8 @@ HERE = Path(__file__).resolve().parent
 
 def score_sample(rows: int, out: Path) -> Path:
     """Score the first `rows` GSM8K sample rows with the embedded model (behavior: the target at T=0.7)."""
-    from pear_data.behavior import BehaviorSpec
-    from pear_data.score import ScoreOptions, score
+    from pear_data.config import BehaviorSpec, CorpusConfig, ScoreOptions, ScoringConfig
+    from pear_data.score import score
 
     corpus = out.parent / "gsm8k_head.jsonl"
     lines = (HERE / "data" / "gsm8k_sample.jsonl").read_text().splitlines()[:rows]
@@ -43,8 +42,8 @@ def score_sample(rows: int, out: Path) -> Path:
           "--completion-field answer --behavior-temperature 0.7 --device cpu)")
     score(corpus, out, ScoreOptions(
         behavior=BehaviorSpec(temperature=0.7),
-        shape={"prompt_field": "question", "completion_field": "answer", "messages_field": None, "system_field": None},
-        device="cpu",
+        corpus=CorpusConfig(prompt_field="question", completion_field="answer"),
+        scoring=ScoringConfig(device="cpu"),
     ))
     return out
 
@@ -76,6 +75,7 @@ def main() -> None:
     import torch
     from trl import SFTConfig
 
+    from pear_data.dataset import finished_manifest
     from pear_data.models import load_model, load_tokenizer, resolve_model
     from pear_data.trainer import PearSFTTrainer
     from pear_data.weights import WeightConfig
@@ -84,7 +84,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="pear-train-"))
     data = args.data or score_sample(args.score_rows, work / "scored")
-    manifest = json.loads((data / "manifest.json").read_text())
+    manifest = finished_manifest(data)  # refuses an output whose run has not finished, or that a run is writing
     config = WeightConfig.from_dict(manifest["weights"])
     if args.granularity:
         config = dataclasses.replace(config, granularity=args.granularity)

@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from .corpus import RowError
+from .errors import RowError
 from .tokenize import TokenizedRow, first_uncovered
 
 

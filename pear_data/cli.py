@@ -4,72 +4,33 @@ Exit codes (docs/design.md section 6): 0 ok; 2 for anything the user can fix
 (a `PearDataError`, a click usage error, or an OSError of the environment: a
 full disk, a read-only or forbidden path; the message names the flag, file,
 row or column and says what to do; no traceback); 1 for a bug in pear-data,
-with a traceback. 130 after Ctrl-C. A reader that closes the pipe early
+with a traceback; 130 after Ctrl-C, 143 after SIGTERM, once the run has
+stopped cleanly (`shutdown.py`). A reader that closes the pipe early
 (`pear-data stats OUT | head`) is not an error: the command finishes its other
 work (a `--plot` is still written) without printing, and exits 0.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
+from . import shutdown
+
+if __name__ == "__main__":  # `python -m pear_data.cli`: signals handled from here on, before typer and rich load
+    shutdown.install()
+
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .errors import OutputError, PearDataError, UsageError
-from .weights import WeightConfig
-
-
-class _PipeSafeStdout:
-    """sys.stdout that goes quiet once the reader has closed the pipe (`pear-data stats OUT | head`).
-
-    Every write is flushed at once, so a closed pipe shows here (not at interpreter exit); from then
-    on the output goes to /dev/null and the command goes on with its other work.
-    """
-
-    closed = False
-
-    def write(self, text: str) -> int:
-        if not self.closed:
-            try:
-                sys.stdout.write(text)
-                sys.stdout.flush()
-            except BrokenPipeError:
-                self.silence()
-        return len(text)
-
-    def flush(self) -> None:
-        if not self.closed:
-            try:
-                sys.stdout.flush()
-            except BrokenPipeError:
-                self.silence()
-
-    def silence(self) -> None:
-        self.closed = True
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())  # what Python flushes at exit goes nowhere
-            os.close(devnull)
-        except (OSError, ValueError, AttributeError):
-            pass
-
-    def isatty(self) -> bool:
-        return sys.stdout.isatty()
-
-    @property
-    def encoding(self) -> str:
-        return getattr(sys.stdout, "encoding", None) or "utf-8"
-
-
-STDOUT = _PipeSafeStdout()
+from .cli_outputs import print_alignment, report, rescore, resumable_run, select, show
+from .config import DEFAULT_TARGET, WeightConfig
+from .console import STDOUT, err, out
+from .errors import USER_OS_ERRORS, OutputError, PearDataError, UsageError
 
 app = typer.Typer(
     name="pear-data",
@@ -78,8 +39,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
-out = Console(file=STDOUT) if sys.stdout.isatty() else Console(file=STDOUT, width=120)  # logs, pipes: whole table
 
 _D = WeightConfig()
 WEIGHTS = "Weight flags (docs/design.md section 3)"
@@ -158,59 +117,19 @@ CenterOpt = Annotated[
     ),
 ]
 
-
-def weight_config(
-    granularity,
-    gamma,
-    horizon,
-    block_size,
-    log_ratio_clip,
-    weight_clip,
-    normalize,
-    max_weight,
-    length_normalize,
-    center,
-) -> WeightConfig:
-    """WeightConfig from the CLI flags; a bad value (or a combination that cannot give finite weights) is a usage
-    error naming the flag."""
-    try:
-        config = WeightConfig(
-            granularity=granularity,
-            gamma=gamma,
-            horizon=horizon,
-            block_size=block_size,
-            log_ratio_clip=_pair(log_ratio_clip, "--log-ratio-clip"),
-            weight_clip=_pair(weight_clip, "--weight-clip"),
-            normalize=normalize,
-            max_weight=max_weight,
-            length_normalize=length_normalize,
-            center=center,
-        )
-        config.check_normalizable()
-        return config
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+CardTitleOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--card-title",
+        help="Title of the dataset card (its `pretty_name` on the Hub). Default: '<corpus name> (PEAR-weighted)'.",
+    ),
+]
 
 
-def _print_alignment(manifest: dict) -> None:
-    alignment = manifest.get("alignment") or {}
-    if alignment.get("mode") == "char-offsets":
-        out.print(
-            f"behavior aligned by character offsets: {alignment['spans']:,} spans, "
-            f"{alignment['share_chars_in_one_token_spans']:.1%} of {alignment['completion_chars']:,} completion "
-            "characters in spans of one target token"
-        )
-
-
-def _report(manifest: dict, out_dir: Path) -> None:
-    from .stats import print_table
-
-    rows = manifest["rows"]
-    out.print(f"[bold]{out_dir}[/]: {rows['out']:,} rows written, {rows['rejected']:,} rejected (of {rows['in']:,})")
-    _print_alignment(manifest)
-    print_table(manifest.get("diagnostics", {}), manifest.get("weights", {}).get("granularity"), out)
-    for warning in manifest.get("warnings", []):
-        err.print(f"[yellow]warning:[/] {escape(warning)}")
+def weight_config(log_ratio_clip: str, weight_clip: str, **flags) -> WeightConfig:
+    """WeightConfig from the weight flags (the two clips as 'lo,hi' text); WeightConfig checks them."""
+    return WeightConfig(log_ratio_clip=_pair(log_ratio_clip, "--log-ratio-clip"),
+                        weight_clip=_pair(weight_clip, "--weight-clip"), **flags)
 
 
 @app.command()
@@ -221,7 +140,7 @@ def score(
     out_dir: Annotated[Path, typer.Option("--out", help="Output directory.")],
     target: Annotated[
         str, typer.Option(help="Target policy: embedded alias, local dir, .gguf file or Hub id.")
-    ] = "smollm2-135m-instruct",
+    ] = DEFAULT_TARGET,
     behavior: Annotated[
         str | None,
         typer.Option(
@@ -344,65 +263,30 @@ def score(
     resume: Annotated[bool, typer.Option(help="Continue a killed run after its last committed shard.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing pear-data output dir.")] = False,
     license: Annotated[str | None, typer.Option(help="License id for the dataset card (e.g. mit).")] = None,
+    card_title: CardTitleOpt = None,
 ) -> None:
     """Tokenize a corpus, score it under target and behavior policies, and write the PEAR-weighted dataset."""
-    from .behavior import BehaviorSpec
-    from .progress import RowProgress
-    from .score import ScoreOptions
+    from .config import BehaviorSpec, CorpusConfig, RunConfig, ScoreOptions, ScoringConfig, TokenizeConfig
     from .score import score as run
-    from .tokenize import TokenizeConfig
 
-    if resume and overwrite:
-        raise UsageError("--resume and --overwrite exclude each other: --resume continues the output in --out, "
-                         "--overwrite replaces it; pick one")
-    config = weight_config(granularity, gamma, horizon, block_size, log_ratio_clip, weight_clip, normalize,
-                           max_weight, length_normalize, center)
-    try:
-        tokenize = TokenizeConfig(max_length=max_length, on_overflow=on_overflow, template=template)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    behavior_spec = BehaviorSpec(
-        behavior, behavior_logprobs_field, behavior_temperature, behavior_top_p, behavior_template, alignment
-    )
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise typer.BadParameter(f"--device must be auto, cpu or cuda, got {device!r}")
     options = ScoreOptions(
         target=target,
-        behavior=behavior_spec,
-        weights=config,
-        tokenize=tokenize,
-        shape={
-            "messages_field": messages_field,
-            "prompt_field": prompt_field,
-            "completion_field": completion_field,
-            "system_field": system_field,
-        },
-        split=split,
-        device=device,
-        backend=backend,
-        batch_tokens=batch_tokens,
-        vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
-        vllm_tensor_parallel_size=vllm_tensor_parallel_size,
-        workers=workers,
-        ray=ray,
-        shard_rows=shard_rows,
-        resume=resume,
-        overwrite=overwrite,
-        trust_remote_code=trust_remote_code,
+        behavior=BehaviorSpec(behavior, behavior_logprobs_field, behavior_temperature, behavior_top_p,
+                              behavior_template, alignment),
+        weights=weight_config(log_ratio_clip, weight_clip, granularity=granularity, gamma=gamma, horizon=horizon,
+                              block_size=block_size, normalize=normalize, max_weight=max_weight,
+                              length_normalize=length_normalize, center=center),
+        tokenize=TokenizeConfig(max_length=max_length, on_overflow=on_overflow, template=template),
+        corpus=CorpusConfig(split, messages_field, prompt_field, completion_field, system_field),
+        scoring=ScoringConfig(device, backend, batch_tokens, trust_remote_code, vllm_gpu_memory_utilization,
+                              vllm_tensor_parallel_size),
+        run=RunConfig(shard_rows, workers, ray, resume, overwrite),
         license=license,
+        card_title=card_title,
     )
-    bars: list[RowProgress] = []
-
-    def progress(total_rows):
-        bars.append(RowProgress(total_rows, console=err).__enter__())
-        return bars[0]
-
-    try:
+    with resumable_run(out_dir) as progress:
         manifest = run(corpus, out_dir, options, progress_factory=progress)
-    finally:
-        for bar in bars:
-            bar.__exit__(None, None, None)
-    _report(manifest, out_dir)
+    report(manifest, out_dir)
 
 
 @app.command()
@@ -433,16 +317,19 @@ def reweight(
     ] = None,
     shard_rows: Annotated[int, typer.Option(help="Input rows per output shard.", min=1)] = 10_000,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing pear-data output dir.")] = False,
+    card_title: CardTitleOpt = None,
 ) -> None:
     """Recompute the PEAR weights of scored rows with new hyperparameters (no model needed)."""
-    from .reweight import ReweightOptions
+    from .config import ReweightOptions
     from .reweight import reweight as run
 
-    config = weight_config(granularity, gamma, horizon, block_size, log_ratio_clip, weight_clip, normalize,
-                           max_weight, length_normalize, center)
-    options = ReweightOptions(shard_rows=shard_rows, overwrite=overwrite, max_length=max_length)
+    config = weight_config(log_ratio_clip, weight_clip, granularity=granularity, gamma=gamma, horizon=horizon,
+                           block_size=block_size, normalize=normalize, max_weight=max_weight,
+                           length_normalize=length_normalize, center=center)
+    options = ReweightOptions(shard_rows=shard_rows, overwrite=overwrite, max_length=max_length,
+                              card_title=card_title)
     manifest = run(src, out_dir, config, options)
-    _report(manifest, out_dir)
+    report(manifest, out_dir)
 
 
 def _count(value) -> str:
@@ -474,18 +361,18 @@ def stats(
     json_out: Annotated[bool, typer.Option("--json", help="Print the diagnostics as JSON instead of a table.")] = False,
 ) -> None:
     """Show the weight diagnostics (ESS, quantiles, share at bounds) of an output dir."""
+    from .dataset import source_manifest
     from .diagnostics import degeneracy_warnings
     from .stats import plot as draw
     from .stats import print_table, stored_diagnostics
-    from .writer import read_manifest
 
     if plot is not None:
         plot = plot_path(plot)
-    manifest = read_manifest(src) if (src / "manifest.json").exists() else {}
+    manifest = source_manifest(src)
     summary = manifest.get("diagnostics")
     stored = None
     if summary is None or plot is not None:
-        stored = stored_diagnostics(src)
+        stored = stored_diagnostics(src, positions=plot is not None)
         summary = summary or stored.summary()
     if json_out:
         STDOUT.write(json.dumps(summary, indent=2, sort_keys=True) + "\n")
@@ -497,7 +384,7 @@ def stats(
                 f"{_count(rows.get('rejected'))} rejected; "
                 f"weights {escape(json.dumps(manifest.get('weights', {}), sort_keys=True))}"
             )
-            _print_alignment(manifest)
+            print_alignment(manifest)
         print_table(summary, (manifest.get("weights") or {}).get("granularity"), out)
     for warning in degeneracy_warnings(summary):
         err.print(f"[yellow]warning:[/] {escape(warning)}")
@@ -524,6 +411,11 @@ def push(
     out.print(result.describe())
 
 
+app.command()(show)
+app.command()(select)
+app.command()(rescore)
+
+
 @app.callback(invoke_without_command=True)
 def _root(version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False) -> None:
     if version:
@@ -531,15 +423,31 @@ def _root(version: Annotated[bool, typer.Option("--version", help="Print the ver
         raise typer.Exit()
 
 
-# OSErrors of the environment, not of pear-data: the user can fix them (exit 2).
-USER_OS_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
-                            errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR})
-
-
 def main() -> None:
+    """The `pear-data` command: run it, map what ends it to an exit code (module docstring)."""
     # MKL's strict reproducible mode, set before torch loads MKL: CPU matmuls give the same bits whatever the
     # number of threads, so a shard scores to the same bytes with --workers 1 or N (worker processes inherit it).
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+    # transformers loads weights in a thread pool that a Ctrl-C abandons (shutdown without waiting) while the
+    # main thread unwinds and closes the files those threads still read: load in the main thread instead
+    # (no slower on CPU), so that a stop during loading is as clean as anywhere else (pear_data/shutdown.py).
+    os.environ.setdefault("HF_DEACTIVATE_ASYNC_LOAD", "1")
+    with shutdown.handled():
+        try:
+            _main()
+        except KeyboardInterrupt:  # a signal while main itself was reporting
+            _stopped()
+
+
+def _stopped() -> None:
+    """After Ctrl-C or SIGTERM (the run has unwound): say so, exit 130 or 143."""
+    code = shutdown.exit_code()
+    err.print("aborted" if code == 130 else "terminated")
+    STDOUT.flush()
+    shutdown.leave(code)
+
+
+def _main() -> None:
     try:
         try:
             code = app(standalone_mode=False)  # Typer returns the code of an Exit (Ctrl-C: 130) in this mode
@@ -547,16 +455,17 @@ def main() -> None:
             STDOUT.flush()
         if isinstance(code, int) and code:
             if code == 130:
-                err.print("aborted")
+                _stopped()
             sys.exit(code)
     except BrokenPipeError:
         STDOUT.silence()  # the reader has what it wanted (`| head`): not an error
         sys.exit(0)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        err.print("aborted")
-        sys.exit(130)
+    except (typer.Abort, KeyboardInterrupt) as exc:
+        if isinstance(exc.__cause__, EOFError):  # click calls a stray EOFError "Abort": it is no Ctrl-C
+            _internal_error(exc.__cause__)
+        _stopped()
     except Exception as exc:  # noqa: BLE001 - the top level decides the exit code
         from typer.exceptions import TyperException
 
@@ -571,10 +480,15 @@ def main() -> None:
             err.print(f"[red]error:[/] {escape(where + (exc.strerror or str(exc)))}; fix it (free space, "
                       "permissions, another path) and rerun", soft_wrap=True)
             sys.exit(2)
-        err.print(f"[red]internal error:[/] {escape(type(exc).__name__)}: {escape(str(exc))}", soft_wrap=True)
-        err.print_exception()
-        sys.exit(1)
+        _internal_error(exc)
+
+
+def _internal_error(exc: BaseException) -> None:
+    """A bug in pear-data: exit 1 with the traceback of the exception being handled (and its cause)."""
+    err.print(f"[red]internal error:[/] {escape(type(exc).__name__)}: {escape(str(exc))}", soft_wrap=True)
+    err.print_exception()
+    sys.exit(1)
 
 
 if __name__ == "__main__":
-    main()
+    shutdown.run_process(main)

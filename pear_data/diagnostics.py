@@ -170,27 +170,52 @@ REMEDIES = {
 }
 
 
-def degeneracy_warnings(summary: dict) -> list[str]:
-    """design 3.5: warn, naming the remedy, when weights collapse: most tokens at the lower bound (SFT
-    trains only the ends of the traces), most at the upper bound (rows are no longer told apart), or an
-    ESS fraction under ESS_FRACTION_LIMIT."""
-    warnings = []
+def degenerate_granularities(summary: dict) -> list[tuple[str, dict[str, float]]]:
+    """design 3.5: the granularities whose weights collapse, each with the limits its diagnostics pass: "lower"
+    (most tokens at the lower bound: SFT trains only the ends of the traces), "upper" (most at the upper bound:
+    rows are no longer told apart), "ess" (an ESS fraction under ESS_FRACTION_LIMIT), with the measured value."""
+    found = []
     for g in GRANULARITIES:
         s = summary.get(g)
         if not s or not s.get("tokens"):
             continue
+        lower, upper, ess = s.get("share_at_lower_bound"), s.get("share_at_upper_bound"), s.get("ess_fraction")
+        limits = {"lower": lower if lower is not None and lower > LOWER_BOUND_SHARE_LIMIT else None,
+                  "upper": upper if upper is not None and upper > UPPER_BOUND_SHARE_LIMIT else None,
+                  "ess": ess if ess is not None and ess < ESS_FRACTION_LIMIT else None}
+        limits = {name: value for name, value in limits.items() if value is not None}
+        if limits:
+            found.append((g, limits))
+    return found
+
+
+def degeneracy_warnings(summary: dict) -> list[str]:
+    """The terminal's warnings for `degenerate_granularities`, each naming its remedy (the flags to try)."""
+    warnings = []
+    for g, limits in degenerate_granularities(summary):
         remedy = REMEDIES[g]
-        lower, upper = s.get("share_at_lower_bound"), s.get("share_at_upper_bound")
-        if lower is not None and lower > LOWER_BOUND_SHARE_LIMIT:
+        if "lower" in limits:
             warnings.append(
-                f"{g} weights: {lower:.0%} of completion tokens sit at the lower weight bound; {remedy}"
+                f"{g} weights: {limits['lower']:.0%} of completion tokens sit at the lower weight bound; {remedy}"
             )
-        if upper is not None and upper > UPPER_BOUND_SHARE_LIMIT:
+        if "upper" in limits:
             warnings.append(
-                f"{g} weights: {upper:.0%} of completion tokens sit at the upper weight bound (or the cap), so the "
-                "weights no longer tell them apart (the target finds this data much likelier than the behavior); "
-                f"{remedy}, or a narrower --log-ratio-clip"
+                f"{g} weights: {limits['upper']:.0%} of completion tokens sit at the upper weight bound (or the cap), "
+                "so the weights no longer tell them apart (the target finds this data much likelier than the "
+                f"behavior); {remedy}, or a narrower --log-ratio-clip"
             )
-        if s["ess_fraction"] < ESS_FRACTION_LIMIT:
-            warnings.append(f"{g} weights: ESS fraction {s['ess_fraction']:.3f} < {ESS_FRACTION_LIMIT}; {remedy}")
+        if "ess" in limits:
+            warnings.append(f"{g} weights: ESS fraction {limits['ess']:.3f} < {ESS_FRACTION_LIMIT}; {remedy}")
     return warnings
+
+
+def degeneracy_notes(summary: dict) -> list[str]:
+    """The dataset card's warnings: one short line per degenerate granularity, for a reader of the data (who
+    cannot act on the flags): "token weights: 55% at the upper bound"."""
+    notes = []
+    for g, limits in degenerate_granularities(summary):
+        facts = [f"{limits[side]:.0%} at the {side} bound" for side in ("lower", "upper") if side in limits]
+        if "ess" in limits:
+            facts.append(f"ESS fraction {limits['ess']:.3f}")
+        notes.append(f"{g} weights: {', '.join(facts)}")
+    return notes

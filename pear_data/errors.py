@@ -16,9 +16,20 @@ Anything else that escapes is a bug in pear-data (exit code 1, traceback).
 
 from __future__ import annotations
 
+import errno
+
+# OSErrors of the environment, not of pear-data: the user can fix them (exit 2; the CLI names the path).
+USER_OS_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                            errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR, errno.ELOOP})
+
 
 class PearDataError(Exception):
     """Something the user can fix stopped the run (CLI exit code 2, no traceback)."""
+
+
+class ConfigError(PearDataError, ValueError):
+    """An option that is wrong or does not go with another (`pear_data.config`: the message names the flag as the
+    command line spells it)."""
 
 
 class UsageError(PearDataError):
@@ -28,6 +39,11 @@ class UsageError(PearDataError):
 
 class InputError(PearDataError):
     """An input as a whole cannot be read: the corpus, a scored dataset, a manifest (names the file)."""
+
+
+class UnfinishedOutputError(InputError):
+    """A pear-data output that its run has not finished, or that another process is writing now: a reader of
+    outputs (`reweight`, `stats`, `push`, ...) refuses it, naming it and saying how to finish it."""
 
 
 class CorpusError(InputError):

@@ -248,15 +248,15 @@ def _check_aligned(name: str, tensor: torch.Tensor | None, labels: torch.Tensor)
                          "[B, L] aligned with input_ids (pad it as PearCollator does)")
 
 
-def _static_weights(weights: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
+def _static_weights(weights: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
     """A weight column as [B, L] float32, checked: a finite number >= 0 on every label token."""
-    batch, length = labels.shape
+    batch, length = label_mask.shape
     if weights.dim() == 1 and weights.shape[0] == batch:  # one weight per row (sequence level)
         weights = weights[:, None].expand(batch, length)
     if tuple(weights.shape) != (batch, length):
         raise ValueError(f"weights has shape {tuple(weights.shape)}, labels {(batch, length)}: pass [B, L] "
                          "aligned with input_ids (or [B], one per row)")
-    w = weights.to(device=labels.device, dtype=torch.float32)
+    w = weights.to(device=label_mask.device, dtype=torch.float32)
     bad = label_mask & ~(w.isfinite() & (w >= 0))
     if bool(bad.any()):
         b, i = (int(v) for v in bad.nonzero()[0])
@@ -319,36 +319,43 @@ def pear_loss(
     logp = _label_logprobs(labels, logits, logprobs, logprobs_layout, chunk_tokens)
     starts = segment_starts(tuple(labels.shape), position_ids, labels.device)
     label_mask = (labels != IGNORE_INDEX) & ~starts  # a row's first token has no context: never a loss term
-
-    online = None
-    if behavior_logprobs is not None:
-        _check_aligned("behavior_logprobs", behavior_logprobs, labels)
-        _check_aligned("shared_boundary", shared_boundary, labels)
-        online = pear_weights(logp.detach(), behavior_logprobs, label_mask, config or _default_config(),
-                              shared_boundary=shared_boundary, position_ids=position_ids)
-        w = online.weights
-    elif weights is not None:
-        if weights.dim() == 1 and position_ids is not None:
-            raise ValueError("weights of shape [B] (one per batch row) cannot be used with position_ids: a packed "
-                             "batch row holds several rows; pass [B, L] weights aligned with input_ids")
-        w = _static_weights(weights, labels, label_mask)
-    else:
-        w = label_mask.float()
-    w = w.detach()
-
+    w, online = _loss_weights(logp, label_mask, weights, behavior_logprobs, shared_boundary, position_ids, config)
     nll = -torch.where(label_mask, logp, 0.0)
-    weighted = (w * nll).sum()
     if normalizer is None:
-        if normalize == "weights":
-            normalizer = w.sum().clamp(min=torch.finfo(torch.float32).tiny)
-        elif num_items_in_batch is not None:
-            normalizer = torch.as_tensor(num_items_in_batch, device=logp.device).clamp(min=1)
-        else:
-            normalizer = label_mask.sum().clamp(min=1)
-    loss = weighted / torch.as_tensor(normalizer, device=logp.device)
+        normalizer = _batch_normalizer(w, label_mask, normalize, num_items_in_batch)
+    loss = (w * nll).sum() / torch.as_tensor(normalizer, device=logp.device)
     stats = _loss_stats(w, nll.detach(), label_mask, online)
     return PearLossOutput(loss=loss, weights=w, token_logprobs=torch.where(label_mask, logp.detach(), 0.0),
                           stats=stats, diagnostics=_diagnostics(stats, online is not None))
+
+
+def _loss_weights(logp: torch.Tensor, label_mask: torch.Tensor, weights: torch.Tensor | None,
+                  behavior_logprobs: torch.Tensor | None, shared_boundary: torch.Tensor | None,
+                  position_ids: torch.Tensor | None, config: WeightConfig | None
+                  ) -> tuple[torch.Tensor, BatchWeights | None]:
+    """The detached weight of every label token: online (from the live log-probs), static, or 1 (plain SFT)."""
+    if behavior_logprobs is not None:
+        _check_aligned("behavior_logprobs", behavior_logprobs, label_mask)
+        _check_aligned("shared_boundary", shared_boundary, label_mask)
+        online = pear_weights(logp.detach(), behavior_logprobs, label_mask, config or _default_config(),
+                              shared_boundary=shared_boundary, position_ids=position_ids)
+        return online.weights.detach(), online
+    if weights is not None:
+        if weights.dim() == 1 and position_ids is not None:
+            raise ValueError("weights of shape [B] (one per batch row) cannot be used with position_ids: a packed "
+                             "batch row holds several rows; pass [B, L] weights aligned with input_ids")
+        return _static_weights(weights, label_mask).detach(), None
+    return label_mask.float(), None
+
+
+def _batch_normalizer(w: torch.Tensor, label_mask: torch.Tensor, normalize: LossNormalize,
+                      num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
+    """This batch's own denominator (module docstring)."""
+    if normalize == "weights":
+        return w.sum().clamp(min=torch.finfo(torch.float32).tiny)
+    if num_items_in_batch is not None:
+        return torch.as_tensor(num_items_in_batch, device=w.device).clamp(min=1)
+    return label_mask.sum().clamp(min=1)
 
 
 def _label_logprobs(labels: torch.Tensor, logits: torch.Tensor | None, logprobs: torch.Tensor | None,

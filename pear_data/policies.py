@@ -1,8 +1,9 @@
 """The two policies a corpus is scored under: load them, prepare a shard's rows, score them.
 
-    Policies.load(options)     target tokenizer + target scorer + behavior source (behavior.py)
-    policies.prepare(rows)     CPU: decode, normalize and tokenize each row, prepare it for the behavior
-    policies.score(prepared)   models: log-probs under both policies -> an Arrow table of scored rows
+    recipe = PolicyRecipe(models, shape, columns, scoring, tokenize, behavior)   # picklable: any process loads it
+    policies = recipe.load()       target tokenizer + target scorer + behavior source (behavior.py)
+    policies.prepare(rows)         CPU: decode, normalize and tokenize each row, prepare it for the behavior
+    policies.score(prepared)       models: log-probs under both policies -> an Arrow table of scored rows
 
 Every input row of a shard ends in the scored table or in the shard's rejects.
 The weigh stage (weigh.py) and the writer take it from there.
@@ -10,7 +11,9 @@ The weigh stage (weigh.py) and the writer take it from there.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,27 +22,25 @@ import numpy as np
 import pyarrow as pa
 
 from .align import AlignmentStats
-from .behavior import DEFAULT_BEHAVIOR, BehaviorRow, BehaviorSource, choose_behavior
+from .behavior import BehaviorRow, BehaviorSource, choose_behavior
+from .config import DEFAULT_BEHAVIOR, BehaviorSpec, SamplingParams, ScoringConfig, TokenizeConfig
 from .corpus import (
+    Conversation,
     CorpusRow,
     InputColumnError,
     InputColumns,
     RowShape,
-    input_column,
     json_text,
+    records_table,
     to_conversation,
 )
 from .errors import RowError, UsageError
 from .schema import BEHAVIOR_LOGPROBS, COLUMNS, COMPLETION_MASK, INPUT_IDS, SHARED_BOUNDARY, TARGET_LOGPROBS
-from .scoring import SamplingParams
 from .tokenize import ConversationTokenizer, TokenizedRow, chat_template_hash
 from .weigh import with_columns
 
 if TYPE_CHECKING:
     from .models import ModelSource
-    from .score import ScoreOptions
-
-DEFAULT_TARGET = "smollm2-135m-instruct"
 
 
 @dataclass(frozen=True)
@@ -50,17 +51,20 @@ class ModelSources:
     behavior: ModelSource | None
 
     @classmethod
-    def resolve(cls, options: ScoreOptions) -> ModelSources:
+    def resolve(cls, target: str, behavior: BehaviorSpec) -> ModelSources:
+        """The `--target` spec and the behavior's model (none with recorded log-probs), resolved."""
         from .models import resolve_model
 
-        target = resolve_model(options.target)
-        if options.behavior.logprobs_field is not None:
-            return cls(target, None)
-        spec = options.behavior.model or DEFAULT_BEHAVIOR
-        return cls(target, target if spec == options.target else resolve_model(spec))
+        target_source = resolve_model(target)
+        if behavior.logprobs_field is not None:
+            return cls(target_source, None)
+        spec = behavior.model or DEFAULT_BEHAVIOR
+        return cls(target_source, target_source if spec == target else resolve_model(spec))
 
     @property
-    def behavior_is_target(self) -> bool:
+    def same_weights(self) -> bool:
+        """Whether the behavior model has the target's weights (and config). That alone does not make it the
+        target: its tokenizer and template decide too (`behavior.choose_behavior`)."""
         return self.behavior is not None and self.behavior.fingerprint == self.target.fingerprint
 
     def fingerprints(self) -> dict:
@@ -130,81 +134,144 @@ def source_text(row: CorpusRow) -> str:
     return json_text(row.record, sort_keys=True)
 
 
+@dataclass(frozen=True)
+class ScoringDescription:
+    """What the manifest says about the policies (design 2.5): the same whichever engine or worker scored.
+
+    models: per role, the model record and its dtype; behavior: temperature, top-p, why the mode was chosen and
+    the source's own entries; tokenizer: fingerprint and chat template hash; scoring: backend, device type and
+    budget (`scoring_record`); template: the target's template mode; alignment: "direct" or "char-offsets".
+    """
+
+    models: dict
+    behavior: dict
+    tokenizer: dict
+    scoring: dict
+    template: str
+    alignment: str
+
+
+@dataclass(frozen=True)
+class PolicyRecipe:
+    """Everything that loads the policies, in any process (the driver, a worker process, a Ray actor).
+
+    models: the resolved model sources; shape: how rows become conversations; columns: the input columns'
+    types, decided over the whole corpus (`Corpus.columns`; None: decided shard by shard, for a library caller
+    with no corpus pass); scoring, tokenize, behavior: the narrow configs of the policies.
+    """
+
+    models: ModelSources
+    shape: RowShape
+    columns: InputColumns | None
+    scoring: ScoringConfig
+    tokenize: TokenizeConfig
+    behavior: BehaviorSpec
+
+    def on(self, device: str) -> PolicyRecipe:
+        """The same recipe on another device (a worker's GPU)."""
+        return dataclasses.replace(self, scoring=dataclasses.replace(self.scoring, device=device))
+
+    def load(self, progress: Callable[[int, int], None] | None = None, *, models: bool = True,
+             stop: threading.Event | None = None) -> Policies:
+        """Load tokenizers first (cheap; bad flags fail here), then the models (not with models=False: such
+        policies only `prepare`, as the CPU stage of a Ray run does). stop: once set, `score` stops at the next
+        batch (ScoringStopped; the engines cancel with it)."""
+        from .models import load_tokenizer
+        from .scoring import resolve_device
+
+        check_backend(self.scoring)
+        try:
+            device = resolve_device(self.scoring.device) if models else "cpu"
+        except ValueError as exc:
+            raise UsageError(f"--device {self.scoring.device}: {exc}") from None
+        hf_tokenizer = load_tokenizer(self.models.target, trust_remote_code=self.scoring.trust_remote_code)
+        try:
+            target_tokenizer = ConversationTokenizer(hf_tokenizer, self.tokenize, name="target tokenizer")
+        except ValueError as exc:
+            raise UsageError(f"--target {self.models.target.spec}: {exc} (--template)") from None
+        scorers = _Scorers(self, device, stop) if models else None
+        behavior = self._behavior(target_tokenizer, scorers)
+        target_scorer = scorers.get("target", self.models.target, progress) if scorers else None
+        description = self._describe(device, hf_tokenizer, target_tokenizer, behavior)
+        row_limit = getattr(target_scorer, "max_row_tokens", None)
+        return Policies(target_tokenizer, target_scorer, behavior, self.shape, description, self.columns,
+                        row_limit=row_limit() if row_limit else None)
+
+    def _behavior(self, target_tokenizer: ConversationTokenizer, scorers: _Scorers | None) -> BehaviorSource:
+        from .models import load_tokenizer
+
+        models, trust = self.models, self.scoring.trust_remote_code
+        return choose_behavior(
+            self.behavior, target_tokenizer,
+            behavior_tokenizer=None if models.behavior is None or models.behavior is models.target
+            else (lambda: load_tokenizer(models.behavior, trust_remote_code=trust)),
+            load_scorer=lambda: scorers.get("behavior", models.behavior, None) if scorers else None,
+            behavior_name=self.behavior.model or DEFAULT_BEHAVIOR,
+            same_weights=models.same_weights,
+        )
+
+    def _describe(self, device: str, hf_tokenizer: Any, target_tokenizer: ConversationTokenizer,
+                  behavior: BehaviorSource) -> ScoringDescription:
+        from .models import tokenizer_fingerprint
+        from .scoring import scoring_dtype
+
+        vllm = self.scoring.backend == "vllm"
+        dtype_name = "bfloat16" if vllm else str(scoring_dtype(device)).removeprefix("torch.")
+        sources = (("target", self.models.target), ("behavior", self.models.behavior))
+        return ScoringDescription(
+            models={role: {**source.to_dict(), "dtype": dtype_name} for role, source in sources if source},
+            behavior={"temperature": self.behavior.temperature, "top_p": self.behavior.top_p,
+                      "mode_reason": behavior.reason, **behavior.describe()},
+            tokenizer={"fingerprint": tokenizer_fingerprint(hf_tokenizer),
+                       "chat_template_hash": chat_template_hash(hf_tokenizer)},
+            # the device type only: the same manifest whichever GPU (or how many workers) scored the rows
+            scoring=scoring_record(self.scoring, device.split(":")[0]),
+            template=target_tokenizer.mode,
+            alignment=behavior.alignment,
+        )
+
+
+class _Scorers:
+    """The scorers of one load, one per role; a behavior with the target's weights shares the loaded model."""
+
+    def __init__(self, recipe: PolicyRecipe, device: str, stop: threading.Event | None) -> None:
+        self.recipe, self.device, self.stop = recipe, device, stop
+        self.scorers: dict[str, Any] = {}
+        self.loaded: dict[str, Any] = {}  # weight fingerprint -> model
+
+    def get(self, role: str, source: ModelSource, progress: Callable | None) -> Any:
+        from .models import load_model
+        from .scoring import TorchScorer, scoring_dtype
+
+        config = self.recipe.scoring
+        if role in self.scorers:
+            return self.scorers[role]
+        if config.backend == "vllm":
+            self.scorers[role] = vllm_scorer(source, config, progress)
+            return self.scorers[role]
+        if source.fingerprint not in self.loaded:
+            self.loaded[source.fingerprint] = load_model(source, device=self.device, dtype=scoring_dtype(self.device),
+                                                         trust_remote_code=config.trust_remote_code)
+        self.scorers[role] = TorchScorer(self.loaded[source.fingerprint], device=self.device,
+                                         batch_tokens=config.batch_tokens, progress=progress,
+                                         name=f"--{role} {source.spec}", stop=self.stop)
+        return self.scorers[role]
+
+
 class Policies:
     """The loaded target (tokenizer and scorer) and the behavior source; see the module docstring."""
 
     def __init__(self, target_tokenizer: ConversationTokenizer, target_scorer: Any, behavior: BehaviorSource,
-                 shape: RowShape, description: dict, columns: InputColumns | None = None) -> None:
+                 shape: RowShape, description: ScoringDescription, columns: InputColumns | None = None, *,
+                 row_limit: int | None = None) -> None:
         self.target_tokenizer = target_tokenizer
         self.target_scorer = target_scorer
         self.behavior = behavior
         self.shape = shape
         self.description = description
         self.columns = columns
-
-    @classmethod
-    def load(cls, options: ScoreOptions, sources: ModelSources, shape: RowShape,
-             progress: Callable[[int, int], None] | None = None, columns: InputColumns | None = None, *,
-             models: bool = True) -> Policies:
-        """Load tokenizers first (cheap; bad flags fail here), then the models (not with models=False: such
-        policies only `prepare`, as the CPU stage of a Ray run does).
-
-        columns: the input columns' types, decided over the whole corpus (`Corpus.columns`); None: decided
-        shard by shard (a library caller with no corpus pass).
-        """
-        from .models import load_model, load_tokenizer, tokenizer_fingerprint
-        from .scoring import TorchScorer, resolve_device, scoring_dtype
-
-        check_backend(options)
-        try:
-            device = resolve_device(options.device) if models else "cpu"
-        except ValueError as exc:
-            raise UsageError(f"--device {options.device}: {exc}") from None
-        dtype = scoring_dtype(device)
-        trust = options.trust_remote_code
-        hf_tokenizer = load_tokenizer(sources.target, trust_remote_code=trust)
-        try:
-            target_tokenizer = ConversationTokenizer(hf_tokenizer, options.tokenize, name="target tokenizer")
-        except ValueError as exc:
-            raise UsageError(f"--target {sources.target.spec}: {exc} (--template)") from None
-        scorers: dict[str, Any] = {}
-
-        def scorer(role: str, source: ModelSource, report: Callable | None) -> Any:
-            if not models:
-                return None
-            if role not in scorers and options.backend == "vllm":
-                scorers[role] = vllm_scorer(source, options, report)
-            elif role not in scorers:
-                model = load_model(source, device=device, dtype=dtype, trust_remote_code=trust)
-                scorers[role] = TorchScorer(model, device=device, batch_tokens=options.batch_tokens, progress=report)
-            return scorers[role]
-
-        behavior_is_target = sources.behavior_is_target
-        behavior = choose_behavior(
-            options.behavior, target_tokenizer,
-            behavior_tokenizer=None if sources.behavior is None or behavior_is_target
-            else (lambda: load_tokenizer(sources.behavior, trust_remote_code=trust)),
-            load_scorer=(lambda: scorer("target", sources.target, progress)) if behavior_is_target
-            else (lambda: scorer("behavior", sources.behavior, None)),
-            behavior_name=options.behavior.model or DEFAULT_BEHAVIOR,
-        )
-        target_scorer = scorer("target", sources.target, progress)
-
-        dtype_name = "bfloat16" if options.backend == "vllm" else str(dtype).removeprefix("torch.")
-        model_records = {role: {**source.to_dict(), "dtype": dtype_name}
-                         for role, source in (("target", sources.target), ("behavior", sources.behavior)) if source}
-        description = {
-            "models": model_records,
-            "behavior": {"temperature": options.behavior.temperature, "top_p": options.behavior.top_p,
-                         **behavior.describe()},
-            "tokenizer": {"fingerprint": tokenizer_fingerprint(hf_tokenizer),
-                          "chat_template_hash": chat_template_hash(hf_tokenizer)},
-            # the device type only: the same manifest whichever GPU (or how many workers) scored the rows
-            "scoring": scoring_record(options, device.split(":")[0]),
-            "template": target_tokenizer.mode,
-            "alignment": behavior.alignment,
-        }
-        return cls(target_tokenizer, target_scorer, behavior, shape, description, columns)
+        # The longest row the target scorer takes (vLLM's engine: max_model_len - 1), None: no limit.
+        self.row_limit = row_limit
 
     def prepare(self, shard: list[CorpusRow]) -> PreparedShard:
         """Decode, normalize and tokenize a shard's rows; every row lands in `rows` or `rejects`."""
@@ -216,6 +283,8 @@ class Policies:
             try:
                 conversation = to_conversation(row.record, self.shape)
                 target = self.target_tokenizer(conversation)
+                if self.row_limit is not None and target.num_tokens > self.row_limit:
+                    target = self._fit_row_limit(conversation, target.num_tokens)
                 behavior = self.behavior.prepare(row.record, conversation, target)
             except RowError as exc:
                 prepared.rejects.append((row, exc.reason))
@@ -224,6 +293,22 @@ class Policies:
         if prepared.rows:
             self._records(prepared)
         return prepared
+
+    def _fit_row_limit(self, conversation: Conversation, n_tokens: int) -> TokenizedRow:
+        """A row longer than the scorer takes (`row_limit`), under the run's --on-overflow rule against that
+        limit: truncate keeps its first row_limit tokens (design 2.6), skip is a RowError, error a UsageError."""
+        limit, rule = self.row_limit, self.target_tokenizer.config.on_overflow
+        what = f"{n_tokens} tokens, more than the vLLM engine takes ({limit}: its max_model_len less one)"
+        if rule == "error":
+            raise UsageError(f"a row has {what}: pass --max-length {limit}, or --on-overflow truncate or skip")
+        if rule == "skip":
+            raise RowError(f"over the vLLM engine's length: {what}")
+        cut = copy.copy(self.target_tokenizer)
+        cut.config = dataclasses.replace(cut.config, max_length=limit)
+        try:
+            return cut(conversation)
+        except RowError as exc:
+            raise RowError(f"the vLLM engine takes {limit} tokens: {exc.reason}") from None
 
     def _records(self, prepared: PreparedShard) -> None:
         """Build the prepared rows' own columns (`records_table`); a row whose value does not fit its column's
@@ -258,57 +343,47 @@ class Policies:
         return ScoredShard(scored_table(rows, target, behavior, prepared.records), rows, rejects)
 
 
-BACKENDS = ("torch", "vllm")
+def check_backend(scoring: ScoringConfig) -> None:
+    """UsageError unless this environment can score with the backend (before any output is written).
 
-
-def check_backend(options: ScoreOptions) -> None:
-    """UsageError unless the backend can score with these flags (checked before any output is written).
-
-    vllm (experimental): CUDA only, vLLM installed in this environment, and the behavior log-probs recorded
-    with the data: vLLM scores the raw model distribution of the target, nothing else.
+    vllm (experimental): a CUDA device and a vLLM this backend supports (`vllm_backend.MIN_VLLM` on) installed
+    in this environment; the flags it needs are checked by `config.ScoreOptions`.
     """
-    if options.backend not in BACKENDS:
-        raise UsageError(f"--backend {options.backend}: choose one of {', '.join(BACKENDS)}")
-    if options.backend != "vllm":
+    if scoring.backend != "vllm":
         return
     import importlib.util
 
-    from .scoring.vllm_backend import INSTALL_HINT
+    from .scoring.vllm_backend import INSTALL_HINT, installed_vllm_version, version_problem
 
-    if options.device == "cpu":
-        raise UsageError("--backend vllm runs on CUDA GPUs only; use --backend torch on CPU")
     if importlib.util.find_spec("vllm") is None:
         raise UsageError(f"--backend vllm needs vLLM: {INSTALL_HINT}")
-    if options.behavior.logprobs_field is None:
-        raise UsageError(
-            "--backend vllm scores the target only (vLLM's prompt log-probs are the raw model distribution, at "
-            "temperature 1 and top-p 1): give the behavior log-probs with --behavior-logprobs-field, or score a "
-            "behavior model with --backend torch"
-        )
+    version = installed_vllm_version()
+    if version is not None and version_problem(version):
+        raise UsageError(f"--backend vllm: {version_problem(version)}")
 
 
-def vllm_scorer(source: ModelSource, options: ScoreOptions, progress: Callable | None) -> Any:
+def vllm_scorer(source: ModelSource, scoring: ScoringConfig, progress: Callable | None) -> Any:
     """A VllmScorer on the target's local files: its HF directory, its Hub snapshot, or the converted cache
     of a GGUF model (vLLM is not given the GGUF itself)."""
     from .models import ensure_converted
     from .scoring import VllmScorer
 
     path = ensure_converted(source) if source.gguf_file else source.path
-    return VllmScorer(str(path), progress=progress, dtype="bfloat16", trust_remote_code=options.trust_remote_code,
-                      gpu_memory_utilization=options.vllm_gpu_memory_utilization,
-                      tensor_parallel_size=options.vllm_tensor_parallel_size)
+    return VllmScorer(str(path), progress=progress, dtype="bfloat16", trust_remote_code=scoring.trust_remote_code,
+                      gpu_memory_utilization=scoring.vllm_gpu_memory_utilization,
+                      tensor_parallel_size=scoring.vllm_tensor_parallel_size)
 
 
-def scoring_record(options: ScoreOptions, device_type: str) -> dict:
+def scoring_record(scoring: ScoringConfig, device_type: str) -> dict:
     """The manifest's `scoring`: what decides the numbers, the same for any worker count or engine."""
-    if options.backend == "vllm":
-        return {"backend": "vllm", "device": "cuda", "dtype": "bfloat16",
-                "engine": {"gpu_memory_utilization": options.vllm_gpu_memory_utilization,
-                           "tensor_parallel_size": options.vllm_tensor_parallel_size}}
+    if scoring.backend == "vllm":
+        return {"backend": "vllm", "device": "cuda", "dtype": "bfloat16", "head_dtype": "float32",
+                "engine": {"gpu_memory_utilization": scoring.vllm_gpu_memory_utilization,
+                           "tensor_parallel_size": scoring.vllm_tensor_parallel_size}}
     from .scoring import default_batch_tokens
 
     return {"backend": "torch", "device": device_type,
-            "batch_tokens": options.batch_tokens or default_batch_tokens(device_type)}
+            "batch_tokens": scoring.batch_tokens or default_batch_tokens(device_type)}
 
 
 def scored_table(rows: list[PreparedRow], target: list[np.ndarray], behavior: list[np.ndarray],
@@ -329,23 +404,3 @@ def scored_table(rows: list[PreparedRow], target: list[np.ndarray], behavior: li
                           else r.behavior.alignment.shared_boundary for r in rows],
     }
     return with_columns(table, {name: pa.array(values, COLUMNS[name].type) for name, values in scored.items()})
-
-
-def records_table(records: list[dict], columns: InputColumns | None = None) -> pa.Table:
-    """The input rows' own columns, with exactly `columns.schema` (design 2.2).
-
-    `columns` is decided once over the whole corpus (`Corpus.columns`), so every shard of an output gets
-    the same schema; a column in `columns.json` is JSON text in every row. None: decided over `records`
-    alone, with the same rules (`InputColumns.infer`). Raises `InputColumnError` naming the column when a
-    value does not fit its type.
-    """
-    if columns is None:
-        columns = InputColumns.infer(records)
-    names = set(columns.schema.names)
-    for record in records:
-        if not names.issuperset(record):
-            extra = next(name for name in record if name not in names)
-            raise InputColumnError(f"column {extra!r} was not in the corpus when its column types were decided")
-    arrays = [input_column([record.get(f.name) for record in records], f, f.name in columns.json)
-              for f in columns.schema]
-    return pa.Table.from_arrays(arrays, schema=columns.schema)

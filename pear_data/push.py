@@ -17,17 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pear_data.errors import PushError
-from pear_data.writer import (
-    CARD_FILE,
-    DATA_DIR,
-    MANIFEST_FILE,
-    PROGRESS_FILE,
-    REJECTS_FILE,
-    STATE_DIR,
-    read_manifest,
-    read_progress,
-)
+from pear_data.dataset import finished_manifest
+from pear_data.errors import PushError, UnfinishedOutputError
+from pear_data.output import CARD_FILE, DATA_DIR, MANIFEST_FILE, REJECTS_FILE, STATE_DIR, read_manifest
 
 REPO_TYPE = "dataset"
 
@@ -81,26 +73,19 @@ def _sha256(path: Path) -> str:
 def plan_push(out_dir: str | Path) -> list[PushFile]:
     """The files `push` uploads, sorted by path. PushError if DIR is not a finished, complete output.
 
-    Finished means: manifest.json exists and, when DIR has resume state,
-    `.pear/progress.json` says finished (an output downloaded from the Hub has
-    no `.pear/`). Complete means: README.md and every data file the manifest
-    lists exist, and rejects.parquet exists iff the manifest counts rejects.
+    Finished means what it means for every reader of an output (`dataset.check_finished`): no other process
+    is writing DIR, manifest.json exists and, when DIR has resume state, `.pear/progress.json` says finished
+    (an output downloaded from the Hub has no `.pear/`). Complete means: README.md and every data file the
+    manifest lists exist, and rejects.parquet exists iff the manifest counts rejects.
     Intact means: each data file's Parquet footer counts the rows its shard
     record in the manifest says (`rows_out`), and rejects.parquet counts
     `rows.rejected` (a truncated or replaced file is never published).
     """
     out_dir = Path(out_dir)
-    progress = read_progress(out_dir) if (out_dir / STATE_DIR / PROGRESS_FILE).is_file() else None
-    if not (out_dir / MANIFEST_FILE).is_file():
-        raise PushError(
-            f"{out_dir} has no {MANIFEST_FILE}: not a finished pear-data output. {_finish_hint(progress)}"
-        )
-    if progress is not None and not progress.get("finished"):
-        raise PushError(
-            f"{out_dir}/{STATE_DIR}/{PROGRESS_FILE} says the run is not finished (killed, or data rewritten "
-            f"after the manifest). {_finish_hint(progress)}"
-        )
-    manifest = read_manifest(out_dir)
+    try:
+        manifest = finished_manifest(out_dir)
+    except UnfinishedOutputError as exc:
+        raise PushError(f"{exc} Then push.") from None
     paths = [CARD_FILE, MANIFEST_FILE]
     paths += [s["data_file"] for s in manifest.get("shards", []) if s.get("data_file")]
     if (manifest.get("rows") or {}).get("rejected"):
@@ -123,16 +108,6 @@ def plan_push(out_dir: str | Path) -> list[PushFile]:
                 f"truncated or replaced after the run, and would publish other data than the card describes. {AGAIN}"
             )
     return [PushFile(p, (out_dir / p).stat().st_size, _sha256(out_dir / p)) for p in sorted(paths)]
-
-
-def _finish_hint(progress: dict | None) -> str:
-    """How to finish the run that wrote DIR: `score` resumes, `reweight` has no --resume."""
-    command = ((progress or {}).get("run_key") or {}).get("command")
-    if command == "reweight":
-        return "Finish it first: rerun `pear-data reweight` with --overwrite, then push."
-    if command == "score":
-        return "Finish it first: rerun the same `pear-data score` command with --resume, then push."
-    return "Finish the run first (`score`: rerun it with --resume; `reweight`: rerun it with --overwrite)."
 
 
 AGAIN = "Write the output again (`score` with --resume or --overwrite, `reweight` with --overwrite), then push."

@@ -10,54 +10,56 @@ then the writing pass.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import itertools
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 
 from .card import render_card
-from .dataset import check_scored, files_fingerprint, read_batches, read_schema, source_files
+from .config import ReweightOptions, WeightConfig
+from .dataset import (
+    check_scored,
+    files_fingerprint,
+    read_batches,
+    read_metadata,
+    read_schema,
+    source_files,
+    source_manifest,
+)
 from .diagnostics import Diagnostics, degeneracy_warnings
-from .engine import prefetch
-from .errors import UsageError
+from .errors import InputError
+from .output import MANIFEST_FILE, DatasetWriter, check_output_apart
 from .schema import ENGINE_COLUMNS, INPUT_IDS, REJECT_REASON, ROW_INDEX
+from .threads import prefetch
 from .weigh import weigh_table
-from .weights import WeightConfig, WeightSums
-from .writer import MANIFEST_FILE, DatasetWriter, check_output_apart, read_manifest
-
-
-@dataclass(frozen=True)
-class ReweightOptions:
-    """shard_rows: input rows per output shard; max_length: cut rows by the truncation rule first (None: whole)."""
-
-    shard_rows: int = 10_000
-    batch_rows: int = 1024
-    overwrite: bool = False
-    max_length: int | None = None
+from .weights import WeightSums
 
 
 def reweight(src: str | Path, out: str | Path, config: WeightConfig,
              options: ReweightOptions = ReweightOptions()) -> dict:
     """Recompute the weight columns of SRC into OUT; returns the manifest.
 
-    Refused before anything is written (UsageError / InputError, exit 2): OUT
-    that is, contains or lies inside SRC or one of its files; weight flags that
-    cannot give finite weights (`WeightConfig.check_normalizable`); SRC that is
-    not scored Parquet (named file and column), or whose manifest is damaged.
+    Refused before anything is written (UsageError / InputError, exit 2): SRC, or an output it holds, that
+    its run has not finished or that another process is writing (`dataset.check_finished`); OUT that is,
+    contains or lies inside SRC or one of its files; weight flags that cannot give finite weights
+    (checked by `WeightConfig` itself); SRC that is not scored Parquet (named file and column), or whose
+    manifest is damaged or counts other rows than its data files hold.
+
+    The manifest records the source: its files' fingerprint (`input`) and, for a pear-data output, what
+    its manifest says it is (`source`: command, input, rows and the manifest's sha256).
     """
     files = source_files(src)
     check_output_apart([src, *files], out, "the input")
-    try:
-        config.check_normalizable()
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
     check_scored(files)
-    source = read_manifest(src) if Path(src).is_dir() and (Path(src) / MANIFEST_FILE).is_file() else {}
+    source = source_manifest(src)
+    if source:
+        check_rows(src, files, source)
     fingerprint = files_fingerprint(files)
     run_key = {"command": "reweight", "input_fingerprint": fingerprint, "weights": config.to_dict(),
                "shard_rows": options.shard_rows, "max_length": options.max_length}
@@ -73,41 +75,82 @@ def _reweight(writer: DatasetWriter, src: str | Path, files: list[Path], fingerp
     means = dataset_means(files, config, options) if config.normalize == "dataset" else None
 
     diagnostics = Diagnostics()
-    tokens = completion_tokens = truncated = truncated_prompt = rows_truncated = 0
-    slices = shard_slices(prefetch(batches(files, options.batch_rows)), options.shard_rows)
-    for _, group in itertools.groupby(slices, key=lambda item: item[0]):
-        with writer.shard() as handle:
-            for _, start, part in group:
-                weighed = weigh_table(part, config, means, diagnostics, options.max_length)
-                if len(weighed.rejected_rows):
-                    rejected = part.take(pa.array(weighed.rejected_rows))
-                    rejected = rejected.append_column(ROW_INDEX, pa.array(start + weighed.rejected_rows, pa.int64()))
-                    handle.reject(rejected.append_column(REJECT_REASON, pa.array(weighed.reasons, pa.string())))
-                handle.write(weighed.kept)
-                tokens += weighed.tokens
-                completion_tokens += weighed.completion_tokens
-                truncated += weighed.truncated_completion
-                truncated_prompt += weighed.truncated_prompt
-                rows_truncated += weighed.rows_truncated
-                end = start + len(part)
-            handle.commit(end)
+    ahead = prefetch(batches(files, options.batch_rows))
+    with contextlib.closing(ahead):  # an error or Ctrl-C stops and joins the reading thread
+        tokens = write_shards(writer, shard_slices(ahead, options.shard_rows), config, means, diagnostics,
+                              options.max_length)
 
     summary = diagnostics.summary()
     manifest = {
         "command": "reweight",
         "input": {"name": Path(src).resolve().name, "fingerprint": fingerprint, "files": len(files)},
         "weights": config.to_dict(),
-        "tokens": {"total": tokens, "completion": completion_tokens, "truncated_completion": truncated,
-                   "truncated_prompt": truncated_prompt, "rows_truncated": rows_truncated},
+        "tokens": tokens,
         "max_length": options.max_length,
         "diagnostics": summary,
         "warnings": degeneracy_warnings(summary),
         "dataset_means": means,
     }
-    for key in ("models", "tokenizer", "behavior", "alignment", "license", "corpus"):  # as scored
+    if source:
+        manifest["source"] = source_record(src, source)
+    corpus = corpus_record(source)
+    if corpus:
+        manifest["corpus"] = corpus
+    for key in ("models", "tokenizer", "behavior", "alignment", "license"):  # as scored
         if key in source:
             manifest[key] = source[key]
+    if options.card_title:
+        manifest["card_title"] = options.card_title
     return writer.finalize(manifest, render_card)
+
+
+def write_shards(writer: DatasetWriter, slices: Iterator[tuple[int, int, pa.Table]], config: WeightConfig,
+                 means: dict | None, diagnostics: Diagnostics, max_length: int | None) -> dict[str, int]:
+    """Weigh the slices (cut to max_length first) and commit one shard per shard number; returns the token
+    counts of the manifest (`tokens`)."""
+    counts = dict.fromkeys(("total", "completion", "truncated_completion", "truncated_prompt", "rows_truncated"), 0)
+    for _, group in itertools.groupby(slices, key=lambda item: item[0]):
+        with writer.shard() as handle:
+            for _, start, part in group:
+                weighed = weigh_table(part, config, means, diagnostics, max_length)
+                if len(weighed.rejected_rows):
+                    rejected = part.take(pa.array(weighed.rejected_rows))
+                    rejected = rejected.append_column(ROW_INDEX, pa.array(start + weighed.rejected_rows, pa.int64()))
+                    handle.reject(rejected.append_column(REJECT_REASON, pa.array(weighed.reasons, pa.string())))
+                handle.write(weighed.kept)
+                for key, value in (("total", weighed.tokens), ("completion", weighed.completion_tokens),
+                                   ("truncated_completion", weighed.truncated_completion),
+                                   ("truncated_prompt", weighed.truncated_prompt),
+                                   ("rows_truncated", weighed.rows_truncated)):
+                    counts[key] += value
+                end = start + len(part)
+            handle.commit(end)
+    return counts
+
+
+def source_record(src: str | Path, source: dict) -> dict:
+    """The manifest's `source` of an output derived from a pear-data output: which output, by content."""
+    digest = hashlib.sha256((Path(src) / MANIFEST_FILE).read_bytes()).hexdigest()
+    return {"command": source.get("command"), "input": source.get("input"), "rows": source.get("rows"),
+            "manifest": f"sha256:{digest}"}
+
+
+def corpus_record(source: dict) -> dict | None:
+    """The SFT corpus a pear-data output's rows come from (name, kind, split): the `corpus` a derived output
+    records, or the `input` of a score run; None when its manifest says neither."""
+    if source.get("corpus"):
+        return source["corpus"]
+    scored = source.get("input") if source.get("command") == "score" else None
+    return {key: scored[key] for key in ("name", "kind", "split") if key in scored} if scored else None
+
+
+def check_rows(src: str | Path, files: list[Path], source: dict) -> None:
+    """InputError unless the data files of the output SRC hold the rows its manifest counts (`rows.out`)."""
+    expected = (source.get("rows") or {}).get("out")
+    found = sum(read_metadata(path).num_rows for path in files)
+    if expected is not None and found != expected:
+        raise InputError(f"{src}: its data files hold {found} rows, but its {MANIFEST_FILE} counts {expected}: "
+                         "the files were changed after the run; write the output again")
 
 
 def batches(files: list[Path], batch_rows: int, columns: list[str] | None = None) -> Iterator[pa.Table]:
@@ -145,7 +188,11 @@ def dataset_means(files: list[Path], config: WeightConfig, options: ReweightOpti
 
     total = WeightSums()
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="pear-means") as pool:
-        for sums in pool.map(file_sums, files):
-            total.add(sums)
+        try:
+            for sums in pool.map(file_sums, files):
+                total.add(sums)
+        except BaseException:  # Ctrl-C or an error: wait for the files being summed, not for the others
+            pool.shutdown(cancel_futures=True)
+            raise
     return total.means()
 

@@ -20,8 +20,7 @@ commit).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,144 +28,110 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .align import AlignmentStats
-from .behavior import BehaviorSpec
 from .card import render_card
-from .corpus import CorpusRow, InputColumns, detect_shape, open_corpus
+from .config import ScoreOptions, WeightConfig
+from .corpus import Corpus, RowShape, detect_shape, open_corpus
 from .dataset import read_schema, read_table
 from .diagnostics import Diagnostics, degeneracy_warnings
-from .engine import Progress, ShardTask, Workers, worker_devices
-from .errors import UsageError
-from .policies import DEFAULT_TARGET, ModelSources, Policies, ScoredShard, check_backend
+from .engines import Engine, make_engine
+from .output import DatasetWriter, check_output_apart, data_files
+from .policies import ModelSources, PolicyRecipe, ScoredShard, check_backend
 from .schema import ENGINE_COLUMNS, GRANULARITIES, INPUT_IDS, REJECTS
-from .tokenize import TokenizeConfig
+from .scoring import check_device
 from .weigh import weigh_table
-from .weights import WeightConfig, WeightSums
-from .writer import DatasetWriter, check_output_apart, data_files
+from .weights import WeightSums
 
 NORMALIZE_REWRITE = "normalize-dataset"
-
-
-@dataclass(frozen=True)
-class ScoreOptions:
-    """Every flag of `pear-data score` (docs/design.md section 5)."""
-
-    target: str = DEFAULT_TARGET
-    behavior: BehaviorSpec = field(default_factory=BehaviorSpec)
-    weights: WeightConfig = field(default_factory=WeightConfig)
-    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
-    shape: dict[str, str | None] = field(default_factory=dict)  # detect_shape flags
-    split: str = "train"
-    device: str = "auto"
-    backend: str = "torch"
-    batch_tokens: int | None = None  # None: the device's default (scoring.default_batch_tokens)
-    shard_rows: int = 1000
-    workers: int = 1  # not part of the run key: the output does not depend on it
-    ray: str | None = None  # a Ray cluster address, or "local"; None: workers on this machine (engine.py)
-    resume: bool = False
-    overwrite: bool = False
-    trust_remote_code: bool = False
-    license: str | None = None
-    vllm_gpu_memory_utilization: float = 0.9  # --backend vllm (experimental)
-    vllm_tensor_parallel_size: int = 1
+ProgressFactory = Callable[[int | None], Any]
 
 
 def score(corpus: str | Path, out: str | Path, options: ScoreOptions = ScoreOptions(), *,
-          progress_factory: Callable[[int | None], Any] | None = None) -> dict:
+          progress_factory: ProgressFactory | None = None) -> dict:
     """Run the whole recipe; returns the manifest. See the module docstring.
 
-    Checked before anything is read or written (UsageError, exit 2): `--resume` with `--overwrite`, an output
-    that is, contains or lies inside a local corpus, the weight flags (`WeightConfig.check_normalizable`), the
-    backend and the device (`check_device`), so that a bad flag leaves no output behind.
+    The flags were checked when `options` was built (`pear_data.config`). Checked here, before anything is
+    written (exit 2): an output that is, contains or lies inside a local corpus, that this environment can
+    run the backend and the device (and the worker devices), the corpus, its row shape and the models.
     """
-    if options.resume and options.overwrite:
-        raise UsageError("--resume and --overwrite exclude each other: pick one")
     if Path(corpus).exists():
         check_output_apart([corpus], out, "the corpus")
+    check_backend(options.scoring)
+    if not options.run.ray:  # on a Ray cluster the GPUs are the cluster's, not this machine's
+        check_device(options.scoring.device, options.run.workers)
+    reader = open_corpus(corpus, split=options.corpus.split)
+    shape = detect_shape(reader.first_record(), source=reader.source, **options.corpus.shape_flags)
+    models = ModelSources.resolve(options.target, options.behavior)
+    # design 2.2: one type per input column for the whole output; refuses reserved names
+    recipe = PolicyRecipe(models, shape, reader.columns(), options.scoring, options.tokenize, options.behavior)
+    run_key = _run_key(reader, shape, models, options)
+    writer = DatasetWriter(out, run_key, resume=options.run.resume, overwrite=options.run.overwrite)
     try:
-        options.weights.check_normalizable()
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    check_backend(options)
-    if options.backend == "vllm" and (options.ray or options.workers > 1):
-        raise UsageError("--backend vllm (experimental) runs in one process: use --vllm-tensor-parallel-size for "
-                         "several GPUs, not --workers or --ray")
-    if not options.ray:  # on a Ray cluster the GPUs are the cluster's, not this machine's
-        check_device(options.device)
-    source = open_corpus(corpus, split=options.split)
-    shape = detect_shape(next((r.record for r in source.rows() if r.record is not None), None), **options.shape)
-    sources = ModelSources.resolve(options)
-    columns = source.columns()  # design 2.2: one type per input column for the whole output; refuses reserved names
-    config = options.weights
-    run_key = {
-        "command": "score", "input_fingerprint": source.fingerprint(), "shape": shape.describe(),
-        "models": sources.fingerprints(), "behavior": dataclasses.asdict(options.behavior),
-        "weights": config.to_dict(), "tokenize": dataclasses.asdict(options.tokenize),
-        "shard_rows": options.shard_rows, "batch_tokens": options.batch_tokens, "device": options.device,
-        "backend": options.backend,
-    }
-    if options.backend == "vllm":
-        run_key["vllm"] = {"gpu_memory_utilization": options.vllm_gpu_memory_utilization,
-                           "tensor_parallel_size": options.vllm_tensor_parallel_size}
-    if options.workers > 1 and not options.ray:
-        worker_devices(options.device, options.workers)  # bad --device / --workers: before anything is written
-    writer = DatasetWriter(out, run_key, resume=options.resume, overwrite=options.overwrite)
-    try:
-        return _run(writer, source, shape, sources, columns, run_key, out, options, progress_factory)
+        return _run(writer, reader, recipe, options, progress_factory)
     finally:
         writer.close()
 
 
-def _run(writer: DatasetWriter, source: Any, shape: Any, sources: ModelSources, columns: InputColumns,
-         run_key: dict, out: str | Path, options: ScoreOptions,
-         progress_factory: Callable[[int | None], Any] | None) -> dict:
+def _run_key(reader: Corpus, shape: RowShape, models: ModelSources, options: ScoreOptions) -> dict:
+    """What a resumed run must share with the run it continues (the writer compares them)."""
+    scoring = options.scoring
+    key = {
+        "command": "score", "input_fingerprint": reader.fingerprint(), "shape": shape.describe(),
+        "models": models.fingerprints(), "behavior": dataclasses.asdict(options.behavior),
+        "weights": options.weights.to_dict(), "tokenize": dataclasses.asdict(options.tokenize),
+        "shard_rows": options.run.shard_rows, "batch_tokens": scoring.batch_tokens, "device": scoring.device,
+        "backend": scoring.backend,
+    }
+    if scoring.backend == "vllm":
+        key["vllm"] = {"gpu_memory_utilization": scoring.vllm_gpu_memory_utilization,
+                       "tensor_parallel_size": scoring.vllm_tensor_parallel_size}
+    return key
+
+
+def _run(writer: DatasetWriter, reader: Corpus, recipe: PolicyRecipe, options: ScoreOptions,
+         progress_factory: ProgressFactory | None) -> dict:
     config = options.weights
     dataset_normalization = config.normalize == "dataset"
-    # With dataset normalization the shards hold unnormalized weights until the final rewrite.
-    shard_config = dataclasses.replace(config, normalize="none", max_weight=None) if dataset_normalization else config
-    meter = progress_factory(source.num_rows()) if progress_factory else None
-    advance = meter.advance if meter else None
-    if options.ray:
-        from .ray_engine import RayWorkers
-
-        workers = RayWorkers(options.ray, options.workers, options, sources, shape, columns, source, advance)
-        results = workers.map(writer.next_input_row)
-    else:
-        if options.workers == 1:
-            progress = Progress(advance or (lambda rows, tokens: None))
-            policies = Policies.load(options, sources, shape, progress, columns)
-            workers = Workers(1, options, sources, shape, columns, policies=policies, progress=progress,
-                              advance=advance)
-        else:
-            workers = Workers(options.workers, options, sources, shape, columns, advance=advance)
-        tasks = (ShardTask(number, rows)
-                 for number, rows in enumerate(shards(source.rows(), writer.next_input_row, options.shard_rows)))
-        results = workers.map(tasks)
-    diagnostics = Diagnostics()
-    if not dataset_normalization:  # the shards committed before a resume
-        observe_files(data_files(out), config, None, diagnostics, by_row_group=False)
-    if meter:
-        meter.advance(writer.next_input_row, 0)
-
-    with workers:
-        for input_end, scored in results:
-            commit(writer, input_end, scored, shard_config, None if dataset_normalization else diagnostics,
-                   dataset_normalization)
-
+    bar = progress_factory(reader.num_rows()) if progress_factory else None
+    # entered at once: the worker starts in the constructor, and a Ctrl-C from here on must stop and join it
+    with make_engine(options.run, recipe, reader, bar.advance if bar else None) as engine:
+        diagnostics = Diagnostics()
+        if not dataset_normalization:  # the shards committed before a resume
+            observe_files(data_files(writer.out_dir), config, None, diagnostics, by_row_group=False)
+        if bar:
+            bar.advance(writer.next_input_row, 0)
+        score_shards(writer, engine, config, diagnostics)
     means = normalize_dataset(writer, config, diagnostics) if dataset_normalization else None
+    return writer.finalize(manifest(writer, reader, recipe, engine, options, diagnostics, means), render_card)
 
+
+def score_shards(writer: DatasetWriter, engine: Engine, config: WeightConfig, diagnostics: Diagnostics) -> None:
+    """Weigh and commit the engine's scored shards as they come. With dataset normalization the shards hold
+    unnormalized weights (and record their sums) until the final rewrite (`normalize_dataset`)."""
+    dataset_normalization = config.normalize == "dataset"
+    if dataset_normalization:
+        config = dataclasses.replace(config, normalize="none", max_weight=None)
+    for input_end, scored in engine.results(writer.next_input_row):
+        commit(writer, input_end, scored, config, None if dataset_normalization else diagnostics,
+               dataset_normalization)
+
+
+def manifest(writer: DatasetWriter, reader: Corpus, recipe: PolicyRecipe, engine: Engine, options: ScoreOptions,
+             diagnostics: Diagnostics, means: dict | None) -> dict:
+    """The manifest of a finished score run (design 2.5)."""
     totals = {key: sum(r.stats.get(key) or 0 for r in writer.committed)
               for key in ("tokens", "completion_tokens", "truncated_prompt_tokens", "truncated_completion_tokens",
                           "rows_truncated")}
     summary = diagnostics.summary()
-    description = workers.description
-    manifest = {
+    description = engine.description
+    record = {
         "command": "score",
-        "input": {"name": source.name, "kind": source.kind, "split": source.split,
-                  "fingerprint": run_key["input_fingerprint"], "shape": shape.describe()},
-        **{key: description[key] for key in ("models", "behavior", "tokenizer", "scoring")},
-        "tokenize": {**dataclasses.asdict(options.tokenize), "mode": description["template"]},
-        "alignment": alignment_summary(description["alignment"], writer.committed),
-        "weights": config.to_dict(),
+        "input": {"name": reader.name, "kind": reader.kind, "split": reader.split,
+                  "fingerprint": writer.run_key["input_fingerprint"], "shape": recipe.shape.describe()},
+        "models": description.models, "behavior": description.behavior, "tokenizer": description.tokenizer,
+        "scoring": description.scoring,
+        "tokenize": {**dataclasses.asdict(options.tokenize), "mode": description.template},
+        "alignment": alignment_summary(description.alignment, writer.committed),
+        "weights": options.weights.to_dict(),
         "tokens": {"total": totals["tokens"], "completion": totals["completion_tokens"],
                    "truncated_prompt": totals["truncated_prompt_tokens"],
                    "truncated_completion": totals["truncated_completion_tokens"],
@@ -176,8 +141,10 @@ def _run(writer: DatasetWriter, source: Any, shape: Any, sources: ModelSources, 
         "dataset_means": means,
     }
     if options.license:
-        manifest["license"] = options.license
-    return writer.finalize(manifest, render_card)
+        record["license"] = options.license
+    if options.card_title:
+        record["card_title"] = options.card_title
+    return record
 
 
 def commit(writer: DatasetWriter, input_end: int, scored: ScoredShard, config: WeightConfig,
@@ -195,37 +162,6 @@ def commit(writer: DatasetWriter, input_end: int, scored: ScoredShard, config: W
         if rejects:
             handle.reject(reject_table(sorted(rejects)))
         handle.commit(input_end, stats)
-
-
-def check_device(device: str) -> None:
-    """UsageError unless torch can score on `device` (auto, cpu, cuda, cuda:N with N < the GPU count)."""
-    import torch
-
-    from .scoring import resolve_device
-
-    try:
-        resolved = resolve_device(device)
-    except ValueError as exc:
-        raise UsageError(f"--device {device}: {exc}") from None
-    index = torch.device(resolved).index
-    if index is not None and torch.device(resolved).type == "cuda" and index >= torch.cuda.device_count():
-        count = torch.cuda.device_count()
-        raise UsageError(f"--device {device}: torch sees {count} CUDA device(s) (cuda:0 to cuda:{count - 1}); "
-                         "pick one of them, or --device cuda")
-
-
-def shards(rows: Iterator[CorpusRow], start: int, shard_rows: int) -> Iterator[list[CorpusRow]]:
-    """Input rows from `start` on, in lists of `shard_rows` (shard boundaries at multiples of shard_rows)."""
-    shard: list[CorpusRow] = []
-    for row in rows:
-        if row.index < start:
-            continue
-        shard.append(row)
-        if (row.index + 1) % shard_rows == 0:
-            yield shard
-            shard = []
-    if shard:
-        yield shard
 
 
 def reject_table(rejects: list[tuple[int, str, str]]) -> pa.Table:
@@ -247,11 +183,12 @@ def normalize_dataset(writer: DatasetWriter, config: WeightConfig, diagnostics: 
     if NORMALIZE_REWRITE in writer.rewrites:
         observe_files(data_files(writer.out_dir), config, means, diagnostics, by_row_group=True)
     else:
-        writer.rewrite_data_files(lambda rows: weigh_all(rows, config, means, diagnostics), name=NORMALIZE_REWRITE)
+        writer.rewrite_data_files(lambda rows: reweigh_committed(rows, config, means, diagnostics),
+                                  name=NORMALIZE_REWRITE)
     return means
 
 
-def weigh_all(table: pa.Table, config: WeightConfig, means: dict | None, diagnostics: Diagnostics) -> pa.Table:
+def reweigh_committed(table: pa.Table, config: WeightConfig, means: dict | None, diagnostics: Diagnostics) -> pa.Table:
     """Weigh rows that were valid when their shard was committed (a reject here is a bug, not bad input)."""
     weighed = weigh_table(table, config, means, diagnostics)
     if len(weighed.rejected_rows):
@@ -269,9 +206,9 @@ def observe_files(paths: list[Path], config: WeightConfig, means: dict | None, d
         columns = [name for name in (INPUT_IDS, *ENGINE_COLUMNS) if name in names]
         if by_row_group:
             for i in range(pq.read_metadata(path).num_row_groups):
-                weigh_all(read_table(path, columns, row_group=i), config, means, diagnostics)
+                reweigh_committed(read_table(path, columns, row_group=i), config, means, diagnostics)
         else:
-            weigh_all(read_table(path, columns), config, means, diagnostics)
+            reweigh_committed(read_table(path, columns), config, means, diagnostics)
 
 
 def alignment_summary(mode: str, committed: list) -> dict:

@@ -59,6 +59,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from pear_data.config import ON_OVERFLOW, OnOverflow, TokenizeConfig  # noqa: F401 - re-exported
 from pear_data.corpus import Conversation, is_completion_turn
 from pear_data.errors import OverflowAbort, RowError, UsageError
 
@@ -73,34 +74,6 @@ except ImportError:  # pragma: no cover
         pass
 
 TemplateMode = Literal["chat", "raw"]
-OnOverflow = Literal["truncate", "skip", "error"]
-ON_OVERFLOW: tuple[OnOverflow, ...] = ("truncate", "skip", "error")
-
-
-@dataclass(frozen=True)
-class TokenizeConfig:
-    """How rows are tokenized.
-
-    max_length:    longest row in tokens (None = no limit); at least 2 (one prompt + one completion token).
-    on_overflow:   what to do with a longer row: "truncate" | "skip" | "error" (module docstring).
-    template:      "auto" (chat template when the tokenizer has one, else raw) | "chat" | "raw".
-    raw_separator: text between consecutive messages in raw mode.
-    """
-
-    max_length: int | None = None
-    on_overflow: OnOverflow = "truncate"
-    template: Literal["auto", "chat", "raw"] = "auto"
-    raw_separator: str = "\n\n"
-
-    def __post_init__(self) -> None:
-        if self.max_length is not None and self.max_length < 2:
-            raise ValueError(
-                f"--max-length must be at least 2 (one prompt and one completion token), got {self.max_length}"
-            )
-        if self.on_overflow not in ON_OVERFLOW:
-            raise ValueError(f"--on-overflow must be one of {', '.join(ON_OVERFLOW)}, got {self.on_overflow!r}")
-        if self.template not in ("auto", "chat", "raw"):
-            raise ValueError(f"template must be 'auto', 'chat' or 'raw', got {self.template!r}")
 
 
 @dataclass(frozen=True)
@@ -300,18 +273,6 @@ def render_raw(
     return RenderedConversation("".join(pieces), tuple(spans), "raw", tuple(contents))
 
 
-def completion_char_spans(
-    conversation: Conversation, tokenizer: Any, mode: TemplateMode | None = None, raw_separator: str = "\n\n"
-) -> RenderedConversation:
-    """Rendered text and completion character spans, in `mode` (default: `template_mode(tokenizer)`)."""
-    mode = mode or template_mode(tokenizer)
-    if mode == "chat":
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("template 'chat' requested but the tokenizer has no chat template; use 'raw' or 'auto'")
-        return render_chat(conversation, tokenizer)
-    return render_raw(conversation, tokenizer, raw_separator)
-
-
 # --------------------------------------------------------------------------- tokenizing
 
 
@@ -466,10 +427,3 @@ class ConversationTokenizer:
             truncated_completion_tokens=truncated_completion,
             content_spans=rendered.content_spans,
         )
-
-
-def tokenize_conversation(
-    conversation: Conversation, tokenizer: Any, config: TokenizeConfig | None = None
-) -> TokenizedRow:
-    """Tokenize one conversation (see `ConversationTokenizer`; build one to tokenize many rows)."""
-    return ConversationTokenizer(tokenizer, config)(conversation)

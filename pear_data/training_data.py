@@ -22,61 +22,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from .config import TrainingData
 from .errors import TrainingError
-from .schema import BEHAVIOR_LOGPROBS, COMPLETION_MASK, INPUT_IDS, SHARED_BOUNDARY, WEIGHT_COLUMNS
+from .schema import COMPLETION_MASK, INPUT_IDS, SHARED_BOUNDARY, WEIGHT_COLUMNS
 from .truncation import row_lengths, truncate_table
 from .validate import flat_list
 
 logger = logging.getLogger(__name__)
 
-Packing = Literal["bfd", "bfd_split"]
-PACKING: tuple[str, ...] = ("bfd", "bfd_split")
 _STATS_BATCH = 4096
-
-
-@dataclass(frozen=True)
-class TrainingData:
-    """What a trainer reads from the dataset and how (validated here, once).
-
-    mode: "static" (a weight column) or "online" (behavior_logprobs, and shared_boundary).
-    weights: the static weight column (a `pear_*_weight` name); None online.
-    max_length: the longest row a training sequence may hold; None: no limit (no packing).
-    packing: None, "bfd" or "bfd_split" (TRL's strategies that keep rows apart).
-    shuffle_seed: shuffle before packing with this seed (TRL's `shuffle_dataset`); None keeps the order.
-    """
-
-    mode: Literal["static", "online"]
-    weights: str | None = None
-    max_length: int | None = None
-    packing: Packing | None = None
-    shuffle_seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("static", "online"):
-            raise TrainingError(f"pear_mode must be 'static' or 'online', got {self.mode!r}")
-        if self.mode == "static" and self.weights not in WEIGHT_COLUMNS.values():
-            raise TrainingError(f"static training needs a weight column ({', '.join(WEIGHT_COLUMNS.values())}), "
-                                f"got {self.weights!r}")
-        if self.packing is not None and self.packing not in PACKING:
-            raise TrainingError(f"packing_strategy={self.packing!r} cannot train on PEAR weights: only "
-                                f"{' and '.join(PACKING)} keep every row whole in one sequence")
-        if self.packing is not None and self.max_length is None:
-            raise TrainingError("packing needs max_length (the length of a packed row)")
-        if self.max_length is not None and self.max_length < 2:
-            raise TrainingError(f"max_length must be >= 2 (a prompt token and a completion token), got "
-                                f"{self.max_length}")
-
-    @property
-    def columns(self) -> list[str]:
-        """The dataset columns training reads."""
-        names = [INPUT_IDS, COMPLETION_MASK]
-        names += [self.weights] if self.mode == "static" else [BEHAVIOR_LOGPROBS, SHARED_BOUNDARY]
-        return names
 
 
 @dataclass

@@ -23,7 +23,7 @@ from .weights import RowWeights, TokenRows, WeightConfig, WeightObserver, Weight
 
 
 @dataclass
-class Weighed:
+class WeighedTable:
     """What `weigh_table` did with a table of R scored rows.
 
     kept:          the valid rows, in order, with the three weight columns set
@@ -55,7 +55,7 @@ def weigh_table(
     means: dict[str, float] | None = None,
     observer: WeightObserver | None = None,
     max_length: int | None = None,
-) -> Weighed:
+) -> WeighedTable:
     """Validate every row, weigh the valid ones (`weights.weigh`), set their weight columns.
 
     means: the dataset means of the bounded W per granularity, needed with
@@ -82,7 +82,7 @@ def weigh_table(
             kept, kept_rows = kept.filter(pa.array(~emptied)), kept_rows[~emptied]
             lengths, cut_completion = lengths[~emptied], cut_completion[~emptied]
     rejected_rows = np.setdiff1d(np.arange(table.num_rows), kept_rows)
-    result = Weighed(table.slice(0, 0), kept_rows, rejected_rows, [reasons[i] for i in rejected_rows])
+    result = WeighedTable(table.slice(0, 0), kept_rows, rejected_rows, [reasons[i] for i in rejected_rows])
     if not len(kept_rows):
         return result
     if max_length is not None:

@@ -28,125 +28,14 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from .config import WeightConfig
 from .schema import GRANULARITIES, Granularity
 
-Normalize = Literal["dataset", "sequence", "none"]
-
-
-# No row has more tokens than this (Arrow list offsets are int32): a larger block size is the same as this one.
-MAX_BLOCK_SIZE = 2**31 - 1
-# A finite log-ratio bound beyond this could overflow the float64 suffix sums of a long row (inf - inf = NaN).
-MAX_LOG_RATIO_BOUND = 1e100
-
-
-@dataclass(frozen=True)
-class WeightConfig:
-    """Every hyperparameter of docs/design.md section 3 (defaults: section 3.4).
-
-    Checked at construction (ValueError naming each flag at fault):
-
-    - `weight_clip` (wmin, wmax): 0 <= wmin <= wmax, wmax > 0, wmin finite. wmax = inf
-      means no upper bound (then a weight beyond float32's range, e^88.7, is stored as
-      inf, which `pear_loss` refuses as a static weight: training data wants a finite
-      wmax); wmin = inf (e.g. `--weight-clip inf,inf`) would make every weight inf
-      and is refused.
-    - `log_ratio_clip` (lo, hi): lo <= hi, lo < +inf, hi > -inf (a bound at the far
-      infinity makes every d infinite, and the suffix sums inf - inf = NaN), finite
-      bounds within +-MAX_LOG_RATIO_BOUND (inf is the way to say "no bound").
-    - `block_size` >= 1; a block size above MAX_BLOCK_SIZE is stored as
-      MAX_BLOCK_SIZE: both mean one block per row, since no row is longer.
-      `horizon` may be any int >= 0 (a horizon past the row's end changes nothing).
-    - Normalizing by a zero mean: with wmin = 0, every weight of a row can underflow
-      to 0 (a long trace's sequence weight e^(sum d)), and `--normalize
-      sequence|dataset` would divide 0 by 0. `check_normalizable()` refuses that
-      combination; `pear-data score` / `reweight` (the command line and
-      `score.score` / `reweight.reweight`) call it, so no output holds NaN weights.
-      The weight engine and the loss shim accept it (an unclipped analysis may want
-      it) and then give NaN for such a row.
-    """
-
-    granularity: Granularity = "token"
-    gamma: float = 0.999
-    horizon: int | None = None  # None = unbounded
-    block_size: int = 4
-    log_ratio_clip: tuple[float, float] = (-0.08, 0.3)
-    weight_clip: tuple[float, float] = (math.exp(-10.0), math.exp(5.0))
-    normalize: Normalize = "none"
-    max_weight: float | None = None  # None = no cap
-    length_normalize: bool = False
-    center: bool = False
-
-    def __post_init__(self) -> None:
-        lo, hi = self.log_ratio_clip
-        wmin, wmax = self.weight_clip
-        problems = []
-        if self.granularity not in GRANULARITIES:
-            problems.append(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
-        if not 0.0 < self.gamma <= 1.0:
-            problems.append(f"--gamma must be in (0, 1], got {self.gamma}")
-        if self.horizon is not None and self.horizon < 0:
-            problems.append(f"--horizon must be >= 0, got {self.horizon}")
-        if self.block_size < 1:
-            problems.append(f"--block-size must be >= 1, got {self.block_size}")
-        elif self.block_size > MAX_BLOCK_SIZE:
-            object.__setattr__(self, "block_size", MAX_BLOCK_SIZE)  # one block per row either way
-        if math.isnan(lo) or math.isnan(hi) or lo > hi:
-            problems.append(f"--log-ratio-clip needs lo <= hi, got {lo},{hi}")
-        elif lo == math.inf or hi == -math.inf:
-            problems.append(f"--log-ratio-clip {lo},{hi} makes every log-ratio infinite: give lo < inf and hi > -inf "
-                            "(-inf,inf means no clip)")
-        elif any(math.isfinite(v) and abs(v) > MAX_LOG_RATIO_BOUND for v in (lo, hi)):
-            problems.append(f"--log-ratio-clip bounds must lie within +-{MAX_LOG_RATIO_BOUND:g} or be +-inf "
-                            f"(no bound), got {lo},{hi}")
-        if math.isnan(wmin) or math.isnan(wmax) or not 0.0 <= wmin <= wmax or wmax == 0.0:
-            problems.append(f"--weight-clip needs 0 <= wmin <= wmax and wmax > 0, got {wmin},{wmax}")
-        elif math.isinf(wmin):
-            problems.append(f"--weight-clip needs a finite wmin (every weight would be inf), got {wmin},{wmax}")
-        if self.normalize not in ("dataset", "sequence", "none"):
-            problems.append(f"--normalize must be dataset, sequence or none, got {self.normalize!r}")
-        if self.max_weight is not None and not self.max_weight > 0:
-            problems.append(f"--max-weight must be > 0, got {self.max_weight}")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    def check_normalizable(self) -> None:
-        """ValueError when `normalize` could divide by a zero mean (wmin = 0; see the class docstring)."""
-        if self.normalize in ("dataset", "sequence") and self.weight_clip[0] == 0.0:
-            raise ValueError(
-                f"--normalize {self.normalize} with --weight-clip wmin = 0: when every weight of a "
-                f"{'row' if self.normalize == 'sequence' else 'granularity'} reaches 0 (a long trace's sequence "
-                "weight underflows), its mean is 0 and normalizing divides by zero. Give wmin > 0, e.g. "
-                f"--weight-clip 1e-30,{self.weight_clip[1]:g} (the default wmin is e^-10)"
-            )
-
-    def to_dict(self) -> dict:
-        """JSON-ready, with float('inf') spelled as the string 'inf'."""
-        def plain(value):
-            if isinstance(value, float) and math.isinf(value):
-                return "inf" if value > 0 else "-inf"
-            if isinstance(value, tuple):
-                return [plain(v) for v in value]
-            return value
-
-        return {key: plain(value) for key, value in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> WeightConfig:
-        def num(value):
-            return float(value) if isinstance(value, str) else value
-
-        data = dict(data)
-        for key in ("log_ratio_clip", "weight_clip"):
-            if key in data:
-                data[key] = tuple(num(v) for v in data[key])
-        if data.get("max_weight") is not None:
-            data["max_weight"] = num(data["max_weight"])
-        return cls(**data)
+__all__ = ["WeightConfig", "TokenRows", "RowWeights", "WeightSums", "weigh", "weight_sums"]
 
 
 @dataclass

@@ -12,8 +12,26 @@ import os
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `-n auto` already runs one test per core: torch's own threads on top would only contend for them (set
+    # before torch loads; the CLI subprocesses of the tests inherit it)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
+
+# Output and tiny-model fixtures, registered here once for every test module.
+from .outputs import output_fixture, scored_fixture  # noqa: F401
+from .tiny_model import (  # noqa: F401
+    tiny_model_dir_fixture,
+    tiny_strict_model_dir_fixture,
+    tiny_turns_model_dir_fixture,
+)
+from .tiny_scored import (  # noqa: F401
+    tiny_merged_dir_fixture,
+    tiny_scored_cross_fixture,
+    tiny_scored_fixture,
+    tiny_target_dir_fixture,
+)
 
 
 def _embedded_source(alias: str) -> Any:
@@ -70,3 +88,15 @@ def gemma_model(gemma_source: Any) -> Any:
     from pear_data.models import load_model
 
     return load_model(gemma_source, device="cpu", dtype=torch.float32)
+
+
+REAL_MODEL_FIXTURES = frozenset(
+    {"smollm2_source", "smollm2_tokenizer", "smollm2_model", "gemma_source", "gemma_tokenizer", "gemma_model"}
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every test that uses an embedded model is `slow`, whatever its module says: `-m "not slow"` skips them all."""
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

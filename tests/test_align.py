@@ -25,7 +25,7 @@ from pear_data.align import (
     recorded_turn_tokens,
     turn_tokens,
 )
-from pear_data.corpus import RowError
+from pear_data.errors import RowError
 from pear_data.tokenize import ConversationTokenizer, TokenizeConfig, locate_content
 
 GSM8K_ANSWER = (
@@ -326,14 +326,15 @@ def test_locate_content_finds_trimmed_content() -> None:
 def _policies(monkeypatch, **behavior):
     """Load pear_data.policies.Policies for SmolLM2 <- Gemma; fails before any model is loaded."""
     from pear_data import models
-    from pear_data.behavior import BehaviorSpec
+    from pear_data.config import BehaviorSpec, ScoreOptions, ScoringConfig
     from pear_data.corpus import RowShape
-    from pear_data.policies import ModelSources, Policies
-    from pear_data.score import ScoreOptions
+    from pear_data.policies import ModelSources, PolicyRecipe
 
-    options = ScoreOptions(behavior=BehaviorSpec(**behavior), device="cpu")
+    options = ScoreOptions(behavior=BehaviorSpec(**behavior), scoring=ScoringConfig(device="cpu"))
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("no model may load before the checks"))
-    return Policies.load(options, ModelSources.resolve(options), RowShape("messages"))
+    recipe = PolicyRecipe(ModelSources.resolve(options.target, options.behavior), RowShape("messages"), None,
+                          options.scoring, options.tokenize, options.behavior)
+    return recipe.load()
 
 
 def test_unusable_behavior_offsets_stop_the_run_before_scoring(monkeypatch, gemma_source) -> None:
@@ -378,14 +379,15 @@ def test_alignment_mode_follows_the_tokens_the_behavior_renders(target, behavior
         SameTokensModel,
         TargetAtTemperature,
         choose_behavior,
-        renders_target_tokens,
+        rendering_differences,
     )
     from pear_data.errors import UsageError
 
     same = ConversationTokenizer(smollm2_tokenizer)
     raw = ConversationTokenizer(smollm2_tokenizer, TokenizeConfig(template="raw"))
-    assert renders_target_tokens(target, same)
-    assert not renders_target_tokens(target, raw) and not renders_target_tokens(target, behavior)
+    assert rendering_differences(target, same) == []
+    assert rendering_differences(target, raw) == ["template mode (raw, the target's chat)"]
+    assert rendering_differences(target, behavior)
 
     def choose(tokenizer, **spec):
         """tokenizer None: the behavior is the target model itself."""

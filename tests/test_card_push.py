@@ -19,9 +19,9 @@ from huggingface_hub.repocard import metadata_load  # noqa: E402
 from huggingface_hub.utils import filter_repo_objects  # noqa: E402
 
 from pear_data.card import features_yaml, render_card  # noqa: E402
+from pear_data.output import DatasetWriter, data_schema  # noqa: E402
 from pear_data.push import PushError, plan_push, push  # noqa: E402
 from pear_data.weights import WeightConfig  # noqa: E402
-from pear_data.writer import DatasetWriter, data_schema  # noqa: E402
 
 RUN_KEY = {"input": {"fingerprint": "sha256:abc"}}
 # The shape of pear_data.diagnostics.Diagnostics.summary(): per granularity, plus run-wide scalars.
@@ -67,9 +67,12 @@ def manifest(**extra) -> dict:
         "tool_version": "0.1.0",
         "input": {"fingerprint": "sha256:abc", "source": "corpus.jsonl"},
         "models": {
-            "target": {"id": "HuggingFaceTB/SmolLM2-135M-Instruct", "fingerprint": "sha256:t", "dtype": "float32"},
-            "behavior": {"id": "google/gemma-3-270m", "fingerprint": "sha256:b", "temperature": 1.0, "top_p": 1.0},
+            "target": {"spec": "HuggingFaceTB/SmolLM2-135M-Instruct", "kind": "hub", "fingerprint": "sha256:t",
+                       "name": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "sha256:t", "dtype": "float32"},
+            "behavior": {"spec": "google/gemma-3-270m", "kind": "hub", "fingerprint": "sha256:b",
+                         "name": "google/gemma-3-270m", "revision": "sha256:b", "dtype": "float32"},
         },
+        "behavior": {"temperature": 1.0, "top_p": 1.0},
         "weights": WeightConfig(granularity="block").to_dict(),
         "diagnostics": {
             **{g: dict(DIAG) for g in ("token", "block", "sequence")},
@@ -99,7 +102,7 @@ def test_card_parses_as_hub_dataset_card(tmp_path):
     text = (out / "README.md").read_text()
     data = DatasetCard(text).data.to_dict()
     assert data["license"] == "other"
-    assert data["tags"][:3] == ["pear-data", "sft", "importance-weighting"]
+    assert data["tags"] == ["pear-data", "pear-weighted", "sft", "importance-weighting", "arxiv:2602.01058"]
     assert data["configs"] == [{"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}]}]
     features = {f["name"]: f for f in data["dataset_info"]["features"]}
     assert features["input_ids"] == {"name": "input_ids", "list": "int32"}
@@ -135,7 +138,7 @@ def test_license_is_passed_through(tmp_path):
     finished_output(out, license="apache-2.0", tags=["math", "sft"])
     data = DatasetCard((out / "README.md").read_text()).data.to_dict()
     assert data["license"] == "apache-2.0"
-    assert data["tags"] == ["pear-data", "sft", "importance-weighting", "math"]
+    assert data["tags"] == ["pear-data", "pear-weighted", "sft", "importance-weighting", "arxiv:2602.01058", "math"]
 
 
 def test_card_rendered_before_finalize_claims_no_split_sizes(tmp_path):

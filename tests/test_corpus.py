@@ -14,21 +14,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pear_data.corpus import (
-    CorpusError,
-    RowError,
-    RowShape,
-    corpus_fingerprint,
-    detect_shape,
-    is_completion_turn,
-    open_corpus,
-    read_corpus,
-    to_conversation,
-)
+from pear_data.corpus import RowShape, detect_shape, is_completion_turn, open_corpus, to_conversation
+from pear_data.errors import CorpusError, RowError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
 GSM8K = EXAMPLES / "gsm8k_sample.jsonl"
 CHAT = EXAMPLES / "chat_sample.jsonl"
+def read_rows(source, **kwargs):
+    """The rows of a corpus, in input order."""
+    return open_corpus(source, **kwargs).rows()
+
+
 GSM8K_SHAPE = RowShape("prompt_completion", prompt_field="question", completion_field="answer")
 
 
@@ -49,7 +45,7 @@ def _records(n: int) -> list[dict]:
 
 def test_jsonl_rows_come_in_file_order_with_indices() -> None:
     lines = GSM8K.read_text(encoding="utf-8").splitlines()
-    rows = list(read_corpus(GSM8K))
+    rows = list(read_rows(GSM8K))
     assert [r.index for r in rows] == list(range(64))
     assert [r.record for r in rows] == [json.loads(line) for line in lines]
     assert all(r.error is None and r.raw is None for r in rows)
@@ -65,7 +61,7 @@ def test_undecodable_jsonl_line_is_an_error_row_with_its_index(tmp_path: Path) -
         b"[1, 2]\n"  # line 5: valid JSON, not an object
         b'{"prompt": "c", "completion": "d"}'  # line 6: no trailing newline
     )
-    rows = list(read_corpus(path))
+    rows = list(read_rows(path))
     assert [r.index for r in rows] == [0, 1, 2, 3, 4]
     assert rows[0].record == {"prompt": "a", "completion": "b"}
     assert rows[1].record is None and rows[1].error.startswith("line 2: invalid JSON (")
@@ -82,14 +78,14 @@ def test_gzipped_jsonl_and_json_array_files_are_read(tmp_path: Path) -> None:
         fh.writelines(json.dumps(r) + "\n" for r in records)
     array = tmp_path / "c.json"
     array.write_text(json.dumps(records, indent=2))
-    assert [r.record for r in read_corpus(gz)] == records
-    assert [r.record for r in read_corpus(array)] == records
+    assert [r.record for r in read_rows(gz)] == records
+    assert [r.record for r in read_rows(array)] == records
 
 
 def test_jsonl_directory_is_read_in_sorted_file_order(tmp_path: Path) -> None:
     (tmp_path / "b.jsonl").write_text('{"id": 3}\nnot json\n')  # written first on purpose
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"id": i}) + "\n" for i in range(3)))
-    rows = list(read_corpus(tmp_path))
+    rows = list(read_rows(tmp_path))
     assert [r.record["id"] if r.record else None for r in rows] == [0, 1, 2, 3, None]
     assert rows[4].index == 4 and rows[4].error.startswith("b.jsonl line 2: invalid JSON")
 
@@ -116,7 +112,7 @@ def test_parquet_directory_is_read_in_sorted_path_order(tmp_path: Path) -> None:
     for part in (2, 0, 1):
         chunk = records[part * 10 : (part + 1) * 10]
         pq.write_table(pa.Table.from_pylist(chunk), data / f"part-{part:05d}.parquet")
-    rows = list(read_corpus(tmp_path))
+    rows = list(read_rows(tmp_path))
     assert [r.record["id"] for r in rows] == list(range(30))
     assert [r.index for r in rows] == list(range(30))
 
@@ -136,9 +132,9 @@ def test_datasets_dict_directory_reads_the_requested_split(tmp_path: Path) -> No
         {"train": datasets.Dataset.from_list(_records(5)), "test": datasets.Dataset.from_list(_records(3))}
     )
     dd.save_to_disk(str(tmp_path / "dd"))
-    assert [r.record["id"] for r in read_corpus(tmp_path / "dd", split="test")] == [0, 1, 2]
+    assert [r.record["id"] for r in read_rows(tmp_path / "dd", split="test")] == [0, 1, 2]
     with pytest.raises(CorpusError, match=r"split 'validation' not found.*\['test', 'train'\]"):
-        list(read_corpus(tmp_path / "dd", split="validation"))
+        list(read_rows(tmp_path / "dd", split="validation"))
 
 
 # --------------------------------------------------------------------------- sources that do not resolve
@@ -168,7 +164,7 @@ def test_uncached_hub_dataset_offline_names_the_offline_flag(monkeypatch: pytest
 
 def test_fingerprint_of_a_file_is_sha256_of_its_bytes() -> None:
     expected = hashlib.sha256(GSM8K.read_bytes()).hexdigest()
-    assert corpus_fingerprint(GSM8K) == f"sha256:{expected}"
+    assert open_corpus(GSM8K).fingerprint() == f"sha256:{expected}"
 
 
 def test_fingerprint_changes_with_content_and_file_names(tmp_path: Path) -> None:
@@ -176,13 +172,13 @@ def test_fingerprint_changes_with_content_and_file_names(tmp_path: Path) -> None
     d.mkdir()
     (d / "a.jsonl").write_text('{"x": 1}\n')
     (d / "b.jsonl").write_text('{"x": 2}\n')
-    first = corpus_fingerprint(d)
-    assert corpus_fingerprint(d) == first  # deterministic
+    first = open_corpus(d).fingerprint()
+    assert open_corpus(d).fingerprint() == first  # deterministic
     (d / "b.jsonl").write_text('{"x": 3}\n')
-    second = corpus_fingerprint(d)
+    second = open_corpus(d).fingerprint()
     assert second != first
     (d / "b.jsonl").rename(d / "c.jsonl")
-    assert corpus_fingerprint(d) != second
+    assert open_corpus(d).fingerprint() != second
 
 
 # --------------------------------------------------------------------------- row shapes
@@ -240,7 +236,7 @@ def test_assistant_turn_inside_a_prompt_is_context_not_completion() -> None:
 
 
 def test_chat_sample_rows_keep_every_turn() -> None:
-    rows = list(read_corpus(CHAT))
+    rows = list(read_rows(CHAT))
     shape = detect_shape(rows[0].record)
     for row in rows:
         assert to_conversation(row.record, shape) == row.record["messages"]

@@ -16,8 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .tiny_scored import tiny_scored_fixture, tiny_target_dir_fixture  # noqa: F401 - session fixtures
-
 pytest.importorskip("trl")
 SCRIPT = Path(__file__).with_name("ddp_step.py")
 

@@ -23,13 +23,13 @@ from pear_data.models import (
     EMBEDDED_MODELS,
     ModelSpecError,
     cache_dir,
-    chat_template_hash,
     converted_dir,
     load_model,
     load_tokenizer,
     resolve_model,
     tokenizer_fingerprint,
 )
+from pear_data.tokenize import chat_template_hash
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -192,7 +192,7 @@ def test_gemma_alias_assembles_its_gguf_into_the_overridden_cache(
 
 
 def test_a_failed_cache_write_leaves_no_entry_and_no_temp_dir(tmp_path: Path) -> None:
-    from pear_data.models import _write_entry
+    from pear_data.models.loading import _write_entry
 
     def fill_then_die(tmp: Path) -> None:
         (tmp / "model.safetensors").write_bytes(b"half a model")
@@ -264,7 +264,8 @@ def test_fingerprints_are_stable_across_calls_and_processes(smollm2_source: Any,
     template_hash = chat_template_hash(smollm2_tokenizer)
     assert template_hash == "sha256:" + hashlib.sha256(smollm2_tokenizer.chat_template.encode()).hexdigest()
     script = (
-        "from pear_data.models import resolve_model, load_tokenizer, tokenizer_fingerprint, chat_template_hash\n"
+        "from pear_data.models import resolve_model, load_tokenizer, tokenizer_fingerprint\n"
+        "from pear_data.tokenize import chat_template_hash\n"
         "source = resolve_model('smollm2-135m-instruct')\n"
         "tokenizer = load_tokenizer(source)\n"
         "print(source.fingerprint, tokenizer_fingerprint(tokenizer), chat_template_hash(tokenizer))\n"

@@ -210,7 +210,7 @@ def test_sampling_params_reject_invalid_values() -> None:
         with pytest.raises(ValueError, match="temperature"):
             SamplingParams(temperature=bad)
     for bad in (0.0, 1.5, -0.1):
-        with pytest.raises(ValueError, match="top_p"):
+        with pytest.raises(ValueError, match="top-p"):
             SamplingParams(top_p=bad)
 
 
@@ -448,9 +448,28 @@ def test_empty_short_and_prompt_only_rows(tiny_llama: Any) -> None:
     assert TorchScorer(tiny_llama).score([], [], [SamplingParams(), SamplingParams(0.5)]) == [[], []]
 
 
+def test_a_scorer_told_to_stop_stops_before_its_next_batch(tiny_llama: Any) -> None:
+    import threading
+
+    from pear_data.scoring import ScoringStopped
+
+    stop = threading.Event()
+    batches = []
+
+    def progress(rows: int, tokens: int) -> None:  # called after each batch: stop after the first
+        batches.append(rows)
+        stop.set()
+
+    scorer = TorchScorer(tiny_llama, batch_tokens=8, progress=progress, stop=stop)
+    sequences = [np.arange(1, 7, dtype=np.int32)] * 5  # one row per batch
+    with pytest.raises(ScoringStopped):
+        scorer.score(sequences, [np.array([0, 0, 1, 1, 1, 1], np.int8)] * 5, [SamplingParams()])
+    assert batches == [1]
+
+
 def test_bad_inputs_raise_actionable_errors(tiny_llama: Any) -> None:
     scorer = TorchScorer(tiny_llama)
-    with pytest.raises(ValueError, match="row 1: token id 300 is outside"):
+    with pytest.raises(ValueError, match="the model: token id 300 is outside the model.s vocabulary"):
         scorer.score([np.array([1, 2]), np.array([1, 300])], [np.array([0, 1])] * 2, [SamplingParams()])
     with pytest.raises(ValueError, match="row 0: completion_mask has shape"):
         scorer.score([np.array([1, 2, 3])], [np.array([0, 1])], [SamplingParams()])

@@ -76,8 +76,8 @@ def test_paired_ci_matches_a_hand_computation():
 
 
 def _smoke(out: Path) -> dict:
-    proc = subprocess.run([sys.executable, str(EXAMPLE / "run.py"), "--preset", "smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    command = [sys.executable, str(EXAMPLE / "run.py"), "--preset", "smoke", "--out", str(out), "--jobs", "1"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "wall time" in proc.stdout
     return json.loads((out / "results.json").read_text())

@@ -137,8 +137,8 @@ def test_gates_pass_and_fail_on_their_thresholds():
 
 
 def _smoke(out: Path) -> dict:
-    proc = subprocess.run([sys.executable, str(EXAMPLE / "run.py"), "--preset", "mechanism_smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    command = [sys.executable, str(EXAMPLE / "run.py"), "--preset", "mechanism_smoke", "--out", str(out), "--jobs", "1"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "wall time" in proc.stdout
     return json.loads((out / "results.json").read_text())
@@ -149,6 +149,8 @@ def test_mechanism_smoke_preset_end_to_end_is_deterministic(tmp_path):
     results = _smoke(tmp_path / "a")
     assert results["preset"] == "mechanism_smoke" and results["experiment"] == "mechanism"
     assert set(results["gates"]) == {"G1", "G2", "G3", "all_pass"}
+    assert all({"what", "value", "pass"} <= set(results["gates"][g]) for g in ("G1", "G2", "G3"))
+    assert results["claim_a"]["verdict"] in ("reproduced", "refuted", "neither reproduced nor refuted")
     k = results["k"]
     for arm in results["arms"].values():
         for seed in map(str, results["seeds"]):

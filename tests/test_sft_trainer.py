@@ -19,13 +19,6 @@ import torch
 from pear_data.errors import TrainingError
 from pear_data.weights import WeightConfig
 
-from .tiny_scored import (  # noqa: F401 - session fixtures
-    tiny_merged_dir_fixture,
-    tiny_scored_cross_fixture,
-    tiny_scored_fixture,
-    tiny_target_dir_fixture,
-)
-
 trl = pytest.importorskip("trl")
 ROWS = 8
 

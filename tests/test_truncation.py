@@ -9,17 +9,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pear_data.reweight import ReweightOptions, reweight
+from pear_data.config import ReweightOptions
+from pear_data.reweight import reweight
 from pear_data.truncation import truncate, truncate_table
 from pear_data.weights import WeightConfig
 
 from .scored_data import scored_table
 from .tiny_scored import (  # noqa: F401 - session fixtures
     score_tiny,
-    tiny_merged_dir_fixture,
-    tiny_scored_cross_fixture,
-    tiny_scored_fixture,
-    tiny_target_dir_fixture,
 )
 
 

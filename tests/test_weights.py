@@ -380,6 +380,8 @@ def weight_configs(draw, **fixed) -> WeightConfig:
     }
     for name, value in fixed.items():
         values[name] = draw(value) if isinstance(value, st.SearchStrategy) else value
+    if values["normalize"] != "none" and values["weight_clip"][0] == 0.0:  # refused by WeightConfig (design 6)
+        values["weight_clip"] = (1e-30, values["weight_clip"][1])
     return WeightConfig(**values)
 
 

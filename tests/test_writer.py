@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -16,15 +17,20 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-import pear_data.writer as writer_module
+import pear_data.output.rewrite as rewrite_module
 from pear_data.errors import OutputError, OutputExistsError, PushError, ResumeMismatchError, UsageError
-from pear_data.push import plan_push
-from pear_data.writer import (
+from pear_data.output import (
     DatasetWriter,
     data_files,
     read_manifest,
     rewrite_data_files,
 )
+from pear_data.output import shard as shard_module
+from pear_data.push import plan_push
+
+from .cli_harness import cli
+from .outputs import assert_user_error, copy_output
+from .scored_data import scored_table
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -251,8 +257,9 @@ KILL_SCRIPT = """
 import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-import test_writer as t
-import pear_data.writer as w
+import tests.test_writer as t
+import pear_data.output.rewrite as r
+import pear_data.output.writer as w
 
 point, out = sys.argv[1], Path(sys.argv[2])
 def die():
@@ -283,14 +290,14 @@ elif point == "rewrite_before_commit":       # second pass: some temp files writ
         return halve(table)
     t.halve_seq_weight = killing_halve
 elif point == "rewrite_after_commit":        # second pass recorded in progress.json, renames not done
-    finish = w._finish_pending_rewrite
+    finish = r.finish_pending_rewrite
     def killing_finish(out_dir, progress):
         pending = progress.get("pending_rewrite") or []
         if pending:
             os.replace(out_dir / pending[0][0], out_dir / pending[0][1])  # one rename done, then killed
             die()
         finish(out_dir, progress)
-    w._finish_pending_rewrite = killing_finish
+    r.finish_pending_rewrite = killing_finish
 elif point == "finalize_before_card":        # rejects.parquet and manifest.json written, README.md not
     write_text = w.atomic_write_text
     def killing_write_text(path, text):
@@ -324,7 +331,7 @@ KILLED_STATE = {
 @pytest.mark.parametrize("point", sorted(KILLED_STATE))
 def test_kill_9_then_resume_gives_the_uninterrupted_bytes(tmp_path, reference, point):
     out = tmp_path / "out"
-    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent))
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parents[1]))
     proc = subprocess.run([sys.executable, "-c", script, point, str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
     progress = json.loads((out / ".pear" / "progress.json").read_text())
@@ -354,7 +361,7 @@ def test_resume_after_a_committed_rewrite_gives_the_same_bytes_and_a_pushable_ou
             os.replace(out_dir / tmp, out_dir / dest)
             raise SimulatedKill
 
-        monkeypatch.setattr(writer_module, "_finish_pending_rewrite", one_rename_then_killed)
+        monkeypatch.setattr(rewrite_module, "finish_pending_rewrite", one_rename_then_killed)
         with pytest.raises(SimulatedKill):
             writer.rewrite_data_files(halve_seq_weight, name="halve")
         monkeypatch.undo()
@@ -576,3 +583,54 @@ def test_load_dataset_reads_rows_in_input_order(tmp_path):
     assert ds.features["pear_seq_weight"] == datasets.Value("float32")
     from_parquet = datasets.Dataset.from_parquet(str(out / "data" / "*.parquet"), cache_dir=str(tmp_path / "cache2"))
     assert from_parquet["row_index"] == expected["row_index"].to_pylist()
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_in_reweight_exits_2_without_suggesting_resume(monkeypatch, capsys, scored, tmp_path):
+    monkeypatch.setattr(shard_module, "write_rows", _no_space)
+    code, _, err = cli(capsys, "reweight", scored, "--out", tmp_path / "out")
+    assert_user_error(code, err, "No space left on device", str(tmp_path / "out"))
+    assert "--resume" not in err and "--overwrite" in err
+
+
+def test_a_full_disk_keeps_the_committed_shards_and_says_resume(monkeypatch, tmp_path):
+    out = tmp_path / "out"
+    w = DatasetWriter(out, {"k": 1})
+    with w.shard() as shard:
+        shard.write(scored_table(3))
+        shard.commit(3)
+    monkeypatch.setattr(shard_module, "write_rows", _no_space)
+    with pytest.raises(OutputError, match="No space left on device") as info:
+        with w.shard() as shard:
+            shard.write(scored_table(3))
+            shard.commit(6)
+    assert "--resume" in str(info.value)
+    assert not list((out / ".pear").glob("*.tmp"))
+    w.close()
+    monkeypatch.undo()
+    resumed = DatasetWriter(out, {"k": 1}, resume=True)
+    assert resumed.next_input_row == 3
+    resumed.close()
+
+
+def test_a_read_only_output_exits_2(monkeypatch, capsys, scored, tmp_path):
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if str(self).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    code, _, err = cli(capsys, "reweight", scored, "--out", tmp_path / "ro" / "out")
+    assert_user_error(code, err, "Read-only file system", "ro")
+
+
+def test_a_failed_reweight_never_suggests_resume(monkeypatch, capsys, scored, output, tmp_path):
+    existing = copy_output(output, tmp_path / "existing")
+    code, _, err = cli(capsys, "reweight", scored, "--out", existing)
+    assert_user_error(code, err, "--overwrite")
+    assert "--resume" not in err

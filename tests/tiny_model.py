@@ -99,8 +99,13 @@ def build_tokenizer(flavor: str = "chatml", template: str | None = None, merges:
 
 
 def make_tiny_model(directory: str | Path, flavor: str = "chatml", template: str | None = None,
-                    seed: int = 0, merges: bool = False) -> Path:
-    """Write a tiny model directory (module docstring) and return its path."""
+                    seed: int = 0, vocab_size: int | None = None, merges: bool = False, hidden_size: int = 16,
+                    num_layers: int = 1) -> Path:
+    """Write a tiny model directory (module docstring) and return its path.
+
+    vocab_size: the model's embedding rows (default: the tokenizer's size); a smaller one makes a model whose
+    tokenizer produces ids its weights do not have. merges: the tokenizer gets `MERGES` (spans across tokenizers).
+    hidden_size, num_layers: a larger model scores slowly enough for a test to act while a run goes on."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -108,10 +113,11 @@ def make_tiny_model(directory: str | Path, flavor: str = "chatml", template: str
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(flavor, template, merges)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        vocab_size=vocab_size or len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        pad_token_id=None if vocab_size else tokenizer.pad_token_id, tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()

@@ -36,10 +36,16 @@ class TinyScored:
 
 def score_tiny(out: Path, target: Path, behavior: Path, temperature: float = 1.0, rows: int = 8,
                max_length: int | None = None) -> Path:
-    from pear_data.behavior import BehaviorSpec
-    from pear_data.score import ScoreOptions, score
-    from pear_data.tokenize import TokenizeConfig
-    from pear_data.weights import WeightConfig
+    from pear_data.config import (
+        BehaviorSpec,
+        CorpusConfig,
+        RunConfig,
+        ScoreOptions,
+        ScoringConfig,
+        TokenizeConfig,
+        WeightConfig,
+    )
+    from pear_data.score import score
 
     corpus = out.parent / f"{out.name}.jsonl"
     corpus.write_text("".join(line + "\n" for line in GSM8K.read_text().splitlines()[:rows]))
@@ -47,10 +53,10 @@ def score_tiny(out: Path, target: Path, behavior: Path, temperature: float = 1.0
         target=str(target),
         behavior=BehaviorSpec(model=str(behavior), logprobs_field=None, temperature=temperature, top_p=1.0),
         weights=WeightConfig(),
-        shape={"prompt_field": "question", "completion_field": "answer", "messages_field": None, "system_field": None},
+        corpus=CorpusConfig(prompt_field="question", completion_field="answer"),
         tokenize=TokenizeConfig(max_length=max_length),
-        shard_rows=64,
-        device="cpu",
+        scoring=ScoringConfig(device="cpu"),
+        run=RunConfig(shard_rows=64),
     )
     score(corpus, out, options)
     return out

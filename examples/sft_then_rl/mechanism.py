@@ -27,12 +27,13 @@ import json
 import random
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cups
 import mechanism_report as report
+import pear_cli
 from model import ModelShape
 from train import RLConfig, SFTConfig
 
@@ -70,16 +71,17 @@ class Preset:
 
 
 PRESETS = {
-    "mechanism_smoke": Preset(
-        shape=ModelShape(hidden=32, layers=1, heads=2, intermediate=64), pretrain_steps=40, slip=0.3,
-        corpus_rows=64, sft=SFTConfig(steps=4, batch=16, lr=1e-4), rl=RLConfig(steps=2, prompts_per_step=2, lr=3e-4,
-                                                                               max_completion_length=64),
-        budgets=(0, 0.5, 2), weak=0.5, strong=2, test_problems=16, val_problems=16, rl_problems=32, seeds=(0, 1),
-        clip_seeds=(0,)),
+    "mechanism_smoke": Preset(  # the plumbing only: every stage and file, on a tiny model, in seconds
+        shape=ModelShape(hidden=16, layers=1, heads=2, intermediate=32), pretrain_steps=30, slip=0.3,
+        corpus_rows=32, sft=SFTConfig(steps=2, batch=16, lr=1e-4),
+        rl=RLConfig(steps=1, prompts_per_step=2, generations=4, lr=3e-4, max_completion_length=24),
+        budgets=(0, 0.5, 1), weak=0.5, strong=1, clip_scales=(10, 100), swaps=(2, 3), test_problems=6,
+        val_problems=6, rl_problems=16, samples=4, k=2, pretrain_batch=16, seeds=(0, 1), clip_seeds=(0,)),
     "mechanism": Preset(
         shape=ModelShape(hidden=64, layers=2, heads=4, intermediate=170), pretrain_steps=2000, slip=0.3,
         corpus_rows=1920, sft=SFTConfig(steps=60, batch=32, lr=1e-4),
-        rl=RLConfig(steps=60, prompts_per_step=8, lr=3e-4, max_completion_length=64)),
+        rl=RLConfig(steps=60, prompts_per_step=8, lr=3e-4, max_completion_length=64),
+        test_problems=100, val_problems=64, clip_seeds=(0,)),  # sized to run within an hour on 2 cores
 }
 
 
@@ -131,17 +133,6 @@ def pretrain_base(preset: Preset, seed: int, path: Path) -> dict:
             "loss_last": losses[-1]}
 
 
-def build_bases(preset: Preset, out: Path, pool: ProcessPoolExecutor) -> dict[int, Path]:
-    bases = {seed: out / "bases" / f"seed-{seed}" for seed in preset.seeds}
-    todo = {seed: pool.submit(pretrain_base, preset, seed, path) for seed, path in bases.items()
-            if not (path / "config.json").exists()}
-    for seed, future in todo.items():
-        info = future.result()
-        print(f"base seed {seed}: {info['parameters']:,} parameters, pretraining loss {info['loss_first']:.3f} -> "
-              f"{info['loss_last']:.3f} in {preset.pretrain_steps} steps", flush=True)
-    return bases
-
-
 def write_corpus(sets: Sets, out: Path) -> Path:
     """The SFT corpus: the oracle's direct answers with its exact per-token log-probs (and the end's)."""
     corpus = out / "corpus.jsonl"
@@ -153,22 +144,6 @@ def write_corpus(sets: Sets, out: Path) -> Path:
     return corpus
 
 
-def pear_data(*args: str) -> None:
-    """The pear-data CLI as a user runs it (one thread, so the weights do not depend on the machine); its
-    warnings are printed on one line, its progress is not."""
-    import os
-    import subprocess
-    import sys
-
-    command = [str(Path(sys.executable).with_name("pear-data")), *args]
-    done = subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if "warning:" in done.stderr:
-        out = Path(args[args.index("--out") + 1])
-        print(f"  pear-data {args[0]} --out .../{out.parent.name}/{out.name}: "
-              + " ".join(done.stderr[done.stderr.index("warning:"):].split()), flush=True)
-
-
 def data_dir(out: Path, seed: int, clip_scale: float | None) -> Path:
     """Where an arm's SFT rows are: scored under the seed's base (the paper's clip), or reweighted with another."""
     if clip_scale in (None, 1):
@@ -176,26 +151,48 @@ def data_dir(out: Path, seed: int, clip_scale: float | None) -> Path:
     return out / "reweighted" / f"seed-{seed}" / f"clip-{clip_scale:g}x"
 
 
-def weigh(preset: Preset, corpus: Path, bases: dict[int, Path], out: Path, workers: int) -> None:
-    """`pear-data score` under each seed's base, then `pear-data reweight` for each candidate clip."""
-    from concurrent.futures import ThreadPoolExecutor
+def prepare_seed(preset: Preset, seed: int, corpus: Path, out: Path) -> list[str]:
+    """In a worker: the seed's base (unless OUT/bases has it), then its weights (unless done): `pear-data score`
+    under that base, `pear-data reweight` for each candidate clip. Returns what to print: the base's pretraining,
+    pear-data's warnings."""
+    base, scored, lines = base_dir(out, seed), data_dir(out, seed, None), []
+    if not (base / "config.json").exists():
+        info = pretrain_base(preset, seed, base)
+        lines.append(f"base seed {seed}: {info['parameters']:,} parameters, pretraining loss {info['loss_first']:.3f}"
+                     f" -> {info['loss_last']:.3f} in {preset.pretrain_steps} steps")
+    if not (scored / "manifest.json").exists():
+        lines.append(pear_data("score", str(corpus), "--out", str(scored), "--target", str(base),
+                               "--behavior-logprobs-field", "teacher_logprobs", "--device", "cpu", "--overwrite"))
+    for scale in preset.clip_scales:
+        target = data_dir(out, seed, scale)
+        if target != scored and not (target / "manifest.json").exists():
+            lo, hi = clip_for(scale)
+            lines.append(pear_data("reweight", str(scored), "--out", str(target), "--overwrite",
+                                   f"--log-ratio-clip={lo},{hi}"))
+    return [line for line in lines if line]
 
-    def one_seed(seed: int) -> None:
-        scored = data_dir(out, seed, None)
-        if not (scored / "manifest.json").exists():
-            pear_data("score", str(corpus), "--out", str(scored), "--target", str(bases[seed]),
-                      "--behavior-logprobs-field", "teacher_logprobs", "--device", "cpu", "--overwrite")
-        for scale in preset.clip_scales:
-            target = data_dir(out, seed, scale)
-            if target != scored and not (target / "manifest.json").exists():
-                lo, hi = clip_for(scale)
-                pear_data("reweight", str(scored), "--out", str(target), "--overwrite", f"--log-ratio-clip={lo},{hi}")
 
-    print(f"$ pear-data score corpus.jsonl --target bases/seed-S --behavior-logprobs-field teacher_logprobs; "
-          f"pear-data reweight --log-ratio-clip for clips x{', x'.join(f'{s:g}' for s in preset.clip_scales)}",
-          flush=True)
-    with ThreadPoolExecutor(max_workers=workers) as threads:
-        list(threads.map(one_seed, preset.seeds))
+def pear_data(*args: str) -> str:
+    """`pear-data ARGS` as a user runs it, in this process (pear_cli.py); its warnings as one line ("" if none)."""
+    warnings = pear_cli.pear_data(*args)
+    out = Path(args[args.index("--out") + 1])
+    return f"  pear-data {args[0]} --out .../{out.parent.name}/{out.name}: {warnings}" if warnings else ""
+
+
+def prepare(preset: Preset, corpus: Path, out: Path, pool: ProcessPoolExecutor) -> dict[int, Future]:
+    """Every seed's base and weights, a seed a job, submitted first; returns each seed's future, which the jobs of
+    that seed wait for (so the jobs of a seed that is ready use the workers the other seeds leave)."""
+    print(f"per seed: its base; pear-data score corpus.jsonl --target bases/seed-S --behavior-logprobs-field "
+          f"teacher_logprobs; pear-data reweight --log-ratio-clip for clips "
+          f"x{', x'.join(f'{s:g}' for s in preset.clip_scales)}", flush=True)
+    futures = {seed: pool.submit(prepare_seed, preset, seed, corpus, out) for seed in preset.seeds}
+    for future in futures.values():
+        future.add_done_callback(lambda f: f.exception() or print("\n".join(f.result()), flush=True))
+    return futures
+
+
+def base_dir(out: Path, seed: int) -> Path:
+    return out / "bases" / f"seed-{seed}"
 
 
 # ---- 4, 5. jobs ------------------------------------------------------------------------------------------------
@@ -281,19 +278,27 @@ def job(preset: Preset, arm: Arm, seed: int, base: Path, data: Path, directory: 
 
 
 def run_jobs(pool: ProcessPoolExecutor, preset: Preset, specs: list[tuple[Arm, int]], eval_set: str, out: Path,
-             bases: dict[int, Path]) -> dict[tuple[str, int], dict]:
-    """Run the (arm, seed) jobs not yet done for `eval_set`, longest first; returns each one's train.json record
-    with its evaluation ("pre_rl", "post_rl"), by (arm name, seed)."""
+             bases: dict[int, Future]) -> dict[tuple[str, int], dict]:
+    """Run the (arm, seed) jobs not yet done for `eval_set`, longest first, each once its seed's base is ready;
+    returns each one's train.json record with its evaluation ("pre_rl", "post_rl"), by (arm name, seed)."""
     where = {(arm.name, seed): out / "runs" / arm.key / f"seed-{seed}" for arm, seed in specs}
-    pending = [(arm, seed) for arm, seed in specs if not (where[arm.name, seed] / f"eval-{eval_set}.json").exists()]
-    pending.sort(key=lambda s: ((where[s[0].name, s[1]] / "train.json").exists(), -s[0].epochs))
-    futures = {pool.submit(job, preset, arm, seed, bases[seed], data_dir(out, seed, arm.clip_scale),
-                           where[arm.name, seed], eval_set): (arm, seed) for arm, seed in pending}
+    waiting = [(arm, seed) for arm, seed in specs if not (where[arm.name, seed] / f"eval-{eval_set}.json").exists()]
+    waiting.sort(key=lambda s: ((where[s[0].name, s[1]] / "train.json").exists(), -s[0].epochs))
+    futures, total = {}, len(waiting)
+    while waiting:
+        ready = [(arm, seed) for arm, seed in waiting if bases[seed].done()]
+        for arm, seed in ready:
+            bases[seed].result()  # a failed base or weighting stops the run here
+            futures[pool.submit(job, preset, arm, seed, base_dir(out, seed), data_dir(out, seed, arm.clip_scale),
+                                where[arm.name, seed], eval_set)] = (arm, seed)
+        waiting = [spec for spec in waiting if spec not in ready]
+        if waiting:
+            wait({bases[seed] for _, seed in waiting}, return_when=FIRST_COMPLETED)
     for done, future in enumerate(futures, 1):
         future.result()
         arm, seed = futures[future]
         record = _record(where[arm.name, seed], eval_set)
-        print(f"[{done}/{len(pending)}] {eval_set} {arm.name} seed {seed}: pre {report.fmt(record['pre_rl'])}  "
+        print(f"[{done}/{total}] {eval_set} {arm.name} seed {seed}: pre {report.fmt(record['pre_rl'])}  "
               f"post {report.fmt(record['post_rl'])}", flush=True)
     return {(arm.name, seed): _record(where[arm.name, seed], eval_set) for arm, seed in specs}
 
@@ -322,8 +327,7 @@ def main(preset_name: str, out: Path, jobs: int, seeds: list[int] | None, valida
 
     sets = make_sets(preset)
     with ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init) as pool:
-        bases = build_bases(preset, out, pool)
-        weigh(preset, write_corpus(sets, out), bases, out, jobs)
+        bases = prepare(preset, write_corpus(sets, out), out, pool)
         if rl_lrs:
             sweep_rl_lr(pool, preset, rl_lrs, out, bases)
         else:
@@ -333,19 +337,22 @@ def main(preset_name: str, out: Path, jobs: int, seeds: list[int] | None, valida
     print(f"wall time {time.perf_counter() - start:.0f} s; results in {out}")
 
 
-def sweep_rl_lr(pool: ProcessPoolExecutor, preset: Preset, rl_lrs: list[float], out: Path, bases: dict) -> None:
-    """RL from the base at each learning rate, on the validation set and the clip seeds (the RL lr's only choice)."""
-    arms = [Arm(f"plain_0ep@rl-lr{lr:g}", "plain", 0, rl_lr=lr) for lr in rl_lrs]
-    runs = run_jobs(pool, preset, [(a, s) for a in arms for s in preset.clip_seeds], "val", out, bases)
-    table = {a.name: {stage: report.mean(runs, a.name, preset.clip_seeds, report.pass1(stage))
-                      for stage in report.STAGES} for a in arms}
-    summary = {"seeds": list(preset.clip_seeds), "eval_set": "validation", "pass@1": table}
+def sweep_rl_lr(pool: ProcessPoolExecutor, preset: Preset, rl_lrs: list[float], out: Path,
+                bases: dict[int, Future]) -> None:
+    """RL from the base at each learning rate, on the validation set and the first two seeds (the RL lr's only
+    choice). The run at the preset's lr is plain_0ep's own, which the validation phase then reuses."""
+    seeds = preset.seeds[:2]
+    arms = [Arm(f"plain_0ep@rl-lr{lr:g}", "plain", 0, rl_lr=None if lr == preset.rl.lr else lr) for lr in rl_lrs]
+    runs = run_jobs(pool, preset, [(a, s) for a in arms for s in seeds], "val", out, bases)
+    table = {a.name: {stage: report.mean(runs, a.name, seeds, report.pass1(stage)) for stage in report.STAGES}
+             for a in arms}
+    summary = {"seeds": list(seeds), "eval_set": "validation", "preset_rl_lr": preset.rl.lr, "pass@1": table}
     (out / "rl_lr.json").write_text(json.dumps(report._round(summary), indent=1, sort_keys=True) + "\n")
     for name, row in table.items():
         print(f"{name:<24} pre pass@1 {row['pre_rl']:.3f}  post pass@1 {row['post_rl']:.3f}")
 
 
-def validate(pool: ProcessPoolExecutor, preset: Preset, out: Path, bases: dict) -> dict:
+def validate(pool: ProcessPoolExecutor, preset: Preset, out: Path, bases: dict[int, Future]) -> dict:
     """Stage A on every seed and the PEAR arms at every candidate clip on the clip seeds, on the validation set:
     the gates and the clip choice, written to OUT/validation.json before any test-set job starts."""
     plain = stage_a(preset)

@@ -8,7 +8,7 @@ The recipe, top to bottom:
  2. base target: a small Llama with its own tokenizer, pretrained briefly on left-chain text (model.py);
  3. corpus: a programmatic teacher with other style preferences writes one completion per SFT problem and
     records its exact per-token log-probs;
- 4. weights: `pear-data score CORPUS --target BASE --behavior-logprobs-field teacher_logprobs` (the CLI);
+ 4. weights: `pear-data score CORPUS --target BASE --behavior-logprobs-field teacher_logprobs` (the command's main);
  5. arms x seeds, each from the same base: SFT (plain, PEAR static token/block/sequence, PEAR online,
     plain 3x and 10x longer), pass@1/pass@8 on the test set, one identical GRPO stage (TRL), pass@k again;
  6. OUT/results.json, OUT/results.png, and the table on stdout.
@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -37,6 +36,7 @@ sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import pear_cli  # noqa: E402
 import report  # noqa: E402
 from model import ModelShape  # noqa: E402
 from task import PRETRAIN_WRITER, TEACHER, problems, prompt_text, reward  # noqa: E402
@@ -133,9 +133,9 @@ def write_corpus(sets: Sets, out: Path) -> Path:
 
 
 def pear_data(*args: str) -> None:
-    command = [str(Path(sys.executable).with_name("pear-data")), *args]
+    """`pear-data ARGS`, in this process (pear_cli.py), its report kept out of the experiment's."""
     print("$ pear-data " + " ".join(args[:1] + tuple(Path(a).name if "/" in a else a for a in args[1:])), flush=True)
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    pear_cli.pear_data(*args)
 
 
 def score(corpus: Path, base: Path, out: Path) -> Path:
@@ -177,13 +177,12 @@ def job(preset: Preset, arm: str, seed: int, base: Path, scored: Path, eval_set:
             "seconds": time.perf_counter() - start}
 
 
-def reference(preset: Preset, base: Path, eval_set: str, out: Path) -> dict:
+def reference(preset: Preset, base: Path, eval_set: str, out: Path, pool: ProcessPoolExecutor) -> dict:
     """pass@k of the untrained model (chance: the base's initial weights) and of the base target, before SFT."""
     path = out / "runs" / f"reference-{eval_set}.json"
     if path.exists():
         return json.loads(path.read_text())
-    with ProcessPoolExecutor(max_workers=1) as pool:
-        result = pool.submit(_reference, preset, base, eval_set).result()
+    result = pool.submit(_reference, preset, base, eval_set).result()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, sort_keys=True))
     return result
@@ -199,9 +198,9 @@ def _reference(preset: Preset, base: Path, eval_set: str) -> dict:
 
 
 def run_jobs(preset: Preset, specs: list[tuple[str, str, int, Path]], base: Path, eval_set: str, out: Path,
-             jobs: int) -> dict[tuple[str, int], dict]:
-    """Run (name, arm, seed, scored) jobs, longest first, `jobs` at a time; reuse results already in
-    out/runs/EVAL_SET (a job's result depends on its name, seed, the evaluation set and the preset)."""
+             pool: ProcessPoolExecutor) -> dict[tuple[str, int], dict]:
+    """Run (name, arm, seed, scored) jobs in `pool`, longest first; reuse results already in out/runs/EVAL_SET
+    (a job's result depends on its name, seed, the evaluation set and the preset)."""
     results, pending = {}, []
     for name, arm, seed, scored in specs:
         path = out / "runs" / eval_set / name / f"seed-{seed}.json"
@@ -210,17 +209,16 @@ def run_jobs(preset: Preset, specs: list[tuple[str, str, int, Path]], base: Path
         else:
             pending.append((name, arm, seed, scored, path))
     pending.sort(key=lambda s: -ARMS[s[1]]["steps"])
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(job, preset, arm, seed, base, scored, eval_set, path.parent / f"work-{seed}"):
-                   (name, seed, path) for name, arm, seed, scored, path in pending}
-        for done, future in enumerate(futures, 1):
-            name, seed, path = futures[future]
-            result = future.result()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(result, indent=1, sort_keys=True))
-            results[name, seed] = result
-            print(f"[{done}/{len(pending)}] {name} seed {seed}: pre {report.fmt(result['pre_rl'])}  "
-                  f"post {report.fmt(result['post_rl'])}  ({result['seconds']:.0f} s)", flush=True)
+    futures = {pool.submit(job, preset, arm, seed, base, scored, eval_set, path.parent / f"work-{seed}"):
+               (name, seed, path) for name, arm, seed, scored, path in pending}
+    for done, future in enumerate(futures, 1):
+        name, seed, path = futures[future]
+        result = future.result()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1, sort_keys=True))
+        results[name, seed] = result
+        print(f"[{done}/{len(pending)}] {name} seed {seed}: pre {report.fmt(result['pre_rl'])}  "
+              f"post {report.fmt(result['post_rl'])}  ({result['seconds']:.0f} s)", flush=True)
     return results
 
 
@@ -267,6 +265,14 @@ def main() -> None:
     base = build_base(preset, sets, out)
     corpus = write_corpus(sets, out)
     scored = score(corpus, base, out)
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:  # the jobs' processes, reused from job to job
+        run_stages(args, preset, base, scored, out, pool)
+    print(f"wall time {time.perf_counter() - start:.0f} s; results in {out}")
+
+
+def run_stages(args: argparse.Namespace, preset: Preset, base: Path, scored: Path, out: Path,
+               pool: ProcessPoolExecutor) -> None:
+    """The grid (`--grid`), or the preset's arms: the jobs, then the reference rows, then the report."""
     if args.grid:
         specs = [("plain", "plain", seed, scored) for seed in preset.grid_seeds]
         for name, flags in GRID.items():
@@ -275,8 +281,8 @@ def main() -> None:
                 pear_data("reweight", str(scored), "--out", str(grid_dir), "--overwrite", *flags)
             specs += [(f"{name}/{g}", f"pear_{g}_static", seed, grid_dir)
                       for g in GRID_GRANULARITIES for seed in preset.grid_seeds]
-        results = run_jobs(preset, specs, base, "val", out, args.jobs)
-        summary = report.grid_results(args.preset, preset, results, out, reference(preset, base, "val", out))
+        results = run_jobs(preset, specs, base, "val", out, pool)
+        summary = report.grid_results(args.preset, preset, results, out, reference(preset, base, "val", out, pool))
         (out / "grid.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
         (out / "grid.md").write_text(report.grid_markdown(summary))
         report.print_grid(summary)
@@ -289,13 +295,12 @@ def main() -> None:
                 if not (data / "manifest.json").exists():
                     pear_data("reweight", str(scored), "--out", str(data), "--overwrite", *ARMS[arm]["reweight"])
             specs += [(arm, arm, seed, data) for seed in preset.seeds]
-        results = run_jobs(preset, specs, base, "test", out, args.jobs)
-        summary = report.results(args.preset, TASK, preset, results, out, reference(preset, base, "test", out))
+        results = run_jobs(preset, specs, base, "test", out, pool)
+        summary = report.results(args.preset, TASK, preset, results, out, reference(preset, base, "test", out, pool))
         (out / "results.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
         report.plot(summary, results, out / "results.png")
         (out / "results.md").write_text(report.markdown(summary))
         report.print_table(summary)
-    print(f"wall time {time.perf_counter() - start:.0f} s; results in {out}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ RL is TRL's `GRPOTrainer` with the task's verifier as the reward.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import warnings
 from collections.abc import Callable
@@ -74,13 +73,14 @@ def load_scored(scored: Path):
     """The weighted dataset (training columns only) and its weight config, as `pear-data score` wrote them."""
     import datasets
 
+    from pear_data.dataset import finished_manifest
     from pear_data.weights import WeightConfig
 
+    manifest = finished_manifest(scored)  # refuses an output whose run has not finished, or that a run is writing
     columns = ["input_ids", "completion_mask", "behavior_logprobs", "shared_boundary", "pear_token_weight",
                "pear_block_weight", "pear_seq_weight"]
     files = sorted((scored / "data").glob("*.parquet"))
     table = pq.ParquetDataset(files).read(columns=columns)
-    manifest = json.loads((scored / "manifest.json").read_text())
     return datasets.Dataset(table), WeightConfig.from_dict(manifest["weights"])
 
 

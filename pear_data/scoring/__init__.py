@@ -12,10 +12,13 @@ from typing import Protocol
 
 import numpy as np
 
-from pear_data.scoring.sampling import SamplingParams, policy_logprobs, token_logprobs
+from pear_data.config import SamplingParams
+from pear_data.scoring.sampling import policy_logprobs, token_logprobs
 from pear_data.scoring.torch_backend import (
     FlopCounts,
+    ScoringStopped,
     TorchScorer,
+    check_device,
     default_batch_tokens,
     default_vocab_chunk_tokens,
     model_flops_per_token,
@@ -49,8 +52,10 @@ __all__ = [
     "FlopCounts",
     "SamplingParams",
     "Scorer",
+    "ScoringStopped",
     "TorchScorer",
     "VllmScorer",
+    "check_device",
     "default_batch_tokens",
     "default_vocab_chunk_tokens",
     "model_flops_per_token",

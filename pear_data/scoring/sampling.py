@@ -64,35 +64,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
+
+from ..config import SamplingParams
 
 _FIRST_TOP_K = 64
 _TOP_K_GROWTH = 8
 _POWER_SUM_MAX_TEMPERATURE = 2.0  # "power": above this, terms underflowed in exp(z - max) could matter
 STRATEGIES = ("auto", "exp", "power")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How a policy sampled its tokens. The target policy is scored at the defaults (1.0, 1.0).
-
-    temperature: tau > 0 (finite); the logits are divided by it.
-    top_p: nucleus mass p in (0, 1]; 1.0 means no nucleus truncation.
-    """
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(
-                f"temperature must be a finite number > 0, got {self.temperature!r} "
-                "(greedy decoding, temperature 0, has no log-probs to weight by)"
-            )
-        if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
 
 
 def log_normalizer(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

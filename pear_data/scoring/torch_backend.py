@@ -65,13 +65,16 @@ targets). Any other call uses the chunked path.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from pear_data.scoring.sampling import STRATEGIES, SamplingParams, policy_logprobs
+from pear_data.config import SamplingParams
+from pear_data.errors import ModelSpecError, UsageError
+from pear_data.scoring.sampling import STRATEGIES, policy_logprobs
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -98,6 +101,25 @@ def resolve_device(device: str) -> str:
     if parsed.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r} is not supported by the torch scoring backend: use cpu or cuda")
     return device
+
+
+def check_device(device: str, workers: int = 1) -> None:
+    """UsageError unless torch can score on `device` with `workers` worker processes: a CUDA index below the GPU
+    count, and for several workers on CUDA one GPU each (`--device cuda`, at least `workers` GPUs)."""
+    try:
+        resolved = resolve_device(device)
+    except ValueError as exc:
+        raise UsageError(f"--device {device}: {exc}") from None
+    parsed = torch.device(resolved)
+    count = torch.cuda.device_count() if parsed.type == "cuda" else 0
+    if parsed.index is not None and parsed.type == "cuda" and parsed.index >= count:
+        raise UsageError(f"--device {device}: torch sees {count} CUDA device(s) (cuda:0 to cuda:{count - 1}); "
+                         "pick one of them, or --device cuda")
+    if workers > 1 and parsed.type == "cuda":
+        if parsed.index is not None:
+            raise UsageError(f"--device {device} names one GPU; --workers {workers} needs --device cuda (one GPU each)")
+        if workers > count:
+            raise UsageError(f"--workers {workers} needs {workers} GPUs, this machine has {count}")
 
 
 def scoring_dtype(device: str) -> torch.dtype:
@@ -239,6 +261,10 @@ class _ChunkBuffers:
         return self.logits[:rows], self.scratch[:rows]
 
 
+class ScoringStopped(Exception):
+    """`TorchScorer.score` was told to stop (its `stop` event is set): the run is being cancelled."""
+
+
 class TorchScorer:
     """Per-token log-probs of a transformers causal LM, batched and chunked (see the module docstring).
 
@@ -261,6 +287,12 @@ class TorchScorer:
     "exp", "power"; see `sampling.py`).
     fused_head: use liger-kernel's fused linear + cross-entropy where it
     applies (see the module docstring); needs CUDA and liger-kernel.
+    name: how messages name the model (e.g. "--target DIR").
+    stop: once this event is set, `score` raises ScoringStopped before its
+    next batch (a run being cancelled waits for one batch, not a whole call).
+    `score` raises ModelSpecError (a usage error, naming the model and its
+    vocabulary size) for a token id the model's embedding does not have: its
+    tokenizer and its weights do not belong together.
     """
 
     def __init__(
@@ -274,6 +306,8 @@ class TorchScorer:
         progress: ProgressCallback | None = None,
         logprob_strategy: str = "auto",
         fused_head: bool = False,
+        name: str = "the model",
+        stop: threading.Event | None = None,
     ) -> None:
         self.device = torch.device(resolve_device(device))
         batch_tokens = default_batch_tokens(str(self.device)) if batch_tokens is None else batch_tokens
@@ -308,6 +342,8 @@ class TorchScorer:
         self.vocab_chunk_tokens = vocab_chunk_tokens
         self.max_padding = max_padding
         self.progress = progress
+        self.name = name
+        self.stop = stop
         self.logprob_strategy = logprob_strategy
         # A plain bias-free Linear head can write its logits into a reused buffer (torch.mm(out=)); in
         # bf16/fp16 on CUDA with float32 output straight from the matmul (dropped if torch lacks the overload).
@@ -348,6 +384,8 @@ class TorchScorer:
         buffers = _ChunkBuffers(self.device, self.head_vocab)
         with torch.inference_mode():
             for rows in plan_batches(lengths, self.batch_tokens, self.max_padding):
+                if self.stop is not None and self.stop.is_set():
+                    raise ScoringStopped(f"{self.name}: scoring stopped")
                 result = self._score_batch(rows, [sequences[r] for r in rows], [completion_masks[r] for r in rows],
                                            policies, buffers)
                 if result is not None:
@@ -395,9 +433,11 @@ class TorchScorer:
             if mask.shape != seq.shape:
                 raise ValueError(f"row {r}: completion_mask has shape {mask.shape}, input_ids {seq.shape}")
             if len(seq) and (seq.min() < 0 or seq.max() >= self.vocab_size):
-                raise ValueError(
-                    f"row {r}: token id {int(seq.max() if seq.max() >= self.vocab_size else seq.min())} is outside "
-                    f"the model's vocabulary [0, {self.vocab_size}): was the row tokenized with another tokenizer?"
+                raise ModelSpecError(
+                    f"{self.name}: token id {int(seq.max() if seq.max() >= self.vocab_size else seq.min())} is "
+                    f"outside the model's vocabulary of {self.vocab_size} tokens (ids 0 to {self.vocab_size - 1}): "
+                    "its tokenizer makes tokens its weights do not have (config.json vocab_size, the embedding); "
+                    "give the model the tokenizer it was trained with"
                 )
 
     def _upload(self, array: np.ndarray) -> torch.Tensor:

@@ -6,12 +6,12 @@
       -> driver:  results in shard order (preserve_order), weighed and committed as in a local run
 
 The two stages run the same `Policies.prepare` and `Policies.score` as the
-local workers (engine.py), so the output is byte-identical to a local run,
+local engines (local.py), so the output is byte-identical to a local run,
 and resumable the same way: the driver commits, and a resumed run starts its
 ranges after the last committed shard. The corpus must be readable from every
 node (a shared filesystem, or a Hub dataset in each node's cache), and
 pear-data installed in every node's Python environment. Ray is an optional
-dependency (`pip install 'pear-data[ray]'`); nothing else imports this module.
+dependency (`pip install 'pear-data[ray]'`), imported only by `make_engine` with `--ray`.
 """
 
 from __future__ import annotations
@@ -25,12 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from .errors import PearDataError, UsageError
+from ..errors import PearDataError, UsageError
 
 if TYPE_CHECKING:
-    from .corpus import Corpus, InputColumns, RowShape
-    from .policies import ModelSources, ScoredShard
-    from .score import ScoreOptions
+    from ..corpus import Corpus
+    from ..policies import PolicyRecipe, ScoredShard, ScoringDescription
 
 # The same reproducible MKL mode as the CLI (cli.main): CPU matmuls do not depend on the thread count.
 WORKER_ENV = {"MKL_CBWR": "AUTO,STRICT", "TOKENIZERS_PARALLELISM": "false"}
@@ -44,15 +43,12 @@ def _payload(number: int, end: int, value: Any) -> pa.Table:
 class Prepare:
     """CPU stage: read a shard's rows from the corpus and prepare them (tokenizers only, no model)."""
 
-    def __init__(self, options: ScoreOptions, sources: ModelSources, shape: RowShape, columns: InputColumns,
-                 corpus: Corpus) -> None:
-        from .policies import Policies
-
-        self.policies = Policies.load(options, sources, shape, columns=columns, models=False)
+    def __init__(self, recipe: PolicyRecipe, corpus: Corpus) -> None:
+        self.policies = recipe.load(models=False)
         self.corpus = corpus
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from .corpus import RowRange
+        from ..corpus import RowRange
 
         (task,) = batch.to_pylist()
         rows = self.corpus.read_range(RowRange(**pickle.loads(task["range"])))
@@ -62,68 +58,71 @@ class Prepare:
 class Score:
     """Model stage: score prepared shards with this actor's own copy of the models."""
 
-    def __init__(self, options: ScoreOptions, sources: ModelSources, shape: RowShape, columns: InputColumns,
-                 device: str, threads: int) -> None:
+    def __init__(self, recipe: PolicyRecipe, threads: int) -> None:
         import torch
-
-        from .policies import Policies
 
         if threads:
             torch.set_num_threads(threads)
-        self.policies = Policies.load(dataclasses.replace(options, device=device), sources, shape, columns=columns)
+        self.policies = recipe.load()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         (task,) = batch.to_pylist()
         return _payload(task["number"], task["end"], self.policies.score(pickle.loads(task["payload"])))
 
 
-class RayWorkers:
-    """The Ray Data counterpart of engine.Workers: `map` yields (input_end, ScoredShard) in shard order."""
+class RayEngine:
+    """The Ray Data engine: `results(start)` yields (input_end, ScoredShard) in shard order."""
 
-    def __init__(self, address: str, count: int, options: ScoreOptions, sources: ModelSources, shape: RowShape,
-                 columns: InputColumns, corpus: Corpus, advance: Callable[[int, int], None] | None = None) -> None:
+    description: ScoringDescription
+
+    def __init__(self, address: str, count: int, recipe: PolicyRecipe, corpus: Corpus, shard_rows: int,
+                 advance: Callable[[int, int], None] | None = None) -> None:
         try:
             import ray
         except ImportError:
             raise UsageError("--ray needs Ray Data: pip install 'pear-data[ray]'") from None
         self.ray = ray
-        self.count, self.options, self.sources, self.shape = count, options, sources, shape
-        self.columns, self.corpus = columns, corpus
+        self.count, self.recipe, self.corpus, self.shard_rows = count, recipe, corpus, shard_rows
         self.advance = advance or (lambda rows, tokens: None)
-        self.started = False
-        runtime_env = {"env_vars": WORKER_ENV}
-        if not ray.is_initialized():
-            if address == "local":
-                cores = os.cpu_count() or 1
-                # one logical CPU per scorer plus one for the prepare stage, whatever the core count
-                ray.init(num_cpus=max(cores, count + 1), include_dashboard=False, runtime_env=runtime_env,
-                         log_to_driver=False, logging_level=logging.WARNING)
-            else:
-                ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level=logging.WARNING)
-            self.started = True
+        self.started = self._connect(address, count)
         gpus = int(ray.cluster_resources().get("GPU", 0))
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.gpu = options.device in ("auto", "cuda") and gpus > 0
-        if options.device.startswith("cuda") and not self.gpu:
-            raise UsageError(f"--device {options.device}: the Ray cluster at {address} has no GPU")
+        device = recipe.scoring.device
+        self.gpu = device in ("auto", "cuda") and gpus > 0
+        if device.startswith("cuda") and not self.gpu:
+            raise UsageError(f"--device {device}: the Ray cluster at {address} has no GPU")
         if self.gpu and count > gpus:
             raise UsageError(f"--workers {count} needs {count} GPUs, the Ray cluster has {gpus}")
         self.threads = 0 if self.gpu else max(1, (cpus - 1) // count)
         self.description = self._description()
 
-    def _description(self) -> dict:
+    def _connect(self, address: str, count: int) -> bool:
+        """Join the cluster at `address` (or start one here for "local"); True when this call started Ray."""
+        ray = self.ray
+        if ray.is_initialized():
+            return False
+        runtime_env = {"env_vars": WORKER_ENV}
+        if address == "local":
+            cores = os.cpu_count() or 1
+            # one logical CPU per scorer plus one for the prepare stage, whatever the core count
+            ray.init(num_cpus=max(cores, count + 1), include_dashboard=False, runtime_env=runtime_env,
+                     log_to_driver=False, logging_level=logging.WARNING)
+        else:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level=logging.WARNING)
+        return True
+
+    def _description(self) -> ScoringDescription:
         """The manifest's view of the policies, from a Prepare-stage load on the driver (no model)."""
-        from .policies import Policies, scoring_record
+        from ..policies import scoring_record
 
-        policies = Policies.load(self.options, self.sources, self.shape, models=False)
-        description = dict(policies.description)
-        description["scoring"] = scoring_record(self.options, "cuda" if self.gpu else "cpu")
-        return description
+        description = self.recipe.load(models=False).description
+        return dataclasses.replace(description,
+                                   scoring=scoring_record(self.recipe.scoring, "cuda" if self.gpu else "cpu"))
 
-    def map(self, start: int) -> Iterator[tuple[int, ScoredShard]]:
+    def results(self, start: int) -> Iterator[tuple[int, ScoredShard]]:
         """Score the corpus from input row `start` on; results in shard order."""
         ray = self.ray
-        ranges = list(self.corpus.ranges(self.options.shard_rows, start))
+        ranges = list(self.corpus.ranges(self.shard_rows, start))
         if not ranges:
             return
         context = ray.data.DataContext.get_current()
@@ -133,11 +132,10 @@ class RayWorkers:
         items = [{"number": i, "range": pickle.dumps(dataclasses.asdict(r))} for i, r in enumerate(ranges)]
         dataset = ray.data.from_items(items, override_num_blocks=len(items))
         dataset = dataset.map_batches(
-            Prepare, fn_constructor_args=(self.options, self.sources, self.shape, self.columns, self.corpus),
+            Prepare, fn_constructor_args=(self.recipe, self.corpus),
             batch_size=1, batch_format="pyarrow", concurrency=1, num_cpus=1)
         dataset = dataset.map_batches(
-            Score, fn_constructor_args=(self.options, self.sources, self.shape, self.columns,
-                                        "cuda" if self.gpu else "cpu", self.threads),
+            Score, fn_constructor_args=(self.recipe.on("cuda" if self.gpu else "cpu"), self.threads),
             batch_size=1, batch_format="pyarrow", concurrency=self.count,
             num_gpus=1 if self.gpu else 0, num_cpus=0 if self.gpu else self.threads)
         try:
@@ -153,12 +151,13 @@ class RayWorkers:
                 raise cause from None
             raise
 
-    def close(self) -> None:
+    def close(self, cancel: bool = False) -> None:
+        """Shut down the Ray instance this engine started (its actors with it)."""
         if self.started:
             self.ray.shutdown()
 
-    def __enter__(self) -> RayWorkers:
+    def __enter__(self) -> RayEngine:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.close(cancel=exc_type is not None)

@@ -1,11 +1,9 @@
-"""CLI paths that need no model: reweight, stats, push --dry-run (exit codes, rows, columns, bytes)."""
+"""`pear-data reweight` (reweight.py): new weight flags on scored rows, no model (exit codes, rows, columns, bytes)."""
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,18 +14,10 @@ import pytest
 from pear_data.weigh import token_rows
 from pear_data.weights import WeightConfig, weigh, weight_sums
 
+from .cli_harness import cli
 from .scored_data import corrupt, scored_table, write_parquet
 
 WEIGHT_COLUMNS = ["pear_token_weight", "pear_block_weight", "pear_seq_weight"]
-
-
-def cli(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pear_data.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def read_output(out: Path) -> pa.Table:
@@ -42,8 +32,8 @@ def scored(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def default_run(scored, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "default"
-    result = cli("reweight", scored, "--out", out, "--shard-rows", "15")
-    assert result.returncode == 0, result.stderr
+    result = cli(None, "reweight", scored, "--out", out, "--shard-rows", "15")
+    assert result.code == 0, result.err
     return out
 
 
@@ -92,10 +82,10 @@ FLAG_SETS = [
 
 
 @pytest.mark.parametrize("flags", FLAG_SETS, ids=lambda f: " ".join(f))
-def test_reweight_flags_reach_the_engine(scored, tmp_path, flags):
+def test_reweight_flags_reach_the_engine(capsys, scored, tmp_path, flags):
     out = tmp_path / "out"
-    result = cli("reweight", scored, "--out", out, *flags)
-    assert result.returncode == 0, result.stderr
+    result = cli(capsys, "reweight", scored, "--out", out, *flags)
+    assert result.code == 0, result.err
     manifest = json.loads((out / "manifest.json").read_text())
     config = WeightConfig.from_dict(manifest["weights"])
     source = pq.read_table(scored)
@@ -111,14 +101,14 @@ def test_reweight_flags_reach_the_engine(scored, tmp_path, flags):
         assert np.concatenate(table.column("pear_token_weight").to_pylist())[mask].mean() == pytest.approx(1, rel=1e-6)
 
 
-def test_reweight_keeps_cross_tokenizer_spans(tmp_path):
+def test_reweight_keeps_cross_tokenizer_spans(capsys, tmp_path):
     """Rows with a shared_boundary column (behavior from another tokenizer): the column is kept and the
     weights are the engine's span math, not the per-token one."""
     source = scored_table(30, seed=5, spans=True)
     src = write_parquet(source, tmp_path / "spans.parquet")
     out = tmp_path / "out"
-    result = cli("reweight", src, "--out", out, "--granularity", "block")
-    assert result.returncode == 0, result.stderr
+    result = cli(capsys, "reweight", src, "--out", out, "--granularity", "block")
+    assert result.code == 0, result.err
     table = read_output(out)
     assert table.num_rows == 30 and table.column("shared_boundary").equals(source.column("shared_boundary"))
     rows = token_rows(source)
@@ -130,12 +120,12 @@ def test_reweight_keeps_cross_tokenizer_spans(tmp_path):
     assert not np.array_equal(np.concatenate(table.column("pear_token_weight").to_pylist()), per_token.token)
 
 
-def test_bad_rows_go_to_rejects_with_reasons(tmp_path):
+def test_bad_rows_go_to_rejects_with_reasons(capsys, tmp_path):
     table, expected = corrupt(scored_table(20, seed=2))
     src = write_parquet(table, tmp_path / "bad.parquet")
     out = tmp_path / "out"
-    result = cli("reweight", src, "--out", out, "--shard-rows", "6")
-    assert result.returncode == 0, result.stderr
+    result = cli(capsys, "reweight", src, "--out", out, "--shard-rows", "6")
+    assert result.code == 0, result.err
     rejects = pq.read_table(out / "rejects.parquet").to_pylist()
     assert [r["row_index"] for r in rejects] == sorted(expected)
     for row in rejects:
@@ -148,11 +138,11 @@ def test_bad_rows_go_to_rejects_with_reasons(tmp_path):
     assert manifest["rows"] == {"in": 20, "out": 20 - len(expected), "rejected": len(expected)}
 
 
-def test_missing_column_is_a_usage_error(tmp_path):
+def test_missing_column_is_a_usage_error(capsys, tmp_path):
     src = write_parquet(scored_table(5).drop(["behavior_logprobs"]), tmp_path / "x.parquet")
-    result = cli("reweight", src, "--out", tmp_path / "out")
-    assert result.returncode == 2
-    assert "behavior_logprobs" in result.stderr
+    result = cli(capsys, "reweight", src, "--out", tmp_path / "out")
+    assert result.code == 2
+    assert "behavior_logprobs" in result.err
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
@@ -165,59 +155,32 @@ def test_missing_column_is_a_usage_error(tmp_path):
         (["--normalize", "global"], "--normalize"),
     ],
 )
-def test_bad_flags_exit_2_naming_the_flag(scored, tmp_path, flags, fragment):
-    result = cli("reweight", scored, "--out", tmp_path / "out", *flags)
-    assert result.returncode == 2
-    assert fragment in result.stderr
+def test_bad_flags_exit_2_naming_the_flag(capsys, scored, tmp_path, flags, fragment):
+    result = cli(capsys, "reweight", scored, "--out", tmp_path / "out", *flags)
+    assert result.code == 2
+    assert fragment in result.err
 
 
-def test_existing_output_is_refused_without_overwrite(scored, default_run, tmp_path):
-    result = cli("reweight", scored, "--out", default_run)
-    assert result.returncode == 2
-    assert "overwrite" in result.stderr.lower() or "exists" in result.stderr.lower()
+def test_existing_output_is_refused_without_overwrite(capsys, scored, default_run, tmp_path):
+    result = cli(capsys, "reweight", scored, "--out", default_run)
+    assert result.code == 2
+    assert "overwrite" in result.err.lower() or "exists" in result.err.lower()
 
 
-def test_same_input_and_flags_give_the_same_bytes(scored, default_run, tmp_path):
+def test_same_input_and_flags_give_the_same_bytes(capsys, scored, default_run, tmp_path):
     out = tmp_path / "again"
-    assert cli("reweight", scored, "--out", out, "--shard-rows", "15").returncode == 0
+    assert cli(capsys, "reweight", scored, "--out", out, "--shard-rows", "15").code == 0
     files = sorted(p.relative_to(default_run) for p in default_run.rglob("*") if p.is_file() and ".pear" not in p.parts)
     assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file() and ".pear" not in p.parts)
     for name in files:
         assert (default_run / name).read_bytes() == (out / name).read_bytes(), name
 
 
-def test_reweight_of_an_output_dir_replaces_weight_columns(default_run, tmp_path):
+def test_reweight_of_an_output_dir_replaces_weight_columns(capsys, default_run, tmp_path):
     out = tmp_path / "chained"
-    result = cli("reweight", default_run, "--out", out, "--granularity", "sequence")
-    assert result.returncode == 0, result.stderr
+    result = cli(capsys, "reweight", default_run, "--out", out, "--granularity", "sequence")
+    assert result.code == 0, result.err
     table = read_output(out)
     assert table.column_names.count("pear_token_weight") == 1
     assert table.num_rows == 40
     assert json.loads((out / "manifest.json").read_text())["weights"]["granularity"] == "sequence"
-
-
-def test_stats_prints_the_table_and_plots(default_run, tmp_path):
-    png = tmp_path / "weights.png"
-    result = cli("stats", default_run, "--plot", png)
-    assert result.returncode == 0, result.stderr
-    assert "ESS" in result.stdout and "token" in result.stdout and "sequence" in result.stdout
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    as_json = json.loads(cli("stats", default_run, "--json").stdout)
-    assert as_json == json.loads((default_run / "manifest.json").read_text())["diagnostics"]
-
-
-def test_stats_on_missing_dir_exits_2(tmp_path):
-    assert cli("stats", tmp_path / "nope").returncode == 2
-
-
-def test_push_dry_run_lists_the_files(default_run):
-    result = cli("push", default_run, "me/gsm8k-pear", "--dry-run", "--private")
-    assert result.returncode == 0, result.stderr
-    for name in ("data/part-00000.parquet", "manifest.json", "README.md"):
-        assert name in result.stdout
-    assert ".pear" not in result.stdout
-
-
-def test_push_refuses_a_dir_that_is_not_an_output(tmp_path):
-    (tmp_path / "x.txt").write_text("hi")
-    assert cli("push", tmp_path, "me/x", "--dry-run").returncode == 2

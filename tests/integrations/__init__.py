@@ -1,0 +1,1 @@
+"""Tests of `pear_data.integrations`: the shared settings (default run) and the framework adapters (opt-in)."""
