@@ -78,9 +78,9 @@ PRESETS = {
         budgets=(0, 0.5, 1), weak=0.5, strong=1, clip_scales=(10, 100), swaps=(2, 3), test_problems=6,
         val_problems=6, rl_problems=16, samples=4, k=2, pretrain_batch=16, seeds=(0, 1), clip_seeds=(0,)),
     "mechanism": Preset(
-        shape=ModelShape(hidden=64, layers=2, heads=4, intermediate=170), pretrain_steps=2000, slip=0.3,
+        shape=ModelShape(hidden=64, layers=2, heads=4, intermediate=170), pretrain_steps=2000, slip=0.2,
         corpus_rows=1920, sft=SFTConfig(steps=60, batch=32, lr=1e-4),
-        rl=RLConfig(steps=60, prompts_per_step=8, lr=3e-4, max_completion_length=64),
+        rl=RLConfig(steps=150, prompts_per_step=8, lr=3e-4, max_completion_length=64),
         test_problems=100, val_problems=64, clip_seeds=(0,)),  # sized to run within an hour on 2 cores
 }
 
@@ -187,7 +187,7 @@ def prepare(preset: Preset, corpus: Path, out: Path, pool: ProcessPoolExecutor) 
           f"x{', x'.join(f'{s:g}' for s in preset.clip_scales)}", flush=True)
     futures = {seed: pool.submit(prepare_seed, preset, seed, corpus, out) for seed in preset.seeds}
     for future in futures.values():
-        future.add_done_callback(lambda f: f.exception() or print("\n".join(f.result()), flush=True))
+        future.add_done_callback(lambda f: f.exception() or not f.result() or print("\n".join(f.result()), flush=True))
     return futures
 
 
