@@ -187,8 +187,14 @@ def prepare(preset: Preset, corpus: Path, out: Path, pool: ProcessPoolExecutor) 
           f"x{', x'.join(f'{s:g}' for s in preset.clip_scales)}", flush=True)
     futures = {seed: pool.submit(prepare_seed, preset, seed, corpus, out) for seed in preset.seeds}
     for future in futures.values():
-        future.add_done_callback(lambda f: f.exception() or not f.result() or print("\n".join(f.result()), flush=True))
+        future.add_done_callback(_print_prepared)
     return futures
+
+
+def _print_prepared(future: Future) -> None:
+    """A seed's lines once it is prepared; a failure is raised where its jobs are submitted (run_jobs)."""
+    if future.exception() is None and future.result():
+        print("\n".join(future.result()), flush=True)
 
 
 def base_dir(out: Path, seed: int) -> Path:
