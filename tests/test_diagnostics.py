@@ -287,7 +287,7 @@ def test_one_observer_over_two_shards_equals_one_pass(rows: TokenRows, config: W
     n = int(rows.completion_mask.sum())
     for g in GRANULARITIES:
         ties = sum(1 for c in ref.categories[g] if c is None)
-        for key in ("share_at_bound", "share_at_lower_bound"):
+        for key in ("share_at_bound", "share_at_lower_bound", "share_at_upper_bound"):
             assert abs(round(got[g].pop(key) * n) - round(expected[g].pop(key) * n)) <= ties, (g, key)
     assert_summaries_close(got, expected)
 
