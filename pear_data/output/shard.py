@@ -147,11 +147,20 @@ class ShardHandle:
                 self._promote(unify([self._schema, table.schema], f"shard {self.shard}"))
                 table = conform(table, self._schema)
         if self._thread is None:
-            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pear-write")
+            self._thread = self._start_write_thread()
         while len(self._pending) >= WRITES_IN_FLIGHT:
             self._pending.popleft().result()
         self._pending.append(self._thread.submit(write_rows, self._parquet, table))
         self.rows_out += table.num_rows
+
+    @staticmethod
+    def _start_write_thread() -> ThreadPoolExecutor:
+        """The shard's write thread, started before any write is queued. A Ctrl-C that lands while a thread
+        starts leaves that thread outside its executor's shutdown (it would not be waited for); here it can only
+        be this idle one, never one that still writes to the file an abort then closes."""
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pear-write")
+        executor.submit(int).result()
+        return executor
 
     def _drain(self) -> None:
         """Wait for every queued write; a failed one raises here."""
@@ -274,6 +283,9 @@ class ShardHandle:
             self._drain()
         except Exception:  # noqa: BLE001 - aborting: the shard is discarded either way
             pass
+        if self._thread is not None:  # a failed write stopped the drain: the queued ones end before the close
+            self._thread.shutdown(wait=True)
+            self._thread = None
         if self._parquet is not None:
             try:
                 self._parquet.close()
