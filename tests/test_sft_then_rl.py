@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import math
 import random
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sft_then_rl"
+from .example_runs import EXAMPLE, run_preset
+
 sys.path.insert(0, str(EXAMPLE))
 
 import report  # noqa: E402
@@ -75,17 +74,9 @@ def test_paired_ci_matches_a_hand_computation():
     assert report.paired_ci([0.5], [0.4])["ci95"] is None
 
 
-def _smoke(out: Path) -> dict:
-    command = [sys.executable, str(EXAMPLE / "run.py"), "--preset", "smoke", "--out", str(out), "--jobs", "1"]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "wall time" in proc.stdout
-    return json.loads((out / "results.json").read_text())
-
-
 @pytest.mark.slow
 def test_smoke_preset_end_to_end_is_deterministic(tmp_path):
-    results = _smoke(tmp_path / "a")
+    results = run_preset("smoke", tmp_path / "a")
     assert results["preset"] == "smoke" and results["seeds"] == [0]
     assert sorted(results["arms"]) == sorted(ARMS)
     for name, arm in results["arms"].items():
@@ -106,6 +97,6 @@ def test_smoke_preset_end_to_end_is_deterministic(tmp_path):
     assert manifest["rows"]["out"] == 128 and manifest["behavior"]["recorded_field"] == "teacher_logprobs"
     assert (tmp_path / "a" / "results.png").stat().st_size > 0
     # the same preset and seeds give the same results.json
-    again = _smoke(tmp_path / "b")
+    again = run_preset("smoke", tmp_path / "b")
     assert (tmp_path / "a" / "results.json").read_bytes() == (tmp_path / "b" / "results.json").read_bytes()
     assert again == results

@@ -7,13 +7,12 @@ import itertools
 import json
 import math
 import random
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sft_then_rl"
+from .example_runs import EXAMPLE, run_preset
+
 sys.path.insert(0, str(EXAMPLE))
 
 import cups  # noqa: E402
@@ -136,17 +135,9 @@ def test_gates_pass_and_fail_on_their_thresholds():
     assert not gates["G1"]["pass"] and not gates["G2"]["pass"] and not gates["G3"]["pass"]
 
 
-def _smoke(out: Path) -> dict:
-    command = [sys.executable, str(EXAMPLE / "run.py"), "--preset", "mechanism_smoke", "--out", str(out), "--jobs", "1"]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "wall time" in proc.stdout
-    return json.loads((out / "results.json").read_text())
-
-
 @pytest.mark.slow
 def test_mechanism_smoke_preset_end_to_end_is_deterministic(tmp_path):
-    results = _smoke(tmp_path / "a")
+    results = run_preset("mechanism_smoke", tmp_path / "a")
     assert results["preset"] == "mechanism_smoke" and results["experiment"] == "mechanism"
     assert set(results["gates"]) == {"G1", "G2", "G3", "all_pass"}
     assert all({"what", "value", "pass"} <= set(results["gates"][g]) for g in ("G1", "G2", "G3"))
@@ -165,5 +156,5 @@ def test_mechanism_smoke_preset_end_to_end_is_deterministic(tmp_path):
     validation = json.loads((tmp_path / "a" / "validation.json").read_text())
     assert validation["eval_set"] == "validation" and validation["gates"] == results["gates"]
     assert (tmp_path / "a" / "results.png").stat().st_size > 0
-    _smoke(tmp_path / "b")
+    run_preset("mechanism_smoke", tmp_path / "b")
     assert (tmp_path / "a" / "results.json").read_bytes() == (tmp_path / "b" / "results.json").read_bytes()

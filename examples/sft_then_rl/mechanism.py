@@ -28,14 +28,14 @@ import random
 import statistics
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import cups
 import mechanism_report as report
 import pear_cli
 from model import ModelShape
-from train import RLConfig, SFTConfig
+from train import RLConfig, Sets, SFTConfig
 
 PAPER_CLIP = (-0.08, 0.3)  # the paper's per-token log-ratio clip, sized for traces of thousands of tokens
 PEAR_ARMS = {
@@ -91,15 +91,6 @@ def plain_arm(epochs: float) -> str:
 
 def clip_for(scale: float) -> tuple[float, float]:
     return (round(PAPER_CLIP[0] * scale, 6), round(PAPER_CLIP[1] * scale, 6))
-
-
-@dataclass(frozen=True)
-class Sets:
-    test: list
-    val: list
-    corpus: list
-    rl: list
-    pretrain: list = field(repr=False)
 
 
 def make_sets(preset: Preset) -> Sets:

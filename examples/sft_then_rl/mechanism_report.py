@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from report import _round, paired_ci
+from report import _round, finish_plot, paired_ci
 
 STAGES = ("pre_rl", "post_rl")
 STYLES = ("chain", "direct", "malformed")
@@ -302,11 +302,4 @@ def plot(summary: dict, path) -> None:
     axes[1].set_xticks([i + 0.2 for i in range(len(names))], [n.replace("_", "\n") for n in names], fontsize=6)
     axes[1].set_title("style shares, before (hatched) and after RL", fontsize=9)
     axes[1].legend(fontsize=7)
-    for name in names:
-        axes[2].plot(arms[name]["rl_reward_mean"], label=name, lw=1)
-    axes[2].set_title("GRPO mean reward per step (mean over seeds)", fontsize=9)
-    axes[2].set_xlabel("RL step")
-    axes[2].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish_plot(fig, axes[2], {name: arms[name]["rl_reward_mean"] for name in names}, path)

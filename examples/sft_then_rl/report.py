@@ -160,11 +160,18 @@ def plot(summary: dict, results_: dict, path: Path) -> None:
         ax.set_xticks(range(len(arms)), [a.replace("pear_", "").replace("_", "\n") for a in arms], fontsize=7)
         ax.set_title(f"post-RL {metric} (bars: 95% CI of the paired diff. to plain)", fontsize=9)
         ax.set_ylim(0, 1)
-    for a in arms:
-        axes[2].plot(summary["arms"][a]["rl_reward_mean"], label=a, lw=1)
-    axes[2].set_title("GRPO mean reward per step (mean over seeds)", fontsize=9)
-    axes[2].set_xlabel("RL step")
-    axes[2].legend(fontsize=6)
+    finish_plot(fig, axes[2], {a: summary["arms"][a]["rl_reward_mean"] for a in arms}, path)
+
+
+def finish_plot(fig, ax, rewards: dict[str, list[float]], path: Path) -> None:
+    """Both experiments' last panel, each arm's GRPO reward curve, then the figure saved to `path` and closed."""
+    import matplotlib.pyplot as plt
+
+    for name, curve in rewards.items():
+        ax.plot(curve, label=name, lw=1)
+    ax.set_title("GRPO mean reward per step (mean over seeds)", fontsize=9)
+    ax.set_xlabel("RL step")
+    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

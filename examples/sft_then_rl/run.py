@@ -28,7 +28,7 @@ import random
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -40,7 +40,7 @@ import pear_cli  # noqa: E402
 import report  # noqa: E402
 from model import ModelShape  # noqa: E402
 from task import PRETRAIN_WRITER, TEACHER, problems, prompt_text, reward  # noqa: E402
-from train import ARMS, MAIN_ARMS, RLConfig, SFTConfig  # noqa: E402
+from train import ARMS, MAIN_ARMS, RLConfig, Sets, SFTConfig  # noqa: E402
 
 TASK = "digit sums in a symbolic language: left chains, right chains or a direct answer (task.py)"
 
@@ -82,15 +82,6 @@ GRID = {
     "center_normalize_dataset": ["--center", "--normalize", "dataset"],
 }
 GRID_GRANULARITIES = ("token", "sequence")
-
-
-@dataclass(frozen=True)
-class Sets:
-    test: list
-    val: list
-    corpus: list
-    rl: list
-    pretrain: list = field(repr=False)
 
 
 def make_sets(preset: Preset) -> Sets:

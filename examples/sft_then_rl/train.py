@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -40,6 +40,18 @@ EXTRA_ARMS = {
 }
 MAIN_ARMS = tuple(ARMS)
 ARMS.update(EXTRA_ARMS)
+
+
+@dataclass(frozen=True)
+class Sets:
+    """An experiment's disjoint problem sets: test and validation (evaluated only), the SFT corpus's problems,
+    the RL prompts, and the pretraining pool."""
+
+    test: list
+    val: list
+    corpus: list
+    rl: list
+    pretrain: list = field(repr=False)
 
 
 @dataclass(frozen=True)
