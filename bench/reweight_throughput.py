@@ -79,6 +79,16 @@ def best(fn, repeats: int) -> float:
     return min(times)
 
 
+def describe(folder: Path, files: list[Path]) -> int:
+    """Print the dataset's rows, tokens, files and size, and the machine; return its token count."""
+    ids = pq.read_table(folder, columns=["input_ids"]).column("input_ids")
+    tokens = int(pc.sum(pc.list_value_length(ids)).as_py())
+    size = sum(p.stat().st_size for p in files)
+    print(f"{len(ids):,} rows, {tokens:,} tokens, {len(files)} files, {size / 2**20:.1f} MiB on disk "
+          f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores, pyarrow {pa.__version__})")
+    return tokens
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=8_000_000)
@@ -88,11 +98,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="pear-reweight-bench-"))
     try:
         files = scored_files(work / "src", args.tokens)
-        ids = pq.read_table(work / "src", columns=["input_ids"]).column("input_ids")
-        tokens = int(pc.sum(pc.list_value_length(ids)).as_py())
-        size = sum(p.stat().st_size for p in files)
-        print(f"{len(ids):,} rows, {tokens:,} tokens, {len(files)} files, {size / 2**20:.1f} MiB on disk "
-              f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores, pyarrow {pa.__version__})")
+        tokens = describe(work / "src", files)
 
         def floor(options: dict) -> None:
             out = work / "floor"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -23,11 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reweight_throughput import scored_files  # noqa: E402
+from reweight_throughput import describe, scored_files  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,11 +65,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="pear-stats-bench-"))
     try:
         files = scored_files(work / "src", args.tokens)
-        ids = pq.read_table(work / "src", columns=["input_ids"]).column("input_ids")
-        tokens = int(pc.sum(pc.list_value_length(ids)).as_py())
-        size = sum(p.stat().st_size for p in files)
-        print(f"{len(ids):,} rows, {tokens:,} tokens, {len(files)} files, {size / 2**20:.1f} MiB on disk "
-              f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+        tokens = describe(work / "src", files)
         checkouts = {"this checkout": ROOT}
         if args.baseline:
             checkouts["baseline"] = args.baseline.resolve()
